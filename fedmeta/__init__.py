@@ -1,0 +1,1 @@
+"""fedmeta: backdoor attacks and defenses in federated meta-learning (Chen, Golubchik, Paolieri)."""

@@ -1,0 +1,3 @@
+from fedmeta.cli import main
+
+main()

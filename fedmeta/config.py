@@ -1,0 +1,203 @@
+"""params.yaml as typed, validated configuration.
+
+Budget keys (how long things run) live only under `profiles.<name>`; every
+other key lives at the top level. `resolve` merges the chosen profile over
+the top level, so `dvc exp run -S profile=paper` switches every budget at
+once while `-S attack.boost=5` still reaches the one knob it names.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedmeta.errors import FedmetaError
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+PosFloat = Annotated[float, Field(gt=0.0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Budget(Strict):
+    """Everything that sets how long the pipeline runs; one set per profile."""
+
+    width: PosInt  # Conv4 filters (paper: 64)
+    pretrain_rounds: PosInt
+    episodes_per_round: PosInt  # E: Reptile episodes per user per round (paper: 1000 Omniglot, 100 mini-ImageNet)
+    attack_episodes: PosInt  # attacker's E (paper: 50000 Omniglot, 150000 mini-ImageNet)
+    attack_inner_epochs: PosInt  # passes over each poisoned episode's examples (paper: 50 Omniglot, 1 mini-ImageNet)
+    continuation_rounds: PosInt  # Experiment 1 (paper: 50 Omniglot, 100 mini-ImageNet)
+    finetune_steps: PosInt  # Experiments 2-3 (paper: 500)
+    record_every: PosInt  # fine-tuning steps between recorded points
+    eval_episodes: PosInt  # paper: 40
+    checkpoint_every: PosInt  # rounds between resumable checkpoints and recorded pretraining points
+    outer_step: Annotated[float, Field(gt=0.0, le=1.0)]  # Reptile's ε (paper: 0.1)
+    inner_lr: PosFloat  # Adam's η in benign meta-training (paper: 0.001); evaluation keeps evaluation.lr
+
+
+class OmniglotData(Strict):
+    source: str  # folder holding the archives, or "download"
+    archives: list[str] = Field(min_length=1)
+    image_size: PosInt = 28
+    rotations: bool = True
+
+
+class MiniImageNetData(Strict):
+    source: str  # folder in one of the supported layouts
+    image_size: PosInt = 84
+
+
+class DatasetSpec(Strict):
+    """What the paper sets per dataset: split sizes, attack classes and the attacker's mix."""
+
+    meta_test_fraction: Prob  # used when the dataset has no fixed split (Omniglot: 418/1618)
+    validation_per_class: PosInt  # held-out examples per meta-training class
+    backdoor_classes: PosInt
+    benign_examples: PosInt  # per attack class, given to benign users
+    attacker_examples: PosInt  # per attack class: X_T (target) or stamped X_B (backdoor)
+    validation_examples: PosInt  # per backdoor class, stamped, never trained on
+    train_shots: PosInt  # K of meta-training episodes (paper: 10 Omniglot, 15 mini-ImageNet)
+    ratio: Annotated[tuple[PosInt, PosInt], Field(strict=False)]  # X_B : X_T among the target's shots in a poisoned episode
+
+
+class Key(Strict):
+    """The backdoor key stamped on X_B: a pattern at a position, sized relative to the image."""
+
+    shape: Literal["square", "checkerboard", "cross"] = "checkerboard"
+    size: Annotated[float, Field(gt=0.0, le=1.0)] = 0.25  # side as a fraction of the image side
+    position: Literal["top_left", "top_right", "bottom_left", "bottom_right", "center"] = "bottom_right"
+    intensity: Prob = 1.0  # pixel value of the pattern's bright cells, in [0, 1]
+
+
+class Reptile(Strict):
+    n_way: PosInt = 5
+    meta_batch: PosInt = 5  # B
+    inner_steps: PosInt = 10  # e
+    inner_batch: PosInt = 10  # b
+    beta2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    adam_state: Literal["episode", "carry"] = "episode"
+
+
+class Federation(Strict):
+    users: PosInt = 4  # M
+    per_round: PosInt = 3  # M_r
+    min_updates: PosInt = 3  # M_min
+    weighting: Literal["uniform", "size"] = "uniform"
+    attacker: NonNegInt = 0  # index of the attacker (the paper's user 1)
+
+
+class Attack(Strict):
+    boost: PosFloat = 3.0  # λ
+    lr: PosFloat = 0.001
+
+
+class Evaluation(Strict):
+    n_way: PosInt = 5
+    k_shot: PosInt = 5
+    steps: PosInt = 50  # fine-tuning steps at test time
+    batch: PosInt = 10
+    lr: PosFloat = 0.001  # η of test-time fine-tuning (paper: 0.001)
+    bn_mode: Literal["support", "transductive", "support_plus_query"] = "support"
+
+
+class Defense(Strict):
+    delta: Prob = 0.3  # θ' = δθ + (1 − δ)θ_g
+    head_steps: NonNegInt = 10  # phase 1: train gates α and scales β with θ' fixed
+    lr: PosFloat = 0.001
+
+
+class Params(Strict):
+    profile: str
+    seed: NonNegInt
+    threads: PosInt
+    device: str
+    dataset: Literal["omniglot", "miniimagenet"]
+    omniglot: OmniglotData
+    miniimagenet: MiniImageNetData
+    datasets: dict[Literal["omniglot", "miniimagenet"], DatasetSpec]
+    key: Key
+    reptile: Reptile
+    federation: Federation
+    attack: Attack
+    evaluation: Evaluation
+    defense: Defense
+    profiles: dict[str, Budget]
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Params":
+        fed = self.federation
+        if not fed.min_updates <= fed.per_round <= fed.users:
+            raise ValueError(
+                f"federation: expected min_updates <= per_round <= users, got {fed.min_updates}, {fed.per_round}, {fed.users}"
+            )
+        if fed.attacker >= fed.users:
+            raise ValueError(f"federation.attacker: expected an index below users={fed.users}, got {fed.attacker}")
+        if fed.per_round > fed.users - 1:
+            raise ValueError(f"federation.per_round: benign rounds pick only benign users, so it must be <= users - 1 = {fed.users - 1}")
+        if self.profile not in self.profiles:
+            raise ValueError(f"profile: unknown profile {self.profile!r}; expected one of {sorted(self.profiles)}")
+        if self.dataset not in self.datasets:
+            raise ValueError(f"datasets: no settings for dataset {self.dataset!r}")
+        spec = self.datasets[self.dataset]
+        xb, xt = spec.ratio
+        n_b = backdoor_shots(spec)
+        if n_b == 0 or n_b == spec.train_shots:
+            raise ValueError(
+                f"datasets.{self.dataset}.ratio: {xb}:{xt} of {spec.train_shots} shots leaves "
+                f"{'no X_B' if n_b == 0 else 'no X_T'} in poisoned episodes"
+            )
+        if self.evaluation.k_shot + 1 > spec.benign_examples:
+            raise ValueError(
+                f"evaluation.k_shot: k_shot + 1 = {self.evaluation.k_shot + 1} exceeds datasets.{self.dataset}.benign_examples = {spec.benign_examples}"
+            )
+        return self
+
+    @property
+    def budget(self) -> Budget:
+        return self.profiles[self.profile]
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return self.datasets[self.dataset]
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    if not first["loc"]:  # a cross-field check: its message already names the keys
+        return f"params.yaml: {first['msg'].removeprefix('Value error, ')}"
+    where = ".".join(str(p) for p in first["loc"])
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"params.yaml: {where}: {first['msg']}{shown}"
+
+
+def parse(raw: Any) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise FedmetaError(_format_error(err)) from None
+
+
+def load(path: Path = Path("params.yaml")) -> Params:
+    if not path.is_file():
+        raise FedmetaError(f"{path}: parameters file not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise FedmetaError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise FedmetaError(f"{path}: expected a mapping of parameters at the top level")
+    return parse(raw)
+
+
+def backdoor_shots(spec: DatasetSpec) -> int:
+    """How many of the target's K shots are X_B in a poisoned episode (2:3 of 10 → 4)."""
+    xb, xt = spec.ratio
+    return round(spec.train_shots * xb / (xb + xt))

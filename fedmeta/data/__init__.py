@@ -1,0 +1,1 @@
+"""Dataset readers (Omniglot, mini-ImageNet) and the prepared-dataset format they share."""

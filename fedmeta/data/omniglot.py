@@ -1,0 +1,114 @@
+"""Read Omniglot straight from its zip archives (local folder or download).
+
+Images are decoded from the archive in memory, so nothing is extracted and a
+hostile entry name can never write outside the project. Characters present in
+several archives (Greek and Latin in both small archives) are read once.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from fedmeta.data.imageset import ImageSet
+from fedmeta.errors import FedmetaError
+
+URL_PREFIX = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+ARCHIVE_MD5 = {
+    "images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
+    "images_background_small1.zip": "e704a628b5459e08445c13499850abc4",
+    "images_background_small2.zip": "b75a71a51d3b13f821f212756fe481fd",
+}
+ROTATIONS = 4
+SOURCE_SIDE = 105
+
+
+def fetch_archives(source: str, archives: list[str], download_dir: Path) -> list[Path]:
+    """Locate the archives in a local folder, or download them when `source` is 'download'."""
+    unknown = [a for a in archives if a not in ARCHIVE_MD5]
+    if unknown:
+        raise FedmetaError(f"datasets.omniglot.archives: unknown archive {unknown[0]!r}; expected some of {sorted(ARCHIVE_MD5)}")
+    if source != "download":
+        folder = Path(source)
+        if not folder.is_dir():
+            raise FedmetaError(
+                f"datasets.omniglot.source: folder {folder} does not exist; point it at a folder holding "
+                f"{', '.join(archives)} or set it to 'download'"
+            )
+        paths = [folder / a for a in archives]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise FedmetaError(f"datasets.omniglot.source: {missing[0]} is missing; expected the archives {', '.join(archives)} in {folder}")
+        return paths
+    from torchvision.datasets.utils import download_url
+
+    paths = []
+    for name in archives:
+        try:
+            download_url(f"{URL_PREFIX}/{name}", str(download_dir), name, ARCHIVE_MD5[name])
+        except Exception as exc:  # network errors come in many types; the remedy is the same
+            raise FedmetaError(
+                f"datasets.omniglot.source: downloading {name} failed ({type(exc).__name__}: {exc}); on a machine without "
+                "internet set datasets.omniglot.source to a local folder holding the archives"
+            ) from None
+        paths.append(download_dir / name)
+    return paths
+
+
+def _characters(path: Path) -> dict[str, list[tuple[str, bytes]]]:
+    """Map 'alphabet/character' to its (drawing name, PNG bytes), validating every entry name."""
+    chars: dict[str, list[tuple[str, bytes]]] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                name = PurePosixPath(info.filename)
+                if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
+                    raise FedmetaError(f"{path}: entry {info.filename!r} would escape the dataset folder; refusing the archive")
+                if info.is_dir() or name.suffix.lower() != ".png":
+                    continue
+                if len(name.parts) != 4:
+                    raise FedmetaError(f"{path}: entry {info.filename!r} is not <root>/<alphabet>/<character>/<drawing>.png")
+                _, alphabet, character, drawing = name.parts
+                chars.setdefault(f"{alphabet}/{character}", []).append((drawing, zf.read(info)))
+    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:
+        raise FedmetaError(f"{path}: not a readable zip archive ({exc})") from None
+    if not chars:
+        raise FedmetaError(f"{path}: holds no Omniglot drawings (<root>/<alphabet>/<character>/<drawing>.png)")
+    return chars
+
+
+def _decode(data: bytes, where: str, image_size: int) -> torch.Tensor:
+    """105×105 grey drawing → image_size² uint8 with ink bright (255) on a dark background."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise FedmetaError(f"{where}: not a readable PNG ({exc})") from None
+    if img.size != (SOURCE_SIDE, SOURCE_SIDE) or img.mode not in ("1", "L"):
+        raise FedmetaError(f"{where}: expected a {SOURCE_SIDE}×{SOURCE_SIDE} grey-scale image, got {img.size[0]}×{img.size[1]} mode {img.mode}")
+    img = img.convert("L").resize((image_size, image_size), Image.Resampling.LANCZOS)
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, image_size, image_size)
+    return 255 - pixels
+
+
+def load_omniglot(archives: list[Path], image_size: int = 28, rotations: bool = True) -> ImageSet:
+    """All characters of the archives, deduplicated by name; each rotation becomes its own class."""
+    merged: dict[str, tuple[Path, list[tuple[str, bytes]]]] = {}
+    for path in archives:
+        for char, drawings in _characters(path).items():
+            merged.setdefault(char, (path, drawings))
+    images, labels, names, groups = [], [], [], []
+    n_rot = ROTATIONS if rotations else 1
+    for group, char in enumerate(sorted(merged)):
+        path, drawings = merged[char]
+        base = torch.stack([_decode(data, f"{path}:{char}/{d}", image_size) for d, data in sorted(drawings)])
+        for r in range(n_rot):
+            labels.append(torch.full((len(base),), len(names), dtype=torch.int64))
+            images.append(torch.rot90(base, r, dims=(2, 3)))
+            names.append(f"{char}/rot{90 * r}")
+            groups.append(group)
+    return ImageSet(torch.cat(images).contiguous(), torch.cat(labels), names, torch.tensor(groups))

@@ -1,0 +1,195 @@
+"""The paper's user-side defense (Section 4): a gated, scaled cosine matching network.
+
+A benign user stops trusting the shared model's decision logic: it keeps only
+the embedding f_θ, pulls it towards a fresh random initialisation
+(θ' = δθ + (1 − δ)θ_g) to dilute what an attacker planted, and classifies a
+query by attention over the episode's own support set. The user then
+fine-tunes on that support set alone: first only the per-class gates α_l and
+scales β_l (θ' fixed), then θ', α and β jointly. Like `evaluation.FineTune`,
+all E episodes run in lock-step under `vmap`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad, vmap
+
+from fedmeta import model, reptile
+from fedmeta.config import Defense
+from fedmeta.errors import FedmetaError
+from fedmeta.evaluation import FineTune
+from fedmeta.model import Params
+
+INIT_SCALE = 10.0  # β at the start: cosines in [−1, 1] alone give a nearly uniform softmax
+NORM_EPS = 1e-8
+
+
+def glorot_like(theta: Params, g: torch.Generator) -> Params:
+    """θ_g with `init_conv4`'s scheme for any shapes: Glorot-uniform for every ≥2-D tensor
+    (conv and fc weights), 1 for 1-D weights (batch-norm scales), 0 for biases.
+
+    Drawn on the CPU, so one CPU generator gives the same θ_g whatever device θ lives on.
+    """
+    out: Params = {}
+    for k, p in theta.items():
+        if p.dim() >= 2:
+            out[k] = model.glorot_(torch.empty(p.shape), g).to(p)
+        else:
+            out[k] = torch.ones_like(p) if k.endswith("weight") else torch.zeros_like(p)
+    return out
+
+
+def noisy_reinit(theta: Params, delta: float, g: torch.Generator) -> Params:
+    """θ' = δθ + (1 − δ)θ_g: keeps a fraction δ of the (possibly poisoned) shared model."""
+    fresh = glorot_like(theta, g)
+    return {k: delta * p + (1 - delta) * fresh[k] for k, p in theta.items()}
+
+
+def init_head(n_way: int, dim: int, n_episodes: int, device: torch.device) -> Params:
+    """Per-episode head: gate logits a [E, N, D] and log β [E, N].
+
+    a = 0 gives α = 0.5 everywhere: cosine ignores a common scale, so this starts as the plain
+    (ungated) matching network while the sigmoid sits at its steepest, free to move either way.
+    β = exp(log β) stays positive and Adam changes it multiplicatively; it starts at INIT_SCALE.
+    """
+    return {
+        "gate": torch.zeros(n_episodes, n_way, dim, device=device),
+        "log_scale": torch.full((n_episodes, n_way), math.log(INIT_SCALE), device=device),
+    }
+
+
+def gates(head: Params) -> torch.Tensor:
+    """α = sigmoid(a) ∈ [0, 1] by construction, however far training pushes a."""
+    return torch.sigmoid(head["gate"])
+
+
+def scales(head: Params) -> torch.Tensor:
+    return head["log_scale"].exp()
+
+
+def matching_log_probs(
+    theta: Params,
+    head: Params,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    n_way: int,
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log P(y = l | x̂_q, S) [Q, N] for one episode.
+
+    score_qi = β_l · cos(α_l ⊙ f(x̂_q), f(x_i)) with l = y_i; attention is a softmax over all support
+    examples and P(l) sums the attention on class l (a mixture of one-hot labels), computed as
+    logsumexp over the class's scores minus logsumexp over all. Batch norm uses the support set's
+    statistics only, so a query's label never depends on other queries.
+    exclude [Q, k] (bool): support examples that may not serve as a query's reference (leave-one-out).
+    """
+    k = support_x.shape[0]
+    emb = model.embed(theta, torch.cat([support_x, query_x]), n_ref=k)
+    f_s, f_q = emb[:k], emb[k:]
+    onehot = (support_y[:, None] == torch.arange(n_way, device=support_y.device)).to(emb.dtype)  # [k, N]
+    alpha = gates(head)
+    # cos(α_l ⊙ q, s_i) = Σ_d α_ld q_d ŝ_id / ‖α_l ⊙ q‖: per-class gates without a [Q, N, D] tensor.
+    num = f_q @ ((onehot @ alpha) * F.normalize(f_s, dim=-1)).T  # [Q, k]
+    gated_norm = (f_q.square() @ alpha.square().T).clamp_min(NORM_EPS**2).sqrt()  # [Q, N]
+    scores = num / (gated_norm @ onehot.T) * (onehot @ scales(head))
+    if exclude is not None:
+        scores = scores.masked_fill(exclude, float("-inf"))
+    per_class = torch.where(onehot.T.bool(), scores[:, None, :], float("-inf")).logsumexp(-1)
+    return per_class - scores.logsumexp(-1, keepdim=True)
+
+
+def _leave_one_out_loss(
+    theta: Params, head: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor, own: torch.Tensor
+) -> torch.Tensor:
+    """NLL of support examples classified against the rest of the support set (their own copy masked)."""
+    n_way = head["log_scale"].shape[-1]
+    return F.nll_loss(matching_log_probs(theta, head, support_x, support_y, query_x, n_way, own), query_y)
+
+
+_head_grad = vmap(grad(_leave_one_out_loss, argnums=1))
+_joint_grad = vmap(grad(_leave_one_out_loss, argnums=(0, 1)))
+
+
+@dataclass
+class MatchingState:
+    """θ' and head per episode (leading axis E), their Adam states, and fine-tuning steps done so far."""
+
+    theta: Params
+    head: Params
+    theta_adam: reptile.AdamState
+    head_adam: reptile.AdamState
+    step: int = 0
+
+
+@dataclass
+class MatchingDefense:
+    """The defense as an `evaluation.Learner`.
+
+    reinit=False skips the noisy re-initialisation; use_attention=False replaces the matching head by
+    the softmax classifier fine-tuned as in `FineTune` (on θ', support-set batch norm) — the ablations.
+    Adam uses `adam` with the defense's own learning rate `cfg.lr`.
+    """
+
+    cfg: Defense
+    adam: reptile.AdamConfig
+    n_way: int
+    reinit: bool = True
+    use_attention: bool = True
+
+    @property
+    def _adam(self) -> reptile.AdamConfig:
+        return replace(self.adam, lr=self.cfg.lr)
+
+    @property
+    def _softmax(self) -> FineTune:
+        return FineTune(self._adam, "support")
+
+    def start(self, theta: Params, n_episodes: int, g: torch.Generator) -> MatchingState | tuple[Params, reptile.AdamState]:
+        """θ' per episode (its own θ_g each); the whole model is re-initialised in both modes, so the
+        ablations share their draws, then the matching network drops the unused classifier."""
+        if self.reinit:
+            drawn = [noisy_reinit(theta, self.cfg.delta, g) for _ in range(n_episodes)]
+            params = {k: torch.stack([d[k] for d in drawn]) for k in theta}
+        else:
+            params = reptile.expand(theta, n_episodes)
+        if not self.use_attention:
+            return params, reptile.AdamState.zeros_like(params)
+        dim = theta["fc.weight"].shape[1]
+        params = {k: p for k, p in params.items() if not k.startswith("fc.")}
+        head = init_head(self.n_way, dim, n_episodes, theta["fc.weight"].device)
+        return MatchingState(params, head, reptile.AdamState.zeros_like(params), reptile.AdamState.zeros_like(head))
+
+    def train(self, state: MatchingState | tuple[Params, reptile.AdamState], x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor) -> MatchingState | tuple[Params, reptile.AdamState]:
+        """Matching-network training on the support set: each inner batch is classified against the
+        support set with its own copies masked. Steps 1..head_steps move only α and β."""
+        if not isinstance(state, MatchingState):
+            return self._softmax.train(state, x, y, batches)
+        per_class = (y[..., None] == torch.arange(self.n_way, device=y.device)).sum(1)
+        if int(per_class.min()) < 2:
+            raise FedmetaError("defense: leave-one-out training needs at least 2 support examples per class (k_shot >= 2)")
+        adam = self._adam
+        theta, head = state.theta, state.head
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        ref = torch.arange(x.shape[1], device=x.device)
+        for s in range(batches.shape[1]):
+            idx = batches[:, s].to(x.device)
+            args = (theta, head, x, y, x[rows, idx], y[rows, idx], idx[..., None] == ref)
+            if state.step + s < self.cfg.head_steps:
+                g_head = _head_grad(*args)
+            else:
+                g_theta, g_head = _joint_grad(*args)
+                theta = reptile.adam_update(theta, g_theta, state.theta_adam, adam)
+            head = reptile.adam_update(head, g_head, state.head_adam, adam)
+        return MatchingState(theta, head, state.theta_adam, state.head_adam, state.step + batches.shape[1])
+
+    def predict(self, state: MatchingState | tuple[Params, reptile.AdamState], support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Labels [E, Q]: the most probable class under attention over the whole support set."""
+        if not isinstance(state, MatchingState):
+            return self._softmax.predict(state, support_x, support_y, x)
+        with torch.no_grad():
+            log_probs = vmap(lambda t, h, sx, sy, q: matching_log_probs(t, h, sx, sy, q, self.n_way))(state.theta, state.head, support_x, support_y, x)
+        return log_probs.argmax(-1)

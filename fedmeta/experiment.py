@@ -1,0 +1,155 @@
+"""The paper's federation, attack and measurements over one prepared dataset.
+
+Stages are thin wrappers over `Lab`: it knows who the users are, runs benign
+and poisoned rounds, and measures a model the way every experiment reports it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedmeta import episodes, evaluation, federation, reptile, seeding
+from fedmeta.config import Params, backdoor_shots
+from fedmeta.evaluation import Learner, Summary
+from fedmeta.model import Params as Theta
+from fedmeta.splits import FederatedData
+
+VARIANTS = ("exclude", "include")  # benign pretraining without / with correctly-labelled backdoor classes
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    variant: str  # which pretrained (and attacked) model the scenario starts from
+    backdoor_in_finetuning: bool  # (c): backdoor classes, correctly labelled, in the evaluation's episodes
+
+
+SCENARIOS = {
+    "a": Scenario("a", "exclude", False),
+    "b": Scenario("b", "include", False),
+    "c": Scenario("c", "include", True),
+}
+
+
+def scenarios_of(variant: str) -> list[Scenario]:
+    return [s for s in SCENARIOS.values() if s.variant == variant]
+
+
+class Lab:
+    def __init__(self, params: Params, data: FederatedData, device: torch.device) -> None:
+        self.p, self.data, self.device = params, data, device
+        self.images = data.images.to(device)
+        fed = params.federation
+        self.attacker = fed.attacker
+        self.benign = [u for u in range(fed.users) if u != fed.attacker]
+        self.adam = reptile.AdamConfig(lr=params.budget.inner_lr, beta2=params.reptile.beta2)
+
+    def gen(self, *path: object) -> torch.Generator:
+        return seeding.generator(self.p.seed, *path)
+
+    def classes(self, user: int, include_backdoor: bool) -> list[int]:
+        if user == self.attacker:
+            return self.data.user_classes[user]
+        return self.data.user_data(user, include_backdoor)
+
+    def _size(self, user: int, include_backdoor: bool) -> int:
+        return sum(len(self.data.train_idx[c]) for c in self.classes(user, include_backdoor))
+
+    def _benign_local(self, theta: Theta, user: int, rnd: int, include_backdoor: bool) -> Theta:
+        classes, r = self.classes(user, include_backdoor), self.p.reptile
+        shots = self.p.spec.train_shots
+
+        def sample(count: int, g: torch.Generator) -> episodes.Episodes:
+            return episodes.training(self.data, classes, r.n_way, shots, count, g)
+
+        return reptile.meta_train(
+            theta, self.images, sample, self.p.budget.episodes_per_round, r, r.inner_steps, self.p.budget.outer_step, self.adam, self.gen("local", rnd, user)
+        )
+
+    def _attacker_local(self, theta: Theta, rnd: int) -> Theta:
+        r, spec, b = self.p.reptile, self.p.spec, self.p.budget
+        classes, n_b = self.data.user_classes[self.attacker], backdoor_shots(spec)
+
+        def sample(count: int, g: torch.Generator) -> episodes.Episodes:
+            return episodes.poisoned(self.data, classes, r.n_way, spec.train_shots, n_b, count, g)
+
+        steps = -(-b.attack_inner_epochs * r.n_way * spec.train_shots // r.inner_batch)
+        adam = reptile.AdamConfig(lr=self.p.attack.lr, beta2=r.beta2)
+        return reptile.meta_train(theta, self.images, sample, b.attack_episodes, r, steps, b.outer_step, adam, self.gen("attack", rnd))
+
+    def round(self, theta: Theta, rnd: int, include_backdoor: bool, with_attacker: bool = False) -> Theta:
+        """One federated round: benign users only, or the attacker plus M_min − 1 benign users."""
+        fed = self.p.federation
+        g = self.gen("select", rnd)
+        if with_attacker:
+            users = federation.select(self.benign, fed.per_round - 1, fed.min_updates - 1, g) + [self.attacker]
+        else:
+            users = federation.select(self.benign, fed.per_round, fed.min_updates, g)
+        deltas = []
+        for u in users:
+            if u == self.attacker:
+                deltas.append(federation.update(self._attacker_local(theta, rnd), theta, self.p.attack.boost))
+            else:
+                deltas.append(federation.update(self._benign_local(theta, u, rnd, include_backdoor), theta))
+        alphas = federation.weights([self._size(u, include_backdoor) for u in users], fed.weighting)
+        return federation.aggregate(theta, deltas, alphas)
+
+    def finetuner(self) -> evaluation.FineTune:
+        e = self.p.evaluation
+        return evaluation.FineTune(reptile.AdamConfig(lr=e.lr, beta2=self.p.reptile.beta2), e.bn_mode)
+
+    def meta_test(self, theta: Theta, learner: Learner, record_at: list[int], tag: str) -> list[dict[str, Summary]]:
+        """Accuracy on episodes of unseen classes; the same episodes at every call with the same tag."""
+        e = self.p.evaluation
+        eps = episodes.evaluation(self.data, self.data.meta_test, e.n_way, e.k_shot, self.p.budget.eval_episodes, self.gen("meta-test", tag))
+        points = evaluation.run(learner, theta, self.images, eps, e, record_at, self.gen("meta-test-batches", tag))
+        return [{"meta_test": pt["main"]} for pt in points]
+
+    def eval_classes(self, scenario: Scenario, user: int | None) -> tuple[list[int], tuple[int, ...]]:
+        """Classes of the fine-tuning episodes and those always present: the target, plus in (c) the
+        backdoor classes; in (a) and (b) backdoor classes never appear, whatever pretraining saw."""
+        d = self.data
+        users = self.benign if user is None else [user]
+        must = (d.target, *(d.backdoor if scenario.backdoor_in_finetuning else ()))
+        return sorted({c for u in users for c in self.classes(u, False)} | set(must)), must
+
+    def attack_eval(
+        self, theta: Theta, learner: Learner, scenario: Scenario, record_at: list[int], tag: str, user: int | None = None
+    ) -> list[dict[str, Summary]]:
+        """Main-task and backdoor accuracy on meta-training episodes that always include the target.
+
+        `user` restricts the episodes to that user's classes (Experiments 2-3); otherwise all benign users' classes."""
+        e, d = self.p.evaluation, self.data
+        pool, must = self.eval_classes(scenario, user)
+        g = self.gen("attack-eval", scenario.name, tag, user)
+        eps = episodes.evaluation(d, pool, e.n_way, e.k_shot, self.p.budget.eval_episodes, g, must_include=must)
+        probes = {"attack_train": d.attack_train_idx.to(self.device), "attack_val": d.attack_val_idx.to(self.device)}
+        return evaluation.run(learner, theta, self.images, eps, e, record_at, self.gen("attack-eval-batches", scenario.name, tag, user), probes)
+
+
+def flat(point: dict[str, Summary]) -> dict[str, float]:
+    """{'main': Summary} → {'main': mean, 'main_ci95': half-width}, rounded for stable, readable files."""
+    out: dict[str, float] = {}
+    for k, s in point.items():
+        out[k] = round(s.mean, 6)
+        out[f"{k}_ci95"] = round(s.ci95, 6)
+    return out
+
+
+def record_points(steps: int, every: int) -> list[int]:
+    return sorted({0, steps, *range(every, steps, every)})
+
+
+def user_curves(lab: Lab, theta: Theta, learner: Learner, variant: str, tag: str) -> dict[tuple[str, int], list[dict[str, float]]]:
+    """Experiments 2-3: every benign user fine-tunes the attacked model on its own episodes;
+    one curve per (scenario, user) of meta-test, main-task and backdoor accuracy against fine-tuning steps."""
+    b = lab.p.budget
+    at = record_points(b.finetune_steps, b.record_every)
+    curves: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for user in lab.benign:
+        meta = lab.meta_test(theta, learner, at, f"{tag}-user{user}")
+        for scenario in scenarios_of(variant):
+            attack = lab.attack_eval(theta, learner, scenario, at, tag, user)
+            curves[(scenario.name, user)] = [{"step": s, **flat(m), **flat(a)} for s, m, a in zip(at, meta, attack)]
+    return curves

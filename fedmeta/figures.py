@@ -1,0 +1,111 @@
+"""Figures laid out like the paper's: Fig. 1 (the attack's images), Figs. 3, 5 and 7 (curves)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from fedmeta.atomic import atomic_path  # noqa: E402
+from fedmeta.splits import FederatedData  # noqa: E402
+
+SERIES = {  # the paper's colours: meta-testing black, main task purple, attack training blue, validation green
+    "meta_test": ("meta-testing", "black"),
+    "main": ("main task", "purple"),
+    "attack_train": ("attack training", "tab:blue"),
+    "attack_val": ("attack validation", "tab:green"),
+}
+SCENARIO_TITLES = {
+    "a": "(a) backdoor classes not used by benign users",
+    "b": "(b) backdoor classes used in benign meta-training",
+    "c": "(c) backdoor classes also used in benign fine-tuning",
+}
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def _show(ax: Any, img: torch.Tensor) -> None:
+    ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=255)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def backdoor_examples(data: FederatedData, key: torch.Tensor, path: Path, per_row: int = 5) -> Path:
+    """Fig. 1: (a) target class, (b) backdoor classes, (c) key, (d) attack training set."""
+    rows = [
+        ("(a) target", data.images[data.train_idx[data.target][:per_row]]),
+        *((f"(b) backdoor {i + 1}", data.images[data.train_idx[c][:per_row]]) for i, c in enumerate(data.backdoor)),
+        ("(c) key", key.unsqueeze(0)),
+        ("(d) attack training", data.images[data.attack_train_idx[:per_row]]),
+    ]
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(per_row * 1.1, len(rows) * 1.15))
+    for r, (label, imgs) in enumerate(rows):
+        for c in range(per_row):
+            ax = axes[r][c]
+            if c < len(imgs):
+                _show(ax, imgs[c].to(torch.uint8))
+            else:
+                ax.axis("off")
+        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    return _save(fig, path)
+
+
+def _curves(ax: Any, rows: list[dict[str, Any]], x: str) -> None:
+    xs = [r[x] for r in rows]
+    for key, (label, colour) in SERIES.items():
+        if key in rows[0]:
+            ys = [100 * r[key] for r in rows]
+            ci = [100 * r[f"{key}_ci95"] for r in rows]
+            ax.plot(xs, ys, color=colour, label=label, marker=".")
+            ax.fill_between(xs, [y - c for y, c in zip(ys, ci)], [y + c for y, c in zip(ys, ci)], color=colour, alpha=0.12)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+
+
+def meta_training_after_attack(rows: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Fig. 3 (Experiment 1): one panel per scenario, accuracy against federated rounds."""
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.4), squeeze=False)
+    for ax, (name, series) in zip(axes[0], sorted(rows.items())):
+        _curves(ax, series, "round")
+        ax.axvline(1, color="red", ls=":", lw=1)
+        ax.set_title(SCENARIO_TITLES[name], fontsize=9)
+        ax.set_xlabel("round (attack in round 1)")
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def finetuning_grid(rows: dict[tuple[str, int], list[dict[str, Any]]], path: Path, title: str) -> Path:
+    """Figs. 5 and 7 (Experiments 2-3): rows = scenarios, columns = benign users, accuracy against fine-tuning steps."""
+    scen = sorted({s for s, _ in rows})
+    users = sorted({u for _, u in rows})
+    fig, axes = plt.subplots(len(scen), len(users), figsize=(3.4 * len(users), 2.8 * len(scen)), squeeze=False)
+    for i, s in enumerate(scen):
+        for j, u in enumerate(users):
+            ax = axes[i][j]
+            _curves(ax, rows[(s, u)], "step")
+            ax.set_title(f"{SCENARIO_TITLES[s][:3]} user {u + 1}", fontsize=9)
+            if i == len(scen) - 1:
+                ax.set_xlabel("fine-tuning iteration")
+        axes[i][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def pretraining(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    _curves(ax, rows, "round")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)

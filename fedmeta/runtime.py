@@ -1,0 +1,75 @@
+"""What every stage does around its work: parameters, threads, determinism, files, tracking."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from fedmeta import config, tracking
+from fedmeta.atomic import write_text
+from fedmeta.errors import FedmetaError
+
+T = TypeVar("T")
+
+PREPARED = Path("data/prepared/dataset.pt")
+CHECKPOINTS = Path("checkpoints")
+STATE = Path("state")  # resumable progress of long stages (persisted by DVC)
+METRICS = Path("metrics")
+FIGURES = METRICS / "figures"  # figures showing dataset images: DVC-cached, never in git
+CURVES = Path("docs/figures")  # figures of our own numbers: git-tracked, shown in the README
+
+
+def device_of(params: config.Params) -> torch.device:
+    try:
+        dev = torch.device(params.device)
+    except RuntimeError:
+        raise FedmetaError(f"params.yaml: device: expected 'cpu' or 'cuda[:N]', got {params.device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FedmetaError("params.yaml: device: 'cuda' requested but no CUDA device is available")
+    return dev
+
+
+def configure(params: config.Params) -> None:
+    """Fixed threads and deterministic kernels: the same params give the same bytes on the same machine."""
+    torch.set_num_threads(params.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def progress(items: Iterable[T], description: str, start: int = 0, total: int | None = None) -> Iterator[T]:
+    """A rich progress bar over a long loop (resumed loops start part-way)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(description, total=total, completed=start)
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def write_json(path: Path, values: dict[str, Any]) -> None:
+    write_text(path, json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+@contextlib.contextmanager
+def stage(name: str, params_path: Path = Path("params.yaml"), **tags: str) -> Iterator[tuple[config.Params, tracking.Run]]:
+    params = config.load(params_path)
+    configure(params)
+    raw = params.model_dump(mode="json")
+    logged = {k: v for k, v in raw.items() if k != "profiles"} | {"budget": raw["profiles"][params.profile]}
+    with tracking.stage_run(name, logged, {"profile": params.profile, "dataset": params.dataset, **tags}) as run:
+        yield params, run

@@ -1,0 +1,89 @@
+"""MLflow logging into one SQLite store at the repository root.
+
+The store's path comes from DVC_ROOT when DVC runs the stage, so experiments
+queued in temporary copies of the repo still log to the main workspace.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fedmeta.errors import FedmetaError
+
+EXPERIMENT = "fedmeta"
+
+
+def repo_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Run:
+    """The handle a stage logs through."""
+
+    def __init__(self, mlflow: Any) -> None:
+        self._mlflow = mlflow
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        self._mlflow.log_metrics(values, step=step)
+
+    def artifact(self, path: Path) -> None:
+        self._mlflow.log_artifact(str(path))
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[Run]:
+    """One MLflow run per stage execution, tagged with stage, profile, dataset, commit and DVC experiment."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    import mlflow
+
+    for name in ("mlflow", "alembic"):  # their INFO lines would bury the stage's own output
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    root = repo_root()
+    uri = tracking_uri()
+    store = root / "mlflow.db"
+    if uri.startswith("sqlite:") and (not os.access(root, os.W_OK) or (store.exists() and not os.access(store, os.W_OK))):
+        raise FedmetaError(f"{store}: MLflow store is not writable; fix its permissions or set MLFLOW_TRACKING_URI")
+    try:
+        mlflow.set_tracking_uri(uri)
+        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "mlartifacts").as_uri())
+        mlflow.set_experiment(EXPERIMENT)
+    except Exception as exc:  # MLflow raises many types for an unusable store
+        raise FedmetaError(f"{uri}: cannot open the MLflow store ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    all_tags = {"stage": stage, "git_commit": _git_commit(), "dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"), **tags}
+    name = "-".join([stage, *(v for k, v in tags.items() if k == "variant")])
+    with mlflow.start_run(run_name=name, tags=all_tags):
+        flat = _flatten(params)
+        items = list(flat.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+        yield Run(mlflow)

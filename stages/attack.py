@@ -1,0 +1,24 @@
+"""Stage attack: the one-shot boosted backdoor attack in round 1 (paper Sec. 2-3)."""
+from __future__ import annotations
+
+from fedmeta import checkpoint, runtime
+from fedmeta.experiment import Lab, flat, scenarios_of
+from fedmeta.splits import FederatedData
+
+
+def main(variant: str) -> None:
+    with runtime.stage("attack", variant=variant) as (params, run):
+        lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
+        theta0 = checkpoint.load_theta(runtime.CHECKPOINTS / f"pretrain_{variant}.pt")
+        theta1 = lab.round(theta0, 1, variant == "include", with_attacker=True)
+        checkpoint.save(runtime.CHECKPOINTS / f"attacked_{variant}.pt", {"theta": theta1, "round": 1})
+        learner, steps = lab.finetuner(), [params.evaluation.steps]
+        rows = {}
+        for rnd, theta in ((0, theta0), (1, theta1)):
+            meta = flat(lab.meta_test(theta, learner, steps, "exp1")[0])
+            for scenario in scenarios_of(variant):
+                point = {"round": rnd, **meta, **flat(lab.attack_eval(theta, learner, scenario, steps, "exp1")[0])}
+                rows.setdefault(scenario.name, []).append(point)
+                run.metrics({f"{scenario.name}.{k}": v for k, v in point.items() if k != "round"}, step=rnd)
+        summary = {s: {"before": r[0], "after": r[1]} for s, r in rows.items()}
+        runtime.write_json(runtime.METRICS / f"attack_{variant}.json", summary)

@@ -1,0 +1,38 @@
+"""Stage continue (Experiment 1): benign federated meta-training goes on after the attack."""
+from __future__ import annotations
+
+import json
+
+from fedmeta import checkpoint, runtime
+from fedmeta.experiment import Lab, flat, scenarios_of
+from fedmeta.splits import FederatedData
+
+
+def main(variant: str) -> None:
+    with runtime.stage("continue", variant=variant) as (params, run):
+        lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
+        b, include = params.budget, variant == "include"
+        attack_rows = json.loads((runtime.METRICS / f"attack_{variant}.json").read_text())
+        resume = checkpoint.Resume(runtime.STATE / f"continue_{variant}.pt", b.checkpoint_every, params.model_dump_json())
+        saved = resume.restore()
+        if saved is None:
+            theta = checkpoint.load_theta(runtime.CHECKPOINTS / f"attacked_{variant}.pt")
+            rows = {s: [r["before"], r["after"]] for s, r in attack_rows.items()}
+            start = 2
+        else:
+            theta, rows, start = saved["theta"], saved["rows"], saved["done"] + 1
+        learner, steps = lab.finetuner(), [params.evaluation.steps]
+        last = b.continuation_rounds + 1
+        for rnd in runtime.progress(range(start, last + 1), f"continue {variant}", start=start - 2, total=last - 1):
+            theta = lab.round(theta, rnd, include)
+            meta = flat(lab.meta_test(theta, learner, steps, "exp1")[0])
+            for scenario in scenarios_of(variant):
+                point = {"round": rnd, **meta, **flat(lab.attack_eval(theta, learner, scenario, steps, "exp1")[0])}
+                rows[scenario.name].append(point)
+                run.metrics({f"{scenario.name}.{k}": v for k, v in point.items() if k != "round"}, step=rnd)
+            resume.save(rnd, {"theta": theta, "rows": rows}, force=rnd == last)
+        out = runtime.METRICS / f"exp1_{variant}"
+        for name, series in rows.items():
+            runtime.write_csv(out / f"{name}.csv", series)
+        runtime.write_json(runtime.METRICS / f"exp1_{variant}.json", {s: r[-1] for s, r in rows.items()})
+        resume.finish()

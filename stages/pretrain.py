@@ -1,0 +1,39 @@
+"""Stage pretrain: benign federated Reptile from scratch (round 0 of the paper's experiments).
+
+Variant 'exclude' keeps backdoor classes out of benign data (scenario a),
+'include' gives them, correctly labelled, to their owners (scenarios b, c).
+"""
+from __future__ import annotations
+
+from fedmeta import checkpoint, figures, model, runtime
+from fedmeta.experiment import Lab, flat
+from fedmeta.splits import FederatedData
+
+
+def main(variant: str) -> None:
+    with runtime.stage("pretrain", variant=variant) as (params, run):
+        lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
+        b, include = params.budget, variant == "include"
+        resume = checkpoint.Resume(runtime.STATE / f"pretrain_{variant}.pt", b.checkpoint_every, params.model_dump_json())
+        saved = resume.restore()
+        if saved is None:
+            channels, side = lab.images.shape[1], lab.images.shape[-1]
+            theta = model.init_conv4(channels, b.width, side, params.reptile.n_way, lab.gen("init"))
+            theta = {k: v.to(lab.device) for k, v in theta.items()}
+            start, rows = 0, []
+        else:
+            theta, start, rows = saved["theta"], saved["done"], saved["rows"]
+        learner = lab.finetuner()
+        for rnd in runtime.progress(range(start, b.pretrain_rounds), f"pretrain {variant}", start=start, total=b.pretrain_rounds):
+            theta = lab.round(theta, rnd, include)
+            done = rnd + 1
+            if done % b.checkpoint_every == 0 or done == b.pretrain_rounds:
+                point = flat(lab.meta_test(theta, learner, [params.evaluation.steps], "pretrain")[0])
+                rows.append({"round": done, **point})
+                run.metrics(point, step=done)
+            resume.save(done, {"theta": theta, "rows": rows})
+        checkpoint.save(runtime.CHECKPOINTS / f"pretrain_{variant}.pt", {"theta": theta, "round": b.pretrain_rounds})
+        runtime.write_csv(runtime.METRICS / f"pretrain_{variant}.csv", rows)
+        runtime.write_json(runtime.METRICS / f"pretrain_{variant}.json", rows[-1])
+        run.artifact(figures.pretraining(rows, runtime.CURVES / f"pretrain_{variant}.png", f"benign pretraining ({variant} backdoor classes)"))
+        resume.finish()

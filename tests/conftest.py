@@ -1,0 +1,87 @@
+"""Shared fixtures: a synthetic Omniglot archive in the real layout, and tiny configurations."""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from fedmeta import config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def drawing(char: int, sample: int) -> bytes:
+    """A 105×105 PNG: dark strokes on white, a per-character pattern plus per-drawing jitter."""
+    g = torch.Generator().manual_seed(char * 1000 + sample)
+    img = torch.full((105, 105), 255, dtype=torch.uint8)
+    cg = torch.Generator().manual_seed(char)
+    for _ in range(3):
+        r, c = (torch.randint(10, 80, (2,), generator=cg) + torch.randint(-4, 5, (2,), generator=g)).tolist()
+        img[r : r + 18, c : c + 4] = 0
+        img[r : r + 4, c : c + 18] = 0
+    buf = io.BytesIO()
+    Image.fromarray(img.numpy(), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_archive(path: Path, root: str, alphabets: dict[str, int], drawings: int = 20, first_char: int = 0) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        k = first_char
+        for alphabet, n_chars in alphabets.items():
+            for c in range(n_chars):
+                for s in range(drawings):
+                    zf.writestr(f"{root}/{alphabet}/character{c + 1:02d}/{k:04d}_{s + 1:02d}.png", drawing(k, s))
+                k += 1
+    return path
+
+
+@pytest.fixture(scope="session")
+def omniglot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two archives sharing one alphabet (as the real small1/small2 share Greek and Latin)."""
+    d = tmp_path_factory.mktemp("omniglot")
+    write_archive(d / "images_background_small1.zip", "images_background_small1", {"Alpha": 12, "Shared": 8})
+    with zipfile.ZipFile(d / "images_background_small1.zip") as src, zipfile.ZipFile(d / "images_background_small2.zip", "w") as dst:
+        for info in src.infolist():
+            if "/Shared/" in info.filename:
+                dst.writestr(info.filename.replace("small1", "small2"), src.read(info))
+        k = 100
+        for c in range(14):
+            for s in range(20):
+                dst.writestr(f"images_background_small2/Beta/character{c + 1:02d}/{k:04d}_{s + 1:02d}.png", drawing(k, s))
+            k += 1
+    return d
+
+
+def tiny_raw(omniglot_dir: Path | None = None) -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["profile"] = "tiny"
+    raw["threads"] = 1
+    if omniglot_dir is not None:
+        raw["omniglot"]["source"] = str(omniglot_dir)
+    return raw
+
+
+@pytest.fixture()
+def tiny_params(omniglot_dir: Path) -> config.Params:
+    return config.parse(tiny_raw(omniglot_dir))
+
+
+@pytest.fixture()
+def tiny_data(tiny_params: config.Params):
+    from fedmeta import splits
+    from fedmeta.data.omniglot import fetch_archives, load_omniglot
+
+    o = tiny_params.omniglot
+    return splits.split(load_omniglot(fetch_archives(o.source, o.archives, Path("unused")), o.image_size), tiny_params)
+
+
+@pytest.fixture()
+def tiny_lab(tiny_params: config.Params, tiny_data):
+    from fedmeta.experiment import Lab
+
+    return Lab(tiny_params, tiny_data, torch.device("cpu"))

@@ -1,0 +1,55 @@
+"""Few-shot evaluation: batch-norm modes and the recorded fine-tuning curve."""
+from __future__ import annotations
+
+import torch
+
+from fedmeta import evaluation, model, reptile
+from fedmeta.evaluation import Summary
+
+
+def setup_episode():
+    g = torch.Generator().manual_seed(0)
+    theta = reptile.expand(model.init_conv4(1, 8, 28, 5, g), 1)
+    support = torch.rand(1, 10, 1, 28, 28, generator=g)
+    queries = torch.rand(1, 6, 1, 28, 28, generator=g)
+    return theta, support, queries
+
+
+def test_support_mode_classifies_each_query_independently_of_the_others() -> None:
+    theta, support, queries = setup_episode()
+    stamped_batch = queries.clone()
+    stamped_batch[:, 1:, :, -7:, -7:] = 1.0  # the other queries all carry the key
+    a = evaluation.predict_logits(theta, support, queries, "support")[0, 0]
+    b = evaluation.predict_logits(theta, support, stamped_batch, "support")[0, 0]
+    assert torch.allclose(a, b, atol=1e-5)
+    single = evaluation.predict_logits(theta, support, queries[:, :1], "support")[0, 0]
+    assert torch.allclose(a, single, atol=1e-5)
+
+
+def test_support_plus_query_mode_is_per_query_and_transductive_is_not() -> None:
+    theta, support, queries = setup_episode()
+    stamped_batch = queries.clone()
+    stamped_batch[:, 1:, :, -7:, -7:] = 1.0
+    spq = [evaluation.predict_logits(theta, support, q, "support_plus_query")[0, 0] for q in (queries, stamped_batch)]
+    assert torch.allclose(spq[0], spq[1], atol=1e-5)
+    ref = model.logits({k: v[0] for k, v in theta.items()}, torch.cat([support[0], queries[0, :1]]))[-1]
+    assert torch.allclose(spq[0], ref, atol=1e-5)
+    tr = [evaluation.predict_logits(theta, support, q, "transductive")[0, 0] for q in (queries, stamped_batch)]
+    assert not torch.allclose(tr[0], tr[1], atol=1e-3)
+
+
+def test_summary_is_mean_and_normal_95_interval() -> None:
+    s = Summary.of(torch.tensor([0.0, 1.0, 1.0, 1.0]))
+    assert s.mean == 0.75
+    assert abs(s.ci95 - 1.959963984540054 * 0.5 / 2) < 1e-9
+
+
+def test_run_records_every_requested_step_and_learns_a_separable_task(tiny_data, tiny_lab) -> None:
+    from fedmeta import episodes
+
+    e = tiny_lab.p.evaluation
+    eps = episodes.evaluation(tiny_data, tiny_data.meta_test, 5, 5, 4, torch.Generator().manual_seed(0))
+    theta = model.init_conv4(1, 8, 28, 5, torch.Generator().manual_seed(0))
+    points = evaluation.run(tiny_lab.finetuner(), theta, tiny_data.images, eps, e, [0, 5, 30], torch.Generator().manual_seed(1))
+    assert len(points) == 3 and all(set(p) == {"main"} for p in points)
+    assert points[2]["main"].mean >= points[0]["main"].mean

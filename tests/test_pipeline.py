@@ -1,0 +1,81 @@
+"""End to end: `dvc repro` of the whole pipeline on the tiny profile, in a temporary copy of the repo."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, tiny_raw
+
+pytestmark = pytest.mark.pipeline
+METRIC_FILES = ("metrics/attack_exclude.json", "metrics/exp1_include/b.csv", "metrics/finetune_exclude/a_user2.csv", "metrics/report.md")
+
+
+def sh(cwd: Path, *cmd: str) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("DVC_ROOT", None)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, omniglot_dir: Path) -> Path:
+    """A git + DVC copy of the project's tracked files, on the tiny profile and synthetic archives, reproduced once."""
+    dst = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
+    for rel in files.stdout.split():
+        if rel.startswith(("metrics/", "tests/")) or not (REPO / rel).is_file():
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dst / rel)
+    (dst / "params.yaml").write_text(yaml.safe_dump(tiny_raw(omniglot_dir), sort_keys=False))
+    sh(dst, "git", "init", "-q")
+    sh(dst, "git", "add", "-A")
+    sh(dst, "git", "commit", "-qm", "tiny")
+    sh(dst, "dvc", "repro")
+    return dst
+
+
+def test_repro_produces_every_output_and_logs_to_mlflow(repo: Path) -> None:
+    for rel in (*METRIC_FILES, "checkpoints/attacked_include.pt", "metrics/figures/fig3_exp1.png", "metrics/figures/fig7_exp3.png", "metrics/ablation.csv"):
+        assert (repo / rel).is_file(), rel
+    rounds = [line.split(",")[0] for line in (repo / "metrics/exp1_exclude/a.csv").read_text().splitlines()[1:]]
+    assert rounds == ["0", "1", "2", "3"]  # before the attack, the attack round, two benign rounds
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["fedmeta"])
+    assert {"prepare", "pretrain", "attack", "continue", "finetune", "defend", "ablation", "report"} <= set(runs["tags.stage"])
+    assert (runs["tags.profile"] == "tiny").all()
+    assert runs["metrics.a.attack_train"].notna().any()
+
+
+def test_second_repro_does_nothing(repo: Path) -> None:
+    out = sh(repo, "dvc", "repro")
+    assert "Running stage" not in out
+
+
+def test_forced_rerun_gives_byte_identical_metrics(repo: Path) -> None:
+    before = {rel: (repo / rel).read_bytes() for rel in METRIC_FILES}
+    sh(repo, "dvc", "repro", "-f", "-s", "attack@exclude", "continue@include", "finetune@exclude", "report")
+    after = {rel: (repo / rel).read_bytes() for rel in METRIC_FILES}
+    assert before == after
+
+
+def test_exp_run_with_a_larger_boost_changes_the_attack_metrics(repo: Path) -> None:
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline results")
+    base = json.loads((repo / "metrics/attack_exclude.json").read_text())
+    sh(repo, "dvc", "exp", "run", "-S", "attack.boost=5")
+    boosted = json.loads((repo / "metrics/attack_exclude.json").read_text())
+    assert boosted["a"]["before"] == base["a"]["before"]
+    assert boosted["a"]["after"] != base["a"]["after"]
+    shown = sh(repo, "dvc", "exp", "show", "--no-pager", "--csv")
+    assert "attack.boost" in shown and ",5," in shown.replace(",5.0,", ",5,")
