@@ -5,7 +5,9 @@ run code; anything else (a pickled object, a truncated file) is refused.
 """
 from __future__ import annotations
 
+import hashlib
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 
 from fedmeta.atomic import atomic_path
-from fedmeta.errors import FedmetaError
+from fedmeta.errors import FedmetaError, first_line
 from fedmeta.model import Params
 
 
@@ -22,43 +24,66 @@ def save(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
-def load(path: Path, required: tuple[str, ...] = ("theta",)) -> dict[str, Any]:
+def load(path: Path, required: tuple[str, ...] = ("theta",), device: torch.device | str = "cpu", what: str = "checkpoint") -> dict[str, Any]:
+    """A dict saved by torch.save holding the `required` keys; `what` names the file in messages."""
     if not path.is_file():
-        raise FedmetaError(f"{path}: checkpoint not found; run the stage that produces it first")
+        raise FedmetaError(f"{path}: {what} not found; run the stage that produces it first")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip; without this check torch reports junk as unsafe pickle
+        raise FedmetaError(f"{path}: corrupt or truncated {what} (not a zip archive written by torch.save)")
     try:
-        payload = torch.load(path, weights_only=True, map_location="cpu")
+        payload = torch.load(path, weights_only=True, map_location=device)
     except pickle.UnpicklingError as exc:
-        raise FedmetaError(f"{path}: refused to load: the checkpoint holds more than tensors and numbers ({str(exc).splitlines()[0]})") from None
+        why = next((line for line in str(exc).splitlines() if "GLOBAL" in line), first_line(exc))
+        raise FedmetaError(f"{path}: refused to load: the {what} holds more than tensors and numbers ({why.strip()})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise FedmetaError(f"{path}: corrupt or truncated checkpoint ({str(exc).splitlines()[0]})") from None
+        raise FedmetaError(f"{path}: corrupt or truncated {what} ({first_line(exc)})") from None
     missing = [k for k in required if not isinstance(payload, dict) or k not in payload]
     if missing:
-        raise FedmetaError(f"{path}: not a fedmeta checkpoint (missing {missing[0]!r})")
+        raise FedmetaError(f"{path}: not a fedmeta {what} (missing {missing[0]!r})")
     return payload
 
 
-def load_theta(path: Path) -> Params:
-    theta = load(path)["theta"]
+def load_theta(path: Path, device: torch.device | str = "cpu") -> Params:
+    theta = load(path, device=device)["theta"]
     if not isinstance(theta, dict) or not all(isinstance(v, torch.Tensor) for v in theta.values()):
         raise FedmetaError(f"{path}: 'theta' is not a dict of tensors")
     return theta
+
+
+def fingerprint(params_json: str, *inputs: Path) -> str:
+    """What a saved state is valid for: the parameters and the exact input files,
+    so a re-prepared dataset or a new pretrained model never resumes a stale loop."""
+    digest = hashlib.sha256(params_json.encode())
+    for path in inputs:
+        with path.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
 
 
 class Resume:
     """Progress of a long loop, saved every `every` iterations to a persisted path and removed when done.
 
     Seeds derive from (round, user, ...), not from a running RNG, so restarting
-    at a saved iteration replays exactly what an uninterrupted run would do.
+    at a saved iteration replays exactly what an uninterrupted run would do; a
+    loop that does draw from one generator saves its state with the rest.
+    A state saved for other parameters or inputs (another fingerprint) is ignored.
     """
 
     def __init__(self, path: Path, every: int, fingerprint: str) -> None:
         self.path, self.every, self.fingerprint = path, every, fingerprint
 
-    def restore(self) -> dict[str, Any] | None:
+    def restore(self, device: torch.device | str = "cpu") -> dict[str, Any] | None:
         if not self.path.is_file():
             return None
-        state = load(self.path, required=("fingerprint", "done"))
-        return state if state["fingerprint"] == self.fingerprint else None
+        try:
+            state = load(self.path, ("fingerprint", "done"), device)
+        except FedmetaError as err:
+            raise FedmetaError(f"{err}; delete it to start the stage over") from None
+        if state["fingerprint"] != self.fingerprint:
+            print(f"{self.path}: saved for other parameters or inputs; starting over", file=sys.stderr)
+            return None
+        print(f"{self.path}: resuming an interrupted run ({state['done']} done)", file=sys.stderr)
+        return state
 
     def save(self, done: int, state: dict[str, Any], force: bool = False) -> None:
         if force or done % self.every == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -91,13 +92,44 @@ def report() -> None:
     stage.main()
 
 
+@app.command()
+def bench(
+    device: Annotated[str, typer.Option(help="Where to run: cpu or cuda[:N].")] = "cpu",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each side (medians are reported).")] = 3,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path("metrics/bench.json"),
+    threads: Annotated[int, typer.Option(min=0, help="torch intra-op threads (0: torch's default).")] = 0,
+    width: Annotated[int, typer.Option(min=1, help="Conv4 filters (paper: 64).")] = 64,
+    inner_steps: Annotated[int, typer.Option(min=1, help="Meta-training inner steps e.")] = 10,
+    meta_batches: Annotated[int, typer.Option(min=1, help="Meta-batches of B = 5 episodes per timed meta-training run.")] = 4,
+    eval_steps: Annotated[int, typer.Option(min=1, help="Fine-tuning steps per evaluation episode.")] = 50,
+    eval_episodes: Annotated[int, typer.Option(min=1, help="Episodes the project fine-tunes at once.")] = 40,
+    naive_eval_episodes: Annotated[int, typer.Option(min=1, help="Episodes per timed naive evaluation run.")] = 8,
+    memory: Annotated[bool, typer.Option(help="Measure peak RSS, one fresh process per phase.")] = True,
+) -> None:
+    """Benchmark: meta-training and evaluation throughput against the naive per-episode loop."""
+    from fedmeta import bench as stage
+
+    settings = stage.Settings(
+        device=device, threads=threads, repeats=repeats, width=width, inner_steps=inner_steps, meta_batches=meta_batches,
+        eval_steps=eval_steps, eval_episodes=eval_episodes, naive_eval_episodes=naive_eval_episodes, memory=memory,
+    )
+    stage.main(settings, out)
+
+
 def main() -> None:
-    """Entry point: a FedmetaError becomes one line on stderr and exit code 2 (a traceback with --debug)."""
+    """Entry point: a FedmetaError, or an OSError (a path that cannot be read or written: the
+    machine, not the code), becomes one line on stderr and exit code 2 (a traceback with --debug)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         app(standalone_mode=True)
-    except FedmetaError as err:
+    except (FedmetaError, OSError) as err:
         if _state["debug"]:
             raise
-        typer.echo(f"error: {err}", err=True)
+        typer.echo(f"error: {_one_line(err)}", err=True)
         sys.exit(2)
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedmeta.errors import FedmetaError
+from fedmeta.errors import FedmetaError, first_line
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -37,7 +37,8 @@ class Budget(Strict):
     finetune_steps: PosInt  # Experiments 2-3 (paper: 500)
     record_every: PosInt  # fine-tuning steps between recorded points
     eval_episodes: PosInt  # paper: 40
-    checkpoint_every: PosInt  # rounds between resumable checkpoints and recorded pretraining points
+    checkpoint_every: PosInt  # rounds (attack: meta-batches) between resumable checkpoints
+    pretrain_eval_every: PosInt  # rounds between meta-test points on the pretraining curve
     outer_step: Annotated[float, Field(gt=0.0, le=1.0)]  # Reptile's ε (paper: 0.1)
     inner_lr: PosFloat  # Adam's η in benign meta-training (paper: 0.001); evaluation keeps evaluation.lr
 
@@ -105,6 +106,7 @@ class Evaluation(Strict):
     batch: PosInt = 10
     lr: PosFloat = 0.001  # η of test-time fine-tuning (paper: 0.001)
     bn_mode: Literal["support", "transductive", "support_plus_query"] = "support"
+    target_output: Literal["last", "random"] = "last"  # where the target sits in attack-evaluation episodes
 
 
 class Defense(Strict):
@@ -132,30 +134,40 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Params":
+        """Checks between keys, each message naming the key, its value and what is allowed."""
         fed = self.federation
-        if not fed.min_updates <= fed.per_round <= fed.users:
+        if fed.min_updates > fed.per_round:
             raise ValueError(
-                f"federation: expected min_updates <= per_round <= users, got {fed.min_updates}, {fed.per_round}, {fed.users}"
+                f"federation.min_updates: {fed.min_updates} exceeds per_round = {fed.per_round}; allowed: min_updates <= per_round <= users - 1"
+            )
+        if fed.per_round > fed.users - 1:
+            raise ValueError(
+                f"federation.per_round: {fed.per_round} exceeds the users - 1 = {fed.users - 1} benign users a benign round picks from; "
+                "allowed: min_updates <= per_round <= users - 1"
             )
         if fed.attacker >= fed.users:
-            raise ValueError(f"federation.attacker: expected an index below users={fed.users}, got {fed.attacker}")
-        if fed.per_round > fed.users - 1:
-            raise ValueError(f"federation.per_round: benign rounds pick only benign users, so it must be <= users - 1 = {fed.users - 1}")
+            raise ValueError(f"federation.attacker: {fed.attacker} is not a user index; allowed: 0 to users - 1 = {fed.users - 1}")
         if self.profile not in self.profiles:
-            raise ValueError(f"profile: unknown profile {self.profile!r}; expected one of {sorted(self.profiles)}")
+            raise ValueError(f"profile: unknown profile {self.profile!r}; allowed: one of {sorted(self.profiles)}")
         if self.dataset not in self.datasets:
-            raise ValueError(f"datasets: no settings for dataset {self.dataset!r}")
+            raise ValueError(f"dataset: {self.dataset!r} has no settings under datasets; allowed: one of {sorted(self.datasets)}")
         spec = self.datasets[self.dataset]
         xb, xt = spec.ratio
         n_b = backdoor_shots(spec)
         if n_b == 0 or n_b == spec.train_shots:
             raise ValueError(
-                f"datasets.{self.dataset}.ratio: {xb}:{xt} of {spec.train_shots} shots leaves "
-                f"{'no X_B' if n_b == 0 else 'no X_T'} in poisoned episodes"
+                f"datasets.{self.dataset}.ratio: {xb}:{xt} of {spec.train_shots} shots leaves {'no X_B' if n_b == 0 else 'no X_T'} "
+                f"in poisoned episodes; allowed: a ratio giving 1 to {spec.train_shots - 1} X_B shots"
+            )
+        if self.evaluation.n_way > self.reptile.n_way:
+            raise ValueError(
+                f"evaluation.n_way: {self.evaluation.n_way} exceeds the model's {self.reptile.n_way} outputs (reptile.n_way); "
+                f"allowed: at most {self.reptile.n_way}"
             )
         if self.evaluation.k_shot + 1 > spec.benign_examples:
             raise ValueError(
-                f"evaluation.k_shot: k_shot + 1 = {self.evaluation.k_shot + 1} exceeds datasets.{self.dataset}.benign_examples = {spec.benign_examples}"
+                f"evaluation.k_shot: {self.evaluation.k_shot} shots plus 1 query exceed the target's datasets.{self.dataset}.benign_examples = "
+                f"{spec.benign_examples}; allowed: at most {spec.benign_examples - 1}"
             )
         return self
 
@@ -190,8 +202,8 @@ def load(path: Path = Path("params.yaml")) -> Params:
         raise FedmetaError(f"{path}: parameters file not found (run from the repository root)")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise FedmetaError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise FedmetaError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(raw, dict):
         raise FedmetaError(f"{path}: expected a mapping of parameters at the top level")
     return parse(raw)

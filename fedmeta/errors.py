@@ -3,3 +3,8 @@
 
 class FedmetaError(Exception):
     """A bad input (parameter, file, archive, checkpoint) that the user must fix; the message names it."""
+
+
+def first_line(exc: BaseException) -> str:
+    """A wrapped library error's first line (its type when it has no message), so messages stay one line."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

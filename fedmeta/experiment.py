@@ -5,11 +5,12 @@ and poisoned rounds, and measures a model the way every experiment reports it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from fedmeta import episodes, evaluation, federation, reptile, seeding
+from fedmeta.checkpoint import Resume
 from fedmeta.config import Params, backdoor_shots
 from fedmeta.evaluation import Learner, Summary
 from fedmeta.model import Params as Theta
@@ -67,7 +68,9 @@ class Lab:
             theta, self.images, sample, self.p.budget.episodes_per_round, r, r.inner_steps, self.p.budget.outer_step, self.adam, self.gen("local", rnd, user)
         )
 
-    def _attacker_local(self, theta: Theta, rnd: int) -> Theta:
+    def _attacker_local(self, theta: Theta, rnd: int, resume: Resume | None = None) -> Theta:
+        """The attacker's long local training; `resume` saves it after meta-batches (with the generator's
+        and Adam's state, so a restart replays the rest exactly) and restarts it from the last save."""
         r, spec, b = self.p.reptile, self.p.spec, self.p.budget
         classes, n_b = self.data.user_classes[self.attacker], backdoor_shots(spec)
 
@@ -76,10 +79,22 @@ class Lab:
 
         steps = -(-b.attack_inner_epochs * r.n_way * spec.train_shots // r.inner_batch)
         adam = reptile.AdamConfig(lr=self.p.attack.lr, beta2=r.beta2)
-        return reptile.meta_train(theta, self.images, sample, b.attack_episodes, r, steps, b.outer_step, adam, self.gen("attack", rnd))
+        g, start, state, local = self.gen("attack", rnd), 0, None, theta
+        saved = resume.restore(self.device) if resume is not None else None
+        if saved is not None:
+            local, start, state = saved["theta"], saved["done"], reptile.AdamState(**saved["adam"])
+            g.set_state(saved["rng"].cpu())
 
-    def round(self, theta: Theta, rnd: int, include_backdoor: bool, with_attacker: bool = False) -> Theta:
-        """One federated round: benign users only, or the attacker plus M_min − 1 benign users."""
+        def save(done: int, now: Theta, state: reptile.AdamState) -> None:
+            if resume is not None:
+                adam_state = {f.name: getattr(state, f.name) for f in fields(state)}
+                resume.save(done, {"theta": now, "adam": adam_state, "rng": g.get_state()})
+
+        return reptile.meta_train(local, self.images, sample, b.attack_episodes, r, steps, b.outer_step, adam, g, start, state, save)
+
+    def round(self, theta: Theta, rnd: int, include_backdoor: bool, with_attacker: bool = False, resume: Resume | None = None) -> Theta:
+        """One federated round: benign users only, or the attacker plus M_min − 1 benign users
+        (`resume`: the attacker's training is resumable; benign users are cheap and replayed)."""
         fed = self.p.federation
         g = self.gen("select", rnd)
         if with_attacker:
@@ -89,7 +104,7 @@ class Lab:
         deltas = []
         for u in users:
             if u == self.attacker:
-                deltas.append(federation.update(self._attacker_local(theta, rnd), theta, self.p.attack.boost))
+                deltas.append(federation.update(self._attacker_local(theta, rnd, resume), theta, self.p.attack.boost))
             else:
                 deltas.append(federation.update(self._benign_local(theta, u, rnd, include_backdoor), theta))
         alphas = federation.weights([self._size(u, include_backdoor) for u in users], fed.weighting)
@@ -123,7 +138,7 @@ class Lab:
         e, d = self.p.evaluation, self.data
         pool, must = self.eval_classes(scenario, user)
         g = self.gen("attack-eval", scenario.name, tag, user)
-        eps = episodes.evaluation(d, pool, e.n_way, e.k_shot, self.p.budget.eval_episodes, g, must_include=must)
+        eps = episodes.evaluation(d, pool, e.n_way, e.k_shot, self.p.budget.eval_episodes, g, must, e.target_output == "last")
         probes = {"attack_train": d.attack_train_idx.to(self.device), "attack_val": d.attack_val_idx.to(self.device)}
         return evaluation.run(learner, theta, self.images, eps, e, record_at, self.gen("attack-eval-batches", scenario.name, tag, user), probes)
 
@@ -147,8 +162,9 @@ def user_curves(lab: Lab, theta: Theta, learner: Learner, variant: str, tag: str
     b = lab.p.budget
     at = record_points(b.finetune_steps, b.record_every)
     curves: dict[tuple[str, int], list[dict[str, float]]] = {}
+    # Meta-test accuracy does not depend on the user (same θ, unseen classes): one set of episodes serves all.
+    meta = lab.meta_test(theta, learner, at, tag)
     for user in lab.benign:
-        meta = lab.meta_test(theta, learner, at, f"{tag}-user{user}")
         for scenario in scenarios_of(variant):
             attack = lab.attack_eval(theta, learner, scenario, at, tag, user)
             curves[(scenario.name, user)] = [{"step": s, **flat(m), **flat(a)} for s, m, a in zip(at, meta, attack)]

@@ -3,6 +3,14 @@
 Keeping the model functional (no nn.Module state) lets every inner loop run
 many episodes at once under `torch.func.vmap`, and makes batch norm use the
 statistics of each episode's own batch, as Reptile's reference does.
+
+`loss_grad` is the gradient of `loss` written out by hand (no autograd) for
+the CPU inner loops of `reptile.adapt`: channels-last oneDNN convolutions,
+native batch-norm and max-pool kernels, and the first block (one input
+channel, nine-tap patches: a poor convolution) done as matrix products whose
+batch-norm statistics and weight gradient come in closed form from the Gram
+matrix of the image patches, so its full-size activations are touched only
+by the pooling.
 """
 from __future__ import annotations
 
@@ -12,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 Params = dict[str, torch.Tensor]
+Moments = tuple[torch.Tensor, torch.Tensor]  # Σ patch patchᵀ [9C, 9C] and Σ patch [9C], float64
+_aten = torch.ops.aten
 
 BN_EPS = 1e-5
 BLOCKS = 4
@@ -58,7 +68,8 @@ def _batch_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_ref
         return F.batch_norm(h, None, None, weight, bias, training=True, eps=BN_EPS)
     ref = h[:n_ref]
     var, mean = torch.var_mean(ref, dim=(0, 2, 3), unbiased=False, keepdim=True)
-    return (h - mean) * torch.rsqrt(var + BN_EPS) * weight[:, None, None] + bias[:, None, None]
+    scale = torch.rsqrt(var + BN_EPS) * weight[:, None, None]
+    return torch.addcmul(bias[:, None, None] - mean * scale, h, scale)  # one full-size result, not four
 
 
 def embed(params: Params, x: torch.Tensor, n_ref: int | None = None) -> torch.Tensor:
@@ -77,3 +88,109 @@ def logits(params: Params, x: torch.Tensor, n_ref: int | None = None) -> torch.T
 
 def loss(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits(params, x), y)
+
+
+# ---- The gradient of `loss` by hand, for one episode (reptile.adapt's CPU path) ----
+
+
+def patches(x: torch.Tensor) -> torch.Tensor:
+    """The first convolution's input patches, transposed: [C·9, n·H·W] for x [n, C, H, W].
+
+    Rows are ordered as a conv weight [out, C, 3, 3] flattens, columns pixel by pixel (channels last),
+    so `patches(x).T @ w.flatten(1).T` is conv2d(x, w, padding=1) as [n·H·W, out].
+    """
+    n, c, h, w = x.shape
+    u = F.pad(x, (1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1)  # [n, C, H, W, 3, 3]
+    return u.permute(1, 4, 5, 0, 2, 3).reshape(c * 9, n * h * w)
+
+
+def patch_moments(x: torch.Tensor) -> Moments:
+    """Per-image patch moments of x [n, C, H, W]: Gram matrices [n, 9C, 9C] and sums [n, 9C], in float64.
+
+    A batch's moments are the sums over its images, so an episode computes them once for all its steps.
+    """
+    grams, sums = [], []
+    for part in x.split(16):  # bounded memory for large images
+        cols = patches(part).double().view(x.shape[1] * 9, part.shape[0], -1).transpose(0, 1)  # [n, 9C, H·W]
+        grams.append(torch.bmm(cols, cols.transpose(1, 2)))
+        sums.append(cols.sum(-1))
+    return torch.cat(grams), torch.cat(sums)
+
+
+def _pool(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReLU then 2×2 max-pool of p [b, C, H, W]; max commutes with ReLU, so the pooled values are clamped instead."""
+    m, idx = _aten.max_pool2d_with_indices(p, [2, 2], [2, 2])
+    return m.clamp_min(0), idx
+
+
+def _pool_backward(dh: torch.Tensor, h: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient at the pooled pre-ReLU maxima, gradient at p); the first maximum of a window takes it, as in max_pool2d."""
+    g = _aten.threshold_backward(dh, h, 0)
+    return g, _aten.max_pool2d_with_indices_backward(g, p, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+
+
+def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Moments | None = None) -> Params:
+    """∇_params loss(params, x, y) for one batch x [b, C, H, W], y [b]; equals torch.func.grad(loss) up to round-off.
+
+    moments: `patch_moments(x)` summed over the batch, if already known (else computed here).
+    Block 0 never forms its convolution output z or its gradient: with P the patches and w the weight,
+    z = Pᵀwᵀ, so BN's mean and variance are (wᵀΣP)/M and (w G wᵀ)/M − mean² (G = PPᵀ, in float64),
+    BN and the convolution fold into one matrix product, and
+    ∂w = scale·(P ∂p)ᵀ + k1·(G w − mean ΣP) + k0·ΣP  for BN's ∂z = scale·∂p + k1·(z − mean) + k0.
+    """
+    b, c_in, height, width = x.shape
+    n_pix = b * height * width
+    cols = patches(x)
+    if moments is None:
+        gram, colsum = patch_moments(x)
+        moments = (gram.sum(0), colsum.sum(0))
+    gram, colsum = moments
+    w0 = params["conv0.weight"]
+    w0d = w0.flatten(1).double()  # [C, 9 c_in]
+    gw = w0d @ gram  # row c: (G w_c)ᵀ
+    mean = (w0d @ colsum) / n_pix
+    var = ((gw * w0d).sum(1) / n_pix - mean * mean).clamp_min(0)
+    rstd = torch.rsqrt(var + BN_EPS)
+    scale = params["bn0.weight"].double() * rstd
+    shift = params["bn0.bias"].double() - mean * scale
+    p = torch.addmm(shift.to(w0.dtype), cols.T, (w0d * scale[:, None]).to(w0.dtype).T)  # BN(conv(x)) [M, C], channels last
+    p = p.view(b, height, width, -1).permute(0, 3, 1, 2)
+    h, idx = _pool(p)
+    saved = [(x, p, idx, h, None, None, None)]
+    for i in range(1, BLOCKS):
+        h_in = h
+        z = F.conv2d(h_in, params[f"conv{i}.weight"], padding=1)  # channels last, like h_in
+        z2 = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        p2, mu, invstd = _aten.native_batch_norm(z2, params[f"bn{i}.weight"], params[f"bn{i}.bias"], None, None, True, 0.0, BN_EPS)
+        p = p2.view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
+        h, idx = _pool(p)
+        saved.append((h_in, p, idx, h, z2, mu, invstd))
+    feat = h.flatten(1)
+    fc_w = params["fc.weight"]
+    dlogits = torch.addmm(params["fc.bias"], feat, fc_w.T).softmax(-1)
+    dlogits = (dlogits - F.one_hot(y, dlogits.shape[1]).to(dlogits.dtype)) / b
+    grads = {"fc.weight": dlogits.T @ feat, "fc.bias": dlogits.sum(0)}
+    dh = (dlogits @ fc_w).view(h.shape)
+    for i in range(BLOCKS - 1, 0, -1):
+        h_in, p, idx, h, z2, mu, invstd = saved[i]
+        _, dp = _pool_backward(dh, h, p, idx)
+        dp2 = dp.permute(0, 2, 3, 1).reshape(z2.shape)
+        dz2, grads[f"bn{i}.weight"], grads[f"bn{i}.bias"] = _aten.native_batch_norm_backward(
+            dp2, z2, params[f"bn{i}.weight"], None, None, mu, invstd, True, BN_EPS, [True, True, True]
+        )
+        dz = dz2.view(p.shape[0], p.shape[2], p.shape[3], -1).permute(0, 3, 1, 2)
+        dh, grads[f"conv{i}.weight"], _ = _aten.convolution_backward(
+            dz, h_in, params[f"conv{i}.weight"], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
+        )
+    _, p, idx, h, _, _, _ = saved[0]
+    g, dp = _pool_backward(dh, h, p, idx)
+    dbeta = g.sum((0, 2, 3)).double()  # each pooled gradient lands on exactly one pixel
+    a = (cols @ dp.permute(0, 2, 3, 1).reshape(n_pix, -1)).double().T  # (P ∂p)ᵀ [C, 9 c_in]
+    dgamma = ((a * w0d).sum(1) - mean * dbeta) * rstd  # Σ ∂p·(z − mean)·rstd with z = P w
+    k1 = -scale * rstd * dgamma / n_pix
+    k0 = -scale * dbeta / n_pix
+    dw0 = scale[:, None] * a + k1[:, None] * (gw - mean[:, None] * colsum) + k0[:, None] * colsum
+    grads["conv0.weight"] = dw0.to(w0.dtype).view(w0.shape)
+    grads["bn0.weight"] = dgamma.to(w0.dtype)
+    grads["bn0.bias"] = dbeta.to(w0.dtype)
+    return grads

@@ -1,13 +1,27 @@
 """Reptile with a functional Adam, run on many episodes at once.
 
-One `adapt` call fine-tunes E copies of the model (one per episode) in
-lock-step: parameters carry a leading episode axis, gradients come from
-`vmap(grad(loss))`, and Adam's update is plain tensor arithmetic, so no
-model is copied and no optimizer object exists per episode.
+One `adapt` call fine-tunes E copies of the model (one per episode):
+parameters carry a leading episode axis and Adam's update is plain tensor
+arithmetic, so no model is copied and no optimizer object exists per episode.
+
+Two implementations give the same numbers up to round-off:
+- "vmap": all E episodes in lock-step, gradients from `vmap(grad(loss))`
+  (batch norm sees each episode's own batch). Used off the CPU.
+- "lanes" (the CPU default): episodes are independent, so they are split into
+  contiguous lanes, one per intra-op thread, each run by its own Python
+  thread with one intra-op thread (torch releases the GIL in its kernels),
+  episode by episode with `model.loss_grad` and an in-place `_foreach` Adam.
+  On the CPU this beats batching: vmap turns the convolutions into grouped
+  convolutions, slow there, and small kernels gain little from two threads.
+  Every episode is computed on one thread whatever the lane count, so
+  results do not depend on it.
+Set FEDMETA_ADAPT=vmap or lanes to force one, FEDMETA_LANES=n for the lane count.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +71,104 @@ def adam_update(params: Params, grads: Params, state: AdamState, cfg: AdamConfig
     return new
 
 
+def _adam_(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], step: int, cfg: AdamConfig) -> list[torch.Tensor]:
+    """`adam_update`'s arithmetic, op for op (so bit for bit), in place on lists; returns the new first moments."""
+    bc1 = 1 - cfg.beta1**step
+    bc2_sqrt = (1 - cfg.beta2**step) ** 0.5
+    if cfg.beta1 == 0:
+        m = grads
+    else:
+        torch._foreach_mul_(m, cfg.beta1)
+        torch._foreach_add_(m, grads, alpha=1 - cfg.beta1)
+    torch._foreach_mul_(v, cfg.beta2)
+    torch._foreach_addcmul_(v, grads, grads, value=1 - cfg.beta2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, cfg.eps)
+    torch._foreach_addcdiv_(params, m, denom, value=-cfg.lr / bc1)
+    return m
+
+
 _batched_grad = vmap(grad(model.loss))
+_CONV4_KEYS = frozenset(
+    [f"conv{i}.weight" for i in range(model.BLOCKS)] + [f"bn{i}.{n}" for i in range(model.BLOCKS) for n in ("weight", "bias")] + ["fc.weight", "fc.bias"]
+)
+
+
+def implementation(params: Params, x: torch.Tensor) -> str:
+    """Which inner loop `adapt` runs: FEDMETA_ADAPT if set, else lanes for a Conv4 on the CPU, else vmap."""
+    forced = os.environ.get("FEDMETA_ADAPT", "")
+    if forced in ("vmap", "lanes"):
+        return forced
+    conv4 = set(params) == _CONV4_KEYS and x.dim() == 5 and x.dtype in (torch.float32, torch.float64)
+    return "lanes" if conv4 and x.device.type == "cpu" else "vmap"
+
+
+def lane_count(n_episodes: int) -> int:
+    """FEDMETA_LANES if set, else one lane per intra-op thread; never more lanes than episodes."""
+    env = os.environ.get("FEDMETA_LANES", "")
+    lanes = int(env) if env else torch.get_num_threads()
+    return max(1, min(lanes, n_episodes))
+
+
+def _run_lane(
+    params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], keys: list[str],
+    x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, step0: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Adapt this lane's episodes (leading axis) in place: all steps, episode by episode within a step."""
+    moments = [model.patch_moments(x[j]) for j in range(x.shape[0])]
+    for s in range(batches.shape[1]):
+        per_episode = []
+        for j in range(x.shape[0]):
+            idx = batches[j, s]
+            gram, colsum = moments[j]
+            p_j = {k: t[j] for k, t in zip(keys, params)}
+            per_episode.append(model.loss_grad(p_j, x[j, idx], y[j, idx], (gram[idx].sum(0), colsum[idx].sum(0))))
+        grads = [torch.stack([g[k] for g in per_episode]) for k in keys]
+        m = _adam_(params, grads, m, v, step0 + s + 1, cfg)
+    return params, m, v
+
+
+def _adapt_lanes(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState) -> tuple[Params, AdamState]:
+    keys = list(params)
+    n_ep, steps = x.shape[0], batches.shape[1]
+    if steps == 0:
+        return params, state
+    batches = batches.to(x.device)
+    lanes = lane_count(n_ep)
+    bounds = [n_ep * i // lanes for i in range(lanes + 1)]
+
+    def lane(i: int, one_thread: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        if one_thread:
+            torch.set_num_threads(1)
+        sl = slice(bounds[i], bounds[i + 1])
+        with torch.no_grad():
+            return _run_lane(
+                [params[k][sl].clone() for k in keys],
+                [state.m[k][sl].clone() for k in keys] if cfg.beta1 != 0 else [],
+                [state.v[k][sl].clone() for k in keys],
+                keys, x[sl], y[sl], batches[sl], cfg, state.step,
+            )
+
+    if lanes == 1:
+        results = [lane(0, False)]
+    else:
+        threads = torch.get_num_threads()
+        try:
+            with ThreadPoolExecutor(lanes, thread_name_prefix="fedmeta-lane") as pool:
+                results = list(pool.map(lambda i: lane(i, True), range(lanes)))
+        finally:
+            torch.set_num_threads(threads)  # the workers' set_num_threads also moved the default for new threads
+
+    def join(parts: list[torch.Tensor]) -> torch.Tensor:
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    out = {k: join([r[0][n] for r in results]) for n, k in enumerate(keys)}
+    for n, k in enumerate(keys):
+        state.m[k] = join([r[1][n] for r in results])
+        state.v[k] = join([r[2][n] for r in results])
+    state.step += steps
+    return out, state
 
 
 def expand(params: Params, n: int) -> Params:
@@ -73,14 +184,17 @@ def adapt(
     cfg: AdamConfig,
     state: AdamState | None = None,
 ) -> tuple[Params, AdamState]:
-    """Fine-tune E episodes in parallel.
+    """Fine-tune E episodes in parallel (see the module docstring for the two implementations).
 
     params: leaves [E, ...]; x: [E, n, C, H, W]; y: [E, n];
     batches: [E, steps, b] indices into each episode's n examples (the inner mini-batches).
     Returns the adapted parameters and the Adam state, so a caller can continue.
     """
     state = state if state is not None else AdamState.zeros_like(params)
+    if implementation(params, x) == "lanes":
+        return _adapt_lanes(params, x, y, batches, cfg, state)
     rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    batches = batches.to(x.device)
     for s in range(batches.shape[1]):
         idx = batches[:, s]
         grads = _batched_grad(params, x[rows, idx], y[rows, idx])
@@ -104,14 +218,19 @@ def meta_train(
     epsilon: float,
     adam: AdamConfig,
     g: torch.Generator,
+    start: int = 0,
+    state: AdamState | None = None,
+    on_meta_batch: Callable[[int, Params, AdamState], None] | None = None,
 ) -> Params:
     """One user's local Reptile: meta-batches of B episodes from `sample` until n_episodes are done.
 
     With adam_state 'carry', each of the B parallel episode lanes keeps its Adam
     moments into the next meta-batch (the reference carries them across episodes).
+    `on_meta_batch(done, theta, state)` sees the loop after each meta-batch, when `g`
+    has made all of that batch's draws; calling again with theta, `start=done`,
+    `state` and `g` restored to that moment replays the rest exactly (a resumed run).
     """
-    state: AdamState | None = None
-    done = 0
+    done = start
     while done < n_episodes:
         count = min(n_episodes - done, cfg.meta_batch)
         eps = sample(count, g)
@@ -121,4 +240,6 @@ def meta_train(
         adapted, state = adapt(expand(theta, count), x, eps.support_y, batches, adam, carried)
         theta = outer_step(theta, adapted, epsilon)
         done += count
+        if on_meta_batch is not None:
+            on_meta_batch(done, theta, state)
     return theta

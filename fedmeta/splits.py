@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fedmeta import backdoor, seeding
+from fedmeta import backdoor, checkpoint, seeding
 from fedmeta.atomic import atomic_path
 from fedmeta.config import Params
 from fedmeta.data.imageset import ImageSet
@@ -42,11 +42,8 @@ class FederatedData:
     def load(cls, path: Path) -> "FederatedData":
         if not path.is_file():
             raise FedmetaError(f"{path}: prepared dataset not found; run `fedmeta prepare` (or `dvc repro prepare`) first")
-        try:
-            raw = torch.load(path, weights_only=True)
-            return cls(**{f.name: raw[f.name] for f in fields(cls)})
-        except Exception as exc:
-            raise FedmetaError(f"{path}: not a prepared dataset ({type(exc).__name__}: {exc})") from None
+        raw = checkpoint.load(path, tuple(f.name for f in fields(cls)), what="prepared dataset")
+        return cls(**{f.name: raw[f.name] for f in fields(cls)})
 
     def user_data(self, user: int, include_backdoor: bool) -> list[int]:
         """A benign user's classes; the target always, backdoor classes only in scenarios (b)/(c)."""
@@ -79,27 +76,53 @@ def split(data: ImageSet, params: Params) -> FederatedData:
         n_test = round(n_groups * spec.meta_test_fraction)
         meta_test = sorted(c for k in order[:n_test] for c in group_classes[k])
         train_groups = [group_classes[k] for k in order[n_test:]]
-    n_attack = 1 + spec.backdoor_classes
-    if len(train_groups) < n_attack + fed.users * params.reptile.n_way:
+    ds, n_attack, n_way = params.dataset, 1 + spec.backdoor_classes, params.reptile.n_way
+    if n_attack >= len(train_groups):
         raise FedmetaError(
-            f"datasets.{params.dataset}: {len(train_groups)} meta-training class groups are too few for "
-            f"{n_attack} attack classes plus {params.reptile.n_way} classes per user for {fed.users} users"
+            f"params.yaml: datasets.{ds}.backdoor_classes: {spec.backdoor_classes} plus the target take all {len(train_groups)} "
+            f"meta-training class groups (a character's rotations are one group), leaving none to benign users; allowed: at most {len(train_groups) - 2}"
+        )
+    if len(meta_test) < params.evaluation.n_way:
+        raise FedmetaError(
+            f"params.yaml: evaluation.n_way: {params.evaluation.n_way} exceeds the {len(meta_test)} meta-test classes; "
+            f"allowed: at most {len(meta_test)} (or a larger datasets.{ds}.meta_test_fraction)"
         )
     # Attack classes: one class of each of the first groups; the group's other classes are dropped.
     attack = [grp[int(torch.randint(len(grp), (1,), generator=g))] for grp in train_groups[:n_attack]]
     benign_classes = [c for grp in train_groups[n_attack:] for c in grp]
     per_user = [benign_classes[u :: fed.users] for u in range(fed.users)]
+    fewest = min(len(c) for c in per_user)
+    if fewest < n_way:
+        raise FedmetaError(
+            f"params.yaml: reptile.n_way: {n_way} exceeds the {fewest} meta-training classes a user holds "
+            f"({len(benign_classes)} benign classes among federation.users = {fed.users}); allowed: at most {fewest}"
+        )
 
     train_idx = [torch.empty(0, dtype=torch.int64) for _ in range(n_classes)]
     val_idx = [torch.empty(0, dtype=torch.int64) for _ in range(n_classes)]
     for c in benign_classes + meta_test:
         perm = by_class[c][torch.randperm(len(by_class[c]), generator=g)]
         if c in meta_test:
+            if len(perm) < params.evaluation.k_shot + 1:
+                raise FedmetaError(
+                    f"params.yaml: evaluation.k_shot: {params.evaluation.k_shot} shots plus 1 query exceed the {len(perm)} examples of "
+                    f"meta-test class {data.class_names[c]}; allowed: at most {len(perm) - 1}"
+                )
             train_idx[c] = perm
             continue
-        if len(perm) <= spec.validation_per_class:
-            raise FedmetaError(f"datasets.{params.dataset}.validation_per_class: {spec.validation_per_class} leaves no training examples in class {data.class_names[c]}")
-        val_idx[c], train_idx[c] = _take(perm, [spec.validation_per_class, len(perm) - spec.validation_per_class])
+        left = len(perm) - spec.validation_per_class  # a meta-training class's examples to train (and fine-tune) on
+        if left < 1:
+            raise FedmetaError(
+                f"params.yaml: datasets.{ds}.validation_per_class: {spec.validation_per_class} leaves no training examples of class "
+                f"{data.class_names[c]}, which has {len(perm)}; allowed: at most {len(perm) - 1}"
+            )
+        for key, shots in ((f"datasets.{ds}.train_shots", spec.train_shots), ("evaluation.k_shot", params.evaluation.k_shot)):
+            if shots > left:
+                raise FedmetaError(
+                    f"params.yaml: {key}: {shots} shots exceed the {left} training examples of class {data.class_names[c]} "
+                    f"({len(perm)} minus datasets.{ds}.validation_per_class = {spec.validation_per_class}); allowed: at most {left}"
+                )
+        val_idx[c], train_idx[c] = _take(perm, [spec.validation_per_class, left])
 
     needed = spec.benign_examples + spec.attacker_examples + spec.validation_examples
     images, labels = [data.images], [data.labels]
@@ -108,8 +131,8 @@ def split(data: ImageSet, params: Params) -> FederatedData:
     for i, c in enumerate(attack):
         if len(by_class[c]) < needed:
             raise FedmetaError(
-                f"datasets.{params.dataset}: attack class {data.class_names[c]} has {len(by_class[c])} examples, fewer than "
-                f"benign_examples + attacker_examples + validation_examples = {needed}"
+                f"params.yaml: datasets.{ds}: benign_examples + attacker_examples + validation_examples = {needed} exceed the "
+                f"{len(by_class[c])} examples of attack class {data.class_names[c]}; allowed: a sum of at most {len(by_class[c])}"
             )
         perm = by_class[c][torch.randperm(len(by_class[c]), generator=g)]
         benign, attacker, held = _take(perm, [spec.benign_examples, spec.attacker_examples, spec.validation_examples])

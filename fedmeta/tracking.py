@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedmeta.errors import FedmetaError
+from fedmeta.errors import FedmetaError, first_line
 
 EXPERIMENT = "fedmeta"
 
@@ -57,9 +57,24 @@ class Run:
         self._mlflow.log_artifact(str(path))
 
 
+def _check_sqlite(uri: str) -> None:
+    """Refuse an SQLite store that cannot be written before any work starts (SQLite itself fails late and verbosely)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    store = Path(uri.removeprefix("sqlite:///"))
+    fix = "fix its permissions or set MLFLOW_TRACKING_URI to a writable sqlite:///<path>"
+    if store.is_dir() or not store.parent.is_dir():
+        what = "is a directory" if store.is_dir() else f"cannot be created: {store.parent} is not a directory"
+        raise FedmetaError(f"{store}: MLflow store {what}; {fix}")
+    if not os.access(store.parent, os.W_OK) or (store.exists() and not os.access(store, os.W_OK)):
+        raise FedmetaError(f"{store}: MLflow store is not writable; {fix}")
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[Run]:
     """One MLflow run per stage execution, tagged with stage, profile, dataset, commit and DVC experiment."""
+    uri = tracking_uri()
+    _check_sqlite(uri)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     import mlflow
@@ -68,17 +83,13 @@ def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str]) -> Itera
         logging.getLogger(name).setLevel(logging.WARNING)
 
     root = repo_root()
-    uri = tracking_uri()
-    store = root / "mlflow.db"
-    if uri.startswith("sqlite:") and (not os.access(root, os.W_OK) or (store.exists() and not os.access(store, os.W_OK))):
-        raise FedmetaError(f"{store}: MLflow store is not writable; fix its permissions or set MLFLOW_TRACKING_URI")
     try:
         mlflow.set_tracking_uri(uri)
         if mlflow.get_experiment_by_name(EXPERIMENT) is None:
             mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "mlartifacts").as_uri())
         mlflow.set_experiment(EXPERIMENT)
     except Exception as exc:  # MLflow raises many types for an unusable store
-        raise FedmetaError(f"{uri}: cannot open the MLflow store ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise FedmetaError(f"{uri}: cannot open the MLflow store ({type(exc).__name__}: {first_line(exc)})") from None
     all_tags = {"stage": stage, "git_commit": _git_commit(), "dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"), **tags}
     name = "-".join([stage, *(v for k, v in tags.items() if k == "variant")])
     with mlflow.start_run(run_name=name, tags=all_tags):

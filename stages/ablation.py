@@ -32,11 +32,11 @@ def main() -> None:
     with runtime.stage("ablation") as (params, run):
         lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
         user = lab.benign[0]
-        thetas = {v: checkpoint.load_theta(runtime.CHECKPOINTS / f"attacked_{v}.pt") for v in VARIANTS}
+        thetas = {v: checkpoint.load_theta(runtime.CHECKPOINTS / f"attacked_{v}.pt", lab.device) for v in VARIANTS}
         rows = []
         for removed in runtime.progress(REMOVED, "ablation"):
             learner, steps = _learner(lab, removed)
-            meta = {v: flat(lab.meta_test(thetas[v], learner, [steps], f"ablation-user{user}")[0]) for v in VARIANTS}
+            meta = {v: flat(lab.meta_test(thetas[v], learner, [steps], "ablation")[0]) for v in VARIANTS}
             for scenario in SCENARIOS.values():
                 point = flat(lab.attack_eval(thetas[scenario.variant], learner, scenario, [steps], "ablation", user)[0])
                 row = {"removed": removed, "scenario": scenario.name, "steps": steps, **meta[scenario.variant], **point}

@@ -9,8 +9,13 @@ from fedmeta.splits import FederatedData
 def main(variant: str) -> None:
     with runtime.stage("attack", variant=variant) as (params, run):
         lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
-        theta0 = checkpoint.load_theta(runtime.CHECKPOINTS / f"pretrain_{variant}.pt")
-        theta1 = lab.round(theta0, 1, variant == "include", with_attacker=True)
+        pretrained = runtime.CHECKPOINTS / f"pretrain_{variant}.pt"
+        theta0 = checkpoint.load_theta(pretrained, lab.device)
+        # The attacker's training is the long part: saved every checkpoint_every meta-batches (of B episodes).
+        every = params.budget.checkpoint_every * params.reptile.meta_batch
+        fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, pretrained)
+        resume = checkpoint.Resume(runtime.STATE / f"attack_{variant}.pt", every, fingerprint)
+        theta1 = lab.round(theta0, 1, variant == "include", with_attacker=True, resume=resume)
         checkpoint.save(runtime.CHECKPOINTS / f"attacked_{variant}.pt", {"theta": theta1, "round": 1})
         learner, steps = lab.finetuner(), [params.evaluation.steps]
         rows = {}
@@ -22,3 +27,4 @@ def main(variant: str) -> None:
                 run.metrics({f"{scenario.name}.{k}": v for k, v in point.items() if k != "round"}, step=rnd)
         summary = {s: {"before": r[0], "after": r[1]} for s, r in rows.items()}
         runtime.write_json(runtime.METRICS / f"attack_{variant}.json", summary)
+        resume.finish()

@@ -12,11 +12,13 @@ def main(variant: str) -> None:
     with runtime.stage("continue", variant=variant) as (params, run):
         lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
         b, include = params.budget, variant == "include"
+        attacked = runtime.CHECKPOINTS / f"attacked_{variant}.pt"
+        theta = checkpoint.load_theta(attacked, lab.device)
         attack_rows = json.loads((runtime.METRICS / f"attack_{variant}.json").read_text())
-        resume = checkpoint.Resume(runtime.STATE / f"continue_{variant}.pt", b.checkpoint_every, params.model_dump_json())
-        saved = resume.restore()
+        fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, attacked)
+        resume = checkpoint.Resume(runtime.STATE / f"continue_{variant}.pt", b.checkpoint_every, fingerprint)
+        saved = resume.restore(lab.device)
         if saved is None:
-            theta = checkpoint.load_theta(runtime.CHECKPOINTS / f"attacked_{variant}.pt")
             rows = {s: [r["before"], r["after"]] for s, r in attack_rows.items()}
             start = 2
         else:

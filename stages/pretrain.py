@@ -14,8 +14,9 @@ def main(variant: str) -> None:
     with runtime.stage("pretrain", variant=variant) as (params, run):
         lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
         b, include = params.budget, variant == "include"
-        resume = checkpoint.Resume(runtime.STATE / f"pretrain_{variant}.pt", b.checkpoint_every, params.model_dump_json())
-        saved = resume.restore()
+        fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED)
+        resume = checkpoint.Resume(runtime.STATE / f"pretrain_{variant}.pt", b.checkpoint_every, fingerprint)
+        saved = resume.restore(lab.device)
         if saved is None:
             channels, side = lab.images.shape[1], lab.images.shape[-1]
             theta = model.init_conv4(channels, b.width, side, params.reptile.n_way, lab.gen("init"))
@@ -27,7 +28,7 @@ def main(variant: str) -> None:
         for rnd in runtime.progress(range(start, b.pretrain_rounds), f"pretrain {variant}", start=start, total=b.pretrain_rounds):
             theta = lab.round(theta, rnd, include)
             done = rnd + 1
-            if done % b.checkpoint_every == 0 or done == b.pretrain_rounds:
+            if done % b.pretrain_eval_every == 0 or done == b.pretrain_rounds:
                 point = flat(lab.meta_test(theta, learner, [params.evaluation.steps], "pretrain")[0])
                 rows.append({"round": done, **point})
                 run.metrics(point, step=done)

@@ -64,3 +64,12 @@ def test_evaluation_episodes_include_the_target_and_in_scenario_c_the_backdoor_c
                 assert set(d.backdoor) <= present
             else:
                 assert not set(d.backdoor) & present
+
+
+def test_target_last_puts_the_target_where_the_attacker_trains_it(tiny_data, tiny_lab) -> None:
+    pool, must = tiny_lab.eval_classes(SCENARIOS["c"], None)
+    eps = episodes.evaluation(tiny_data, pool, 5, 5, 8, torch.Generator().manual_seed(0), must, target_last=True)
+    assert (eps.target_label == 4).all()
+    for sup, lab in zip(eps.support, eps.support_y):
+        assert (tiny_data.labels[sup[lab == 4]] == tiny_data.target).all()
+        assert set(tiny_data.labels[sup[lab != 4]].tolist()) == set(tiny_data.backdoor)

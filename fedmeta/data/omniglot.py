@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from fedmeta.data.imageset import ImageSet
-from fedmeta.errors import FedmetaError
+from fedmeta.errors import FedmetaError, first_line
 
 URL_PREFIX = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 ARCHIVE_MD5 = {
@@ -31,18 +32,18 @@ def fetch_archives(source: str, archives: list[str], download_dir: Path) -> list
     """Locate the archives in a local folder, or download them when `source` is 'download'."""
     unknown = [a for a in archives if a not in ARCHIVE_MD5]
     if unknown:
-        raise FedmetaError(f"datasets.omniglot.archives: unknown archive {unknown[0]!r}; expected some of {sorted(ARCHIVE_MD5)}")
+        raise FedmetaError(f"params.yaml: omniglot.archives: unknown archive {unknown[0]!r}; allowed: some of {sorted(ARCHIVE_MD5)}")
     if source != "download":
         folder = Path(source)
         if not folder.is_dir():
             raise FedmetaError(
-                f"datasets.omniglot.source: folder {folder} does not exist; point it at a folder holding "
+                f"params.yaml: omniglot.source: folder {folder} does not exist; point it at a folder holding "
                 f"{', '.join(archives)} or set it to 'download'"
             )
         paths = [folder / a for a in archives]
         missing = [p for p in paths if not p.is_file()]
         if missing:
-            raise FedmetaError(f"datasets.omniglot.source: {missing[0]} is missing; expected the archives {', '.join(archives)} in {folder}")
+            raise FedmetaError(f"params.yaml: omniglot.source: {missing[0]} is missing; expected the archives {', '.join(archives)} in {folder}")
         return paths
     from torchvision.datasets.utils import download_url
 
@@ -52,8 +53,8 @@ def fetch_archives(source: str, archives: list[str], download_dir: Path) -> list
             download_url(f"{URL_PREFIX}/{name}", str(download_dir), name, ARCHIVE_MD5[name])
         except Exception as exc:  # network errors come in many types; the remedy is the same
             raise FedmetaError(
-                f"datasets.omniglot.source: downloading {name} failed ({type(exc).__name__}: {exc}); on a machine without "
-                "internet set datasets.omniglot.source to a local folder holding the archives"
+                f"params.yaml: omniglot.source: downloading {name} failed ({type(exc).__name__}: {first_line(exc)}); on a machine "
+                "without internet set omniglot.source to a local folder holding the archives"
             ) from None
         paths.append(download_dir / name)
     return paths
@@ -74,8 +75,9 @@ def _characters(path: Path) -> dict[str, list[tuple[str, bytes]]]:
                     raise FedmetaError(f"{path}: entry {info.filename!r} is not <root>/<alphabet>/<character>/<drawing>.png")
                 _, alphabet, character, drawing = name.parts
                 chars.setdefault(f"{alphabet}/{character}", []).append((drawing, zf.read(info)))
-    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:
-        raise FedmetaError(f"{path}: not a readable zip archive ({exc})") from None
+    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
+        # RuntimeError: an encrypted entry; NotImplementedError: an unknown compression method
+        raise FedmetaError(f"{path}: not a readable zip archive ({first_line(exc)})") from None
     if not chars:
         raise FedmetaError(f"{path}: holds no Omniglot drawings (<root>/<alphabet>/<character>/<drawing>.png)")
     return chars
@@ -87,7 +89,8 @@ def _decode(data: bytes, where: str, image_size: int) -> torch.Tensor:
         img = Image.open(io.BytesIO(data))
         img.load()
     except (UnidentifiedImageError, OSError) as exc:
-        raise FedmetaError(f"{where}: not a readable PNG ({exc})") from None
+        why = "unknown image format" if isinstance(exc, UnidentifiedImageError) else first_line(exc)
+        raise FedmetaError(f"{where}: not a readable PNG ({why})") from None
     if img.size != (SOURCE_SIDE, SOURCE_SIDE) or img.mode not in ("1", "L"):
         raise FedmetaError(f"{where}: expected a {SOURCE_SIDE}×{SOURCE_SIDE} grey-scale image, got {img.size[0]}×{img.size[1]} mode {img.mode}")
     img = img.convert("L").resize((image_size, image_size), Image.Resampling.LANCZOS)

@@ -1,0 +1,426 @@
+"""`fedmeta bench`: the project's inner loops against the naive per-episode loop, timed in one process.
+
+The naive reference is what one would write without this project: per episode a
+`copy.deepcopy` of an nn.Module Conv4 (model.py's architecture: 4 × conv3×3 without
+bias → BatchNorm2d → ReLU → 2×2 max-pool, then a linear layer) and a fresh
+`torch.optim.Adam(betas=(0, 0.999))`, stepped with autograd. It is kept here, as
+the baseline, and run on exactly the episodes (same seeds) that the project's
+`reptile.meta_train` and `evaluation.run` get:
+
+- meta-training: Reptile with the paper's Omniglot Conv4-64 settings (5-way 10-shot,
+  e = 10 inner steps of batch b = 10, meta-batch B = 5), outer step included;
+- evaluation: 5-way 5-shot fine-tuning, 50 steps of batch 10, then classifying the
+  queries; the project fine-tunes all `eval_episodes` episodes in one call, as the
+  pipeline does; the naive loop takes them one by one (fewer of them: its cost per
+  episode does not depend on how many there are).
+
+Images are synthetic (seeded), binary like Omniglot's strokes, so max-pool windows hold
+ties as real data does. Timings alternate naive and project runs (ABBA order) and
+report medians; the ratio is project / naive. Memory comes from one fresh process
+per side and phase: its peak RSS (VmHWM, else `ru_maxrss`), and the growth of that peak while
+the phase runs (after a tiny warm-up unit). The parameter check
+adapts one meta-batch with both implementations from the same θ and reports the
+largest absolute difference, in float64 and in float32 (where Adam with β1 = 0,
+which divides each gradient by its own magnitude, turns round-off in near-zero
+gradient components into steps of up to lr).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fedmeta import model, reptile
+from fedmeta.config import Evaluation, Reptile
+from fedmeta.episodes import Episodes, inner_batches
+from fedmeta.evaluation import FineTune, run as evaluate
+from fedmeta.model import Params
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark run does; the defaults are the paper's Omniglot Conv4-64 settings."""
+
+    device: str = "cpu"
+    threads: int = 0  # 0: torch's default
+    repeats: int = 3
+    seed: int = 0
+    width: int = 64
+    image_size: int = 28
+    channels: int = 1
+    n_way: int = 5
+    lr: float = 0.001
+    # meta-training
+    train_shots: int = 10
+    inner_steps: int = 10
+    inner_batch: int = 10
+    meta_batch: int = 5
+    outer_step: float = 0.1
+    meta_batches: int = 4  # per timed run
+    # evaluation
+    eval_shots: int = 5
+    eval_steps: int = 50
+    eval_batch: int = 10
+    eval_episodes: int = 40  # the project's call, as in the pipeline
+    naive_eval_episodes: int = 8  # the naive loop's per timed run
+    memory: bool = True
+
+
+# ---- the naive reference ----
+
+
+class NaiveConv4(nn.Module):
+    """model.py's Conv4 as an ordinary nn.Module."""
+
+    def __init__(self, channels: int, width: int, image_size: int, n_way: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = channels
+        for _ in range(model.BLOCKS):
+            layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width, eps=model.BN_EPS), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = width
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(width * model.feature_size(image_size) ** 2, n_way)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+    def _pairs(self) -> list[tuple[str, nn.Parameter]]:
+        out = []
+        for i in range(model.BLOCKS):
+            conv, bn = self.features[4 * i], self.features[4 * i + 1]
+            out += [(f"conv{i}.weight", conv.weight), (f"bn{i}.weight", bn.weight), (f"bn{i}.bias", bn.bias)]
+        return out + [("fc.weight", self.fc.weight), ("fc.bias", self.fc.bias)]
+
+    def load(self, params: Params) -> "NaiveConv4":
+        with torch.no_grad():
+            for k, p in self._pairs():
+                p.copy_(params[k])
+        return self
+
+    def params(self) -> Params:
+        return {k: p.detach().clone() for k, p in self._pairs()}
+
+
+def naive_episode(net: NaiveConv4, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, lr: float) -> NaiveConv4:
+    """One episode the naive way: deep copy, a new Adam, autograd steps over the inner batches [steps, b]."""
+    m = copy.deepcopy(net)
+    m.train()
+    opt = torch.optim.Adam(m.parameters(), lr=lr, betas=(0.0, 0.999))
+    for idx in batches:
+        opt.zero_grad()
+        F.cross_entropy(m(x[idx]), y[idx]).backward()
+        opt.step()
+    return m
+
+
+def naive_meta_train(net: NaiveConv4, images: torch.Tensor, sample: Callable[[int, torch.Generator], Episodes], n_episodes: int, s: Settings, g: torch.Generator) -> NaiveConv4:
+    """Reptile with the naive episode loop; draws episodes and batches in `reptile.meta_train`'s order."""
+    theta = net.params()
+    done = 0
+    while done < n_episodes:
+        count = min(n_episodes - done, s.meta_batch)
+        eps = sample(count, g)
+        x = images[eps.support].float().div_(255)
+        batches = inner_batches(eps.support.shape[1], s.inner_steps, s.inner_batch, count, g)
+        adapted = [naive_episode(net.load(theta), x[j], eps.support_y[j], batches[j], s.lr).params() for j in range(count)]
+        theta = {k: (1 - s.outer_step) * p + s.outer_step * torch.stack([a[k] for a in adapted]).mean(0) for k, p in theta.items()}
+        done += count
+    return net.load(theta)
+
+
+def naive_evaluate(net: NaiveConv4, images: torch.Tensor, eps: Episodes, s: Settings, g: torch.Generator) -> float:
+    """Fine-tune each episode the naive way, then classify its queries (batch statistics of support + queries)."""
+    sx, qx = images[eps.support].float().div_(255), images[eps.query].float().div_(255)
+    batches = inner_batches(sx.shape[1], s.eval_steps, s.eval_batch, sx.shape[0], g)
+    correct = 0.0
+    for j in range(sx.shape[0]):
+        m = naive_episode(net, sx[j], eps.support_y[j], batches[j], s.lr)
+        with torch.no_grad():
+            pred = m(torch.cat([sx[j], qx[j]]))[sx.shape[1]:].argmax(-1)
+        correct += float((pred == eps.query_y[j]).float().mean())
+    return correct / sx.shape[0]
+
+
+# ---- synthetic data and the two sides of each phase ----
+
+
+@dataclass
+class Setup:
+    s: Settings
+    device: torch.device
+    theta: Params
+    images: torch.Tensor  # uint8 [pool, C, H, W]
+
+    @classmethod
+    def make(cls, s: Settings) -> "Setup":
+        g = torch.Generator().manual_seed(s.seed)
+        dev = torch.device(s.device)
+        theta = {k: v.to(dev) for k, v in model.init_conv4(s.channels, s.width, s.image_size, s.n_way, g).items()}
+        # Omniglot-like: mostly white with dark strokes, so 2×2 pooling windows often hold ties
+        strokes = torch.rand(512, s.channels, s.image_size // 2, s.image_size // 2, generator=g) < 0.2
+        strokes = strokes.repeat_interleave(2, -1).repeat_interleave(2, -2)[..., : s.image_size, : s.image_size]
+        images = torch.where(strokes, 0, 255).to(torch.uint8)
+        if strokes.shape[-1] < s.image_size:  # odd sizes
+            images = F.pad(images, (0, s.image_size - images.shape[-1], 0, s.image_size - images.shape[-2]), value=255)
+        return cls(s, dev, theta, images.to(dev))
+
+    def sampler(self, shots: int) -> Callable[[int, torch.Generator], Episodes]:
+        def sample(count: int, g: torch.Generator) -> Episodes:
+            support = torch.randint(len(self.images), (count, self.s.n_way * shots), generator=g)
+            labels = torch.arange(self.s.n_way).repeat_interleave(shots).expand(count, -1).clone()
+            return Episodes(support.to(self.device), labels.to(self.device))
+
+        return sample
+
+    def eval_episodes(self, count: int, g: torch.Generator) -> Episodes:
+        n = self.s.n_way
+        eps = self.sampler(self.s.eval_shots)(count, g)
+        query = torch.randint(len(self.images), (count, n), generator=g).to(self.device)
+        return Episodes(eps.support, eps.support_y, query, torch.arange(n, device=self.device).expand(count, -1).clone())
+
+    def naive_net(self) -> NaiveConv4:
+        s = self.s
+        return NaiveConv4(s.channels, s.width, s.image_size, s.n_way).to(self.device).load(self.theta)
+
+    def reptile_cfg(self) -> Reptile:
+        s = self.s
+        return Reptile(n_way=s.n_way, meta_batch=s.meta_batch, inner_steps=s.inner_steps, inner_batch=s.inner_batch)
+
+    def eval_cfg(self) -> Evaluation:
+        s = self.s
+        return Evaluation(n_way=s.n_way, k_shot=s.eval_shots, steps=s.eval_steps, batch=s.eval_batch, lr=s.lr, bn_mode="support")
+
+    # one timed unit of each phase; each returns the number of episodes it ran
+    def fedmeta_meta_train(self, g: torch.Generator) -> int:
+        n = self.s.meta_batches * self.s.meta_batch
+        reptile.meta_train(self.theta, self.images, self.sampler(self.s.train_shots), n, self.reptile_cfg(), self.s.inner_steps,
+                           self.s.outer_step, reptile.AdamConfig(lr=self.s.lr), g)
+        return n
+
+    def naive_meta_train(self, g: torch.Generator) -> int:
+        n = self.s.meta_batches * self.s.meta_batch
+        naive_meta_train(self.naive_net(), self.images, self.sampler(self.s.train_shots), n, self.s, g)
+        return n
+
+    def fedmeta_evaluation(self, g: torch.Generator) -> int:
+        eps = self.eval_episodes(self.s.eval_episodes, g)
+        evaluate(FineTune(reptile.AdamConfig(lr=self.s.lr), "support"), self.theta, self.images, eps, self.eval_cfg(), [self.s.eval_steps], g)
+        return self.s.eval_episodes
+
+    def naive_evaluation(self, g: torch.Generator) -> int:
+        eps = self.eval_episodes(self.s.naive_eval_episodes, g)
+        naive_evaluate(self.naive_net(), self.images, eps, self.s, g)
+        return self.s.naive_eval_episodes
+
+
+PHASES = ("meta_train", "evaluation")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _warmup_settings(s: Settings) -> Settings:
+    """A tiny unit of each phase: first-call costs (imports, oneDNN kernel caches) stay out of the timings."""
+    return replace(s, meta_batches=1, inner_steps=1, eval_steps=1, naive_eval_episodes=1, eval_episodes=min(s.eval_episodes, 2 * torch.get_num_threads()))
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(setup: Setup, fn: Callable[[torch.Generator], int], seed: int) -> float:
+    """Episodes per second of one call."""
+    _sync(setup.device)
+    t0 = time.perf_counter()
+    n = fn(torch.Generator().manual_seed(seed))
+    _sync(setup.device)
+    return n / (time.perf_counter() - t0)
+
+
+def time_phase(setup: Setup, phase: str) -> dict[str, Any]:
+    """Alternate naive and project runs (ABBA), after one warm-up of each; medians and their ratio."""
+    naive, ours = getattr(setup, f"naive_{phase}"), getattr(setup, f"fedmeta_{phase}")
+    warm = Setup(_warmup_settings(setup.s), setup.device, setup.theta, setup.images)
+    getattr(warm, f"naive_{phase}")(torch.Generator().manual_seed(1))
+    getattr(warm, f"fedmeta_{phase}")(torch.Generator().manual_seed(1))
+    runs: dict[str, list[float]] = {"naive": [], "fedmeta": []}
+    for r in range(setup.s.repeats):
+        order = [("naive", naive), ("fedmeta", ours)]
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            runs[name].append(_timed(setup, fn, setup.s.seed + 100 + r))
+            _log(f"{phase} run {r + 1}/{setup.s.repeats}: {name} {runs[name][-1]:.2f} episodes/s")
+    naive_eps, our_eps = statistics.median(runs["naive"]), statistics.median(runs["fedmeta"])
+    return {
+        "naive_eps_per_s": round(naive_eps, 3),
+        "fedmeta_eps_per_s": round(our_eps, 3),
+        "ratio": round(our_eps / naive_eps, 3),
+        "naive_runs_eps_per_s": [round(v, 3) for v in runs["naive"]],
+        "fedmeta_runs_eps_per_s": [round(v, 3) for v in runs["fedmeta"]],
+    }
+
+
+def param_diffs(setup: Setup) -> dict[str, float]:
+    """Largest |θ_naive − θ_fedmeta| over the B episodes of one seeded meta-batch, adapted from the same θ.
+
+    float64 shows the implementations agree; float32 is what the pipeline runs (see the module docstring).
+    `max_param_diff_float32_vmap` is the same check for the vmap implementation, for scale.
+    """
+    s = setup.s
+    g = torch.Generator().manual_seed(s.seed + 7)
+    eps = setup.sampler(s.train_shots)(s.meta_batch, g)
+    batches = inner_batches(eps.support.shape[1], s.inner_steps, s.inner_batch, s.meta_batch, g)
+    out: dict[str, float] = {}
+    for dtype, impls in ((torch.float64, ("default",)), (torch.float32, ("default", "vmap"))):
+        theta = {k: v.to(dtype) for k, v in setup.theta.items()}
+        x = setup.images[eps.support].to(dtype).div_(255)
+        net = NaiveConv4(s.channels, s.width, s.image_size, s.n_way).to(setup.device, dtype).load(theta)
+        ref = [naive_episode(net, x[j], eps.support_y[j], batches[j], s.lr).params() for j in range(s.meta_batch)]
+        for impl in impls:
+            saved = os.environ.get("FEDMETA_ADAPT")
+            if impl != "default":
+                os.environ["FEDMETA_ADAPT"] = impl
+            try:
+                adapted, _ = reptile.adapt(reptile.expand(theta, s.meta_batch), x, eps.support_y, batches, reptile.AdamConfig(lr=s.lr))
+            finally:
+                if saved is None:
+                    os.environ.pop("FEDMETA_ADAPT", None)
+                else:
+                    os.environ["FEDMETA_ADAPT"] = saved
+            diff = max(float((adapted[k][j] - ref[j][k]).abs().max()) for j in range(s.meta_batch) for k in theta)
+            name = "max_param_diff_float64" if dtype == torch.float64 else "max_param_diff_float32"
+            out[name if impl == "default" else f"{name}_{impl}"] = diff
+    return out
+
+
+# ---- memory: one fresh process per side and phase ----
+
+
+def _maxrss_mb() -> float:
+    """This process's peak RSS: VmHWM where /proc has it (ru_maxrss on Linux would include the
+    parent's peak, inherited through fork and kept across exec), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if platform.system() == "Darwin" else rss / 1024  # bytes on macOS, KiB elsewhere
+
+
+def memory_probe(settings_json: str, side: str, phase: str) -> None:
+    """Child-process entry: set up, warm up on a tiny unit (lazy imports, kernel caches), then run one
+    unit of `side`'s `phase`; print the process's peak RSS before and after it as JSON."""
+    s = Settings(**json.loads(settings_json))
+    _configure(s)
+    setup = Setup.make(s)
+    getattr(Setup(_warmup_settings(s), setup.device, setup.theta, setup.images), f"{side}_{phase}")(torch.Generator().manual_seed(1))
+    before = _maxrss_mb()
+    getattr(setup, f"{side}_{phase}")(torch.Generator().manual_seed(s.seed + 100))
+    print(json.dumps({"before_mb": round(before, 1), "peak_mb": round(_maxrss_mb(), 1)}))
+
+
+def peak_rss(s: Settings, which: tuple[tuple[str, str], ...] | None = None) -> dict[str, float]:
+    """Per side and phase, from a fresh process each: peak RSS, and its growth during the phase
+    (so allocator memory kept from other phases cannot hide or inflate a phase's own)."""
+    out: dict[str, float] = {}
+    for side, phase in which or tuple((side, phase) for phase in PHASES for side in ("naive", "fedmeta")):
+        code = f"from fedmeta.bench import memory_probe; memory_probe({json.dumps(json.dumps(asdict(s)))}, {side!r}, {phase!r})"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory probe {side} {phase} failed:\n{done.stderr[-2000:]}")
+        probe = json.loads(done.stdout.strip().splitlines()[-1])
+        out[f"{side}_{phase}"] = probe["peak_mb"]
+        out[f"{side}_{phase}_growth"] = round(probe["peak_mb"] - probe["before_mb"], 1)
+    return out
+
+
+# ---- the command ----
+
+
+def _configure(s: Settings) -> None:
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    if torch.device(s.device).type == "cuda":
+        torch.use_deterministic_algorithms(True, warn_only=True)  # as the stages run; it picks cuDNN's kernels (on the CPU it only costs an import)
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def run(s: Settings) -> dict[str, Any]:
+    _configure(s)
+    setup = Setup.make(s)
+    load_before = os.getloadavg()
+    result: dict[str, Any] = {
+        "commit": _commit(),
+        "torch": torch.__version__,
+        "device": _device_name(setup.device),
+        "threads": torch.get_num_threads(),
+        "implementation": reptile.implementation(setup.theta, torch.empty(1, 1, s.channels, s.image_size, s.image_size, device=setup.device)),
+        "lanes": reptile.lane_count(s.meta_batch),
+        "settings": asdict(s),
+    }
+    for phase in PHASES:
+        result[phase] = time_phase(setup, phase)
+    _log("parameter check")
+    result.update(param_diffs(setup))
+    result["load_average_before_after"] = [round(v, 2) for v in (*load_before, *os.getloadavg())]
+    if s.memory:
+        _log("memory: one fresh process per side and phase")
+        result["peak_rss_mb"] = peak_rss(s)
+    return result
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = [f"fedmeta bench — {r['device']}, torch {r['torch']}, {r['threads']} threads, {r['implementation']} ({r['lanes']} lanes), commit {r['commit'][:12]}"]
+    lines.append(f"{'phase':<12}{'naive eps/s':>14}{'fedmeta eps/s':>16}{'ratio':>9}")
+    for phase in PHASES:
+        p = r[phase]
+        lines.append(f"{phase:<12}{p['naive_eps_per_s']:>14.2f}{p['fedmeta_eps_per_s']:>16.2f}{p['ratio']:>8.2f}×")
+    lines.append(f"max |Δθ| after one meta-batch: float64 {r['max_param_diff_float64']:.2e}, float32 {r['max_param_diff_float32']:.2e}"
+                 f" (vmap implementation, float32: {r['max_param_diff_float32_vmap']:.2e})")
+    if "peak_rss_mb" in r:
+        m = r["peak_rss_mb"]
+        lines.append("peak RSS MB (growth during the phase): " + ", ".join(f"{k} {m[k]:.0f} (+{m[k + '_growth']:.0f})" for k in m if k + "_growth" in m))
+    lines.append(f"load average before/after: {r['load_average_before_after']}")
+    return "\n".join(lines)
+
+
+def main(s: Settings, out: Path) -> dict[str, Any]:
+    from fedmeta.atomic import write_text
+
+    result = run(s)
+    write_text(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(table(result))
+    return result

@@ -1,0 +1,118 @@
+"""The benchmark command, and the CPU inner loop it times against the reference implementations."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import grad
+from typer.testing import CliRunner
+
+from fedmeta import model, reptile
+from fedmeta.cli import app
+
+
+@pytest.fixture()
+def one_thread():
+    """One intra-op thread for the test, restored afterwards (the bench's --threads sets it process-wide)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_bench_command_writes_the_json_and_a_table(tmp_path: Path, one_thread) -> None:
+    out = tmp_path / "bench.json"
+    tiny = ["--width", "4", "--inner-steps", "1", "--meta-batches", "1", "--eval-steps", "2", "--eval-episodes", "3",
+            "--naive-eval-episodes", "1", "--repeats", "1", "--threads", "1", "--no-memory"]
+    result = CliRunner().invoke(app, ["bench", *tiny, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "meta_train" in result.output and "ratio" in result.output
+    r = json.loads(out.read_text())
+    assert {"commit", "torch", "device", "threads", "meta_train", "evaluation", "max_param_diff_float64", "max_param_diff_float32"} <= set(r)
+    for phase in ("meta_train", "evaluation"):
+        assert {"naive_eps_per_s", "fedmeta_eps_per_s", "ratio"} <= set(r[phase])
+        assert r[phase]["naive_eps_per_s"] > 0 and r[phase]["fedmeta_eps_per_s"] > 0
+    assert r["threads"] == 1 and r["settings"]["width"] == 4
+    assert r["max_param_diff_float64"] < 1e-10
+
+
+def test_memory_probe_reports_peak_and_growth_from_a_fresh_process() -> None:
+    from fedmeta import bench
+
+    s = bench.Settings(threads=1, width=4, inner_steps=1, meta_batches=1)
+    m = bench.peak_rss(s, (("fedmeta", "meta_train"),))
+    assert set(m) == {"fedmeta_meta_train", "fedmeta_meta_train_growth"}
+    assert m["fedmeta_meta_train"] > 0 and m["fedmeta_meta_train_growth"] >= 0
+
+
+@pytest.mark.parametrize(("size", "channels"), [(28, 1), (30, 1), (36, 3)])
+def test_hand_written_gradient_equals_autograd(size: int, channels: int) -> None:
+    """Odd sides (30 → 15 → 7 → 3) and constant patches (max-pool ties) included."""
+    g = torch.Generator().manual_seed(0)
+    params = {k: v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in model.init_conv4(channels, 6, size, 5, g).items()}
+    x = torch.rand(7, channels, size, size, generator=g, dtype=torch.float64)
+    x[:, :, :12, :12] = 1.0
+    y = torch.randint(5, (7,), generator=g)
+    ref = grad(model.loss)(params, x, y)
+    for moments in (None, tuple(t.sum(0) for t in model.patch_moments(x))):
+        got = model.loss_grad(params, x, y, moments)
+        assert set(got) == set(ref)
+        for k in ref:
+            assert torch.allclose(got[k], ref[k], atol=1e-11, rtol=0), k
+
+
+def episodes(n: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    theta = {k: v.to(dtype) for k, v in model.init_conv4(1, 4, 28, 3, g).items()}
+    x = torch.rand(n, 9, 1, 28, 28, generator=g, dtype=dtype)
+    y = torch.arange(3).repeat(3).expand(n, 9).clone()
+    batches = torch.stack([torch.stack([torch.randperm(9, generator=g)[:4] for _ in range(5)]) for _ in range(n)])
+    return theta, x, y, batches
+
+
+def test_lanes_give_the_same_bits_as_one_lane(monkeypatch: pytest.MonkeyPatch, one_thread) -> None:
+    """Each episode is computed on one thread either way, so the lane count cannot change a bit."""
+    theta, x, y, batches = episodes(5, torch.float32)
+    cfg = reptile.AdamConfig(lr=0.01)
+    runs = []
+    for lanes in ("1", "3"):
+        monkeypatch.setenv("FEDMETA_LANES", lanes)
+        assert reptile.implementation(theta, x) == "lanes"
+        runs.append(reptile.adapt(reptile.expand(theta, 5), x, y, batches, cfg))
+    assert torch.get_num_threads() == 1  # the lanes' own setting did not leak into the caller's thread
+    (a, sa), (b, sb) = runs
+    for k in theta:
+        assert torch.equal(a[k], b[k]) and torch.equal(sa.v[k], sb.v[k]) and torch.equal(sa.m[k], sb.m[k]), k
+    assert sa.step == sb.step == 5
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_lanes_equal_vmap_with_carried_adam_state(monkeypatch: pytest.MonkeyPatch, beta1: float) -> None:
+    """The CPU path against the vmap path in float64, continuing from a carried Adam state (β1 ≠ 0 too)."""
+    theta, x, y, batches = episodes(3, torch.float64, seed=1)
+    cfg = reptile.AdamConfig(lr=0.01, beta1=beta1)
+    out = {}
+    for impl in ("vmap", "lanes"):
+        monkeypatch.setenv("FEDMETA_ADAPT", impl)
+        monkeypatch.setenv("FEDMETA_LANES", "2")
+        params, state = reptile.adapt(reptile.expand(theta, 3), x, y, batches[:, :2], cfg)
+        out[impl] = reptile.adapt(params, x, y, batches[:, 2:], cfg, state)
+    (pv, sv), (pl, sl) = out["vmap"], out["lanes"]
+    assert sv.step == sl.step == 5
+    for k in theta:
+        assert torch.allclose(pv[k], pl[k], atol=1e-10, rtol=0), k
+        assert torch.allclose(sv.m[k], sl.m[k], atol=1e-10, rtol=0) and torch.allclose(sv.v[k], sl.v[k], atol=1e-12, rtol=0), k
+
+
+def test_adapt_leaves_its_inputs_alone() -> None:
+    theta, x, y, batches = episodes(2, torch.float64)
+    params = reptile.expand(theta, 2)
+    state = reptile.AdamState.zeros_like(params)
+    before = {k: v.clone() for k, v in params.items()}
+    v_before = {k: v.clone() for k, v in state.v.items()}
+    v_tensors = dict(state.v)
+    reptile.adapt(params, x, y, batches, reptile.AdamConfig(), state)
+    for k in params:
+        assert torch.equal(params[k], before[k]) and torch.equal(v_tensors[k], v_before[k]), k
