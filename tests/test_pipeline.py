@@ -1,6 +1,7 @@
 """End to end: `dvc repro` of the whole pipeline on the tiny profile, in a temporary copy of the repo."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -44,9 +45,10 @@ def repo(tmp_path_factory: pytest.TempPathFactory, omniglot_dir: Path) -> Path:
 
 
 def test_repro_produces_every_output_and_logs_to_mlflow(repo: Path) -> None:
-    for rel in (*METRIC_FILES, "checkpoints/attacked_include.pt", "metrics/figures/fig3_exp1.png", "metrics/figures/fig7_exp3.png", "metrics/ablation.csv"):
+    for rel in (*METRIC_FILES, "checkpoints/attacked_include.pt", "docs/figures/fig3_exp1.png", "docs/figures/fig7_exp3.png", "metrics/figures/fig1_backdoor.png", "metrics/ablation.csv"):
         assert (repo / rel).is_file(), rel
-    rounds = [line.split(",")[0] for line in (repo / "metrics/exp1_exclude/a.csv").read_text().splitlines()[1:]]
+    with (repo / "metrics/exp1_exclude/a.csv").open() as f:
+        rounds = [row["round"] for row in csv.DictReader(f)]
     assert rounds == ["0", "1", "2", "3"]  # before the attack, the attack round, two benign rounds
     import mlflow
 
