@@ -10,7 +10,7 @@ native batch-norm and max-pool kernels, and the first block (one input
 channel, nine-tap patches: a poor convolution) done as matrix products whose
 batch-norm statistics and weight gradient come in closed form from the Gram
 matrix of the image patches, so its full-size activations are touched only
-by the pooling.
+by the pooling (into buffers reused across calls, see `_buffer`).
 """
 from __future__ import annotations
 
@@ -117,22 +117,50 @@ def patch_moments(x: torch.Tensor) -> Moments:
     return torch.cat(grams), torch.cat(sums)
 
 
-def _pool(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+Workspace = dict[str, torch.Tensor]
+
+
+def _buffer(ws: Workspace | None, name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """A reusable channels-last (4-D) or contiguous buffer, or None without a workspace.
+
+    Fresh multi-megabyte tensors cost page faults on every allocation (glibc gives such blocks back
+    to the system when freed), a large share of block 0's time; `loss_grad` reuses them instead.
+    """
+    if ws is None:
+        return None
+    dtype = dtype or like.dtype
+    t = ws.get(name)
+    if t is None or t.shape != shape or t.dtype != dtype or t.device != like.device:
+        fmt = torch.channels_last if len(shape) == 4 else torch.contiguous_format
+        t = ws[name] = torch.empty(shape, dtype=dtype, device=like.device, memory_format=fmt)
+    return t
+
+
+def _pool(p: torch.Tensor, ws: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ReLU then 2×2 max-pool of p [b, C, H, W]; max commutes with ReLU, so the pooled values are clamped instead."""
-    m, idx = _aten.max_pool2d_with_indices(p, [2, 2], [2, 2])
+    shape = (p.shape[0], p.shape[1], p.shape[2] // 2, p.shape[3] // 2)
+    out, idx = _buffer(ws, "pool", shape, p), _buffer(ws, "pool_idx", shape, p, torch.int64)
+    if out is None or idx is None:
+        m, idx = _aten.max_pool2d_with_indices(p, [2, 2], [2, 2])
+    else:
+        m, idx = _aten.max_pool2d_with_indices.out(p, [2, 2], [2, 2], [0, 0], [1, 1], False, out=out, indices=idx)
     return m.clamp_min(0), idx
 
 
-def _pool_backward(dh: torch.Tensor, h: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _pool_backward(dh: torch.Tensor, h: torch.Tensor, p: torch.Tensor, idx: torch.Tensor, ws: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(gradient at the pooled pre-ReLU maxima, gradient at p); the first maximum of a window takes it, as in max_pool2d."""
     g = _aten.threshold_backward(dh, h, 0)
-    return g, _aten.max_pool2d_with_indices_backward(g, p, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+    out = _buffer(ws, "pool_grad", tuple(p.shape), p)
+    if out is None:
+        return g, _aten.max_pool2d_with_indices_backward(g, p, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+    return g, _aten.max_pool2d_with_indices_backward.grad_input(g, p, [2, 2], [2, 2], [0, 0], [1, 1], False, idx, grad_input=out)
 
 
-def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Moments | None = None) -> Params:
+def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Moments | None = None, workspace: Workspace | None = None) -> Params:
     """∇_params loss(params, x, y) for one batch x [b, C, H, W], y [b]; equals torch.func.grad(loss) up to round-off.
 
     moments: `patch_moments(x)` summed over the batch, if already known (else computed here).
+    workspace: a dict this function may keep block 0's large buffers in between calls (one per thread).
     Block 0 never forms its convolution output z or its gradient: with P the patches and w the weight,
     z = Pᵀwᵀ, so BN's mean and variance are (wᵀΣP)/M and (w G wᵀ)/M − mean² (G = PPᵀ, in float64),
     BN and the convolution fold into one matrix product, and
@@ -153,9 +181,10 @@ def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Moments
     rstd = torch.rsqrt(var + BN_EPS)
     scale = params["bn0.weight"].double() * rstd
     shift = params["bn0.bias"].double() - mean * scale
-    p = torch.addmm(shift.to(w0.dtype), cols.T, (w0d * scale[:, None]).to(w0.dtype).T)  # BN(conv(x)) [M, C], channels last
-    p = p.view(b, height, width, -1).permute(0, 3, 1, 2)
-    h, idx = _pool(p)
+    out = _buffer(workspace, "bn0", (n_pix, w0.shape[0]), w0)
+    p = torch.addmm(shift.to(w0.dtype), cols.T, (w0d * scale[:, None]).to(w0.dtype).T, **({} if out is None else {"out": out}))
+    p = p.view(b, height, width, -1).permute(0, 3, 1, 2)  # BN(conv(x)), channels last
+    h, idx = _pool(p, workspace)
     saved = [(x, p, idx, h, None, None, None)]
     for i in range(1, BLOCKS):
         h_in = h
@@ -183,7 +212,7 @@ def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Moments
             dz, h_in, params[f"conv{i}.weight"], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
         )
     _, p, idx, h, _, _, _ = saved[0]
-    g, dp = _pool_backward(dh, h, p, idx)
+    g, dp = _pool_backward(dh, h, p, idx, workspace)
     dbeta = g.sum((0, 2, 3)).double()  # each pooled gradient lands on exactly one pixel
     a = (cols @ dp.permute(0, 2, 3, 1).reshape(n_pix, -1)).double().T  # (P ∂p)ᵀ [C, 9 c_in]
     dgamma = ((a * w0d).sum(1) - mean * dbeta) * rstd  # Σ ∂p·(z − mean)·rstd with z = P w

@@ -117,13 +117,14 @@ def _run_lane(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Adapt this lane's episodes (leading axis) in place: all steps, episode by episode within a step."""
     moments = [model.patch_moments(x[j]) for j in range(x.shape[0])]
+    workspace: model.Workspace = {}
     for s in range(batches.shape[1]):
         per_episode = []
         for j in range(x.shape[0]):
             idx = batches[j, s]
             gram, colsum = moments[j]
             p_j = {k: t[j] for k, t in zip(keys, params)}
-            per_episode.append(model.loss_grad(p_j, x[j, idx], y[j, idx], (gram[idx].sum(0), colsum[idx].sum(0))))
+            per_episode.append(model.loss_grad(p_j, x[j, idx], y[j, idx], (gram[idx].sum(0), colsum[idx].sum(0)), workspace))
         grads = [torch.stack([g[k] for g in per_episode]) for k in keys]
         m = _adam_(params, grads, m, v, step0 + s + 1, cfg)
     return params, m, v

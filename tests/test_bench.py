@@ -36,6 +36,7 @@ def test_bench_command_writes_the_json_and_a_table(tmp_path: Path, one_thread) -
         assert r[phase]["naive_eps_per_s"] > 0 and r[phase]["fedmeta_eps_per_s"] > 0
     assert r["threads"] == 1 and r["settings"]["width"] == 4
     assert r["max_param_diff_float64"] < 1e-10
+    assert set(r["float32_vs_float64"]) == {"naive", "fedmeta", "vmap"}
 
 
 def test_memory_probe_reports_peak_and_growth_from_a_fresh_process() -> None:
@@ -56,11 +57,13 @@ def test_hand_written_gradient_equals_autograd(size: int, channels: int) -> None
     x[:, :, :12, :12] = 1.0
     y = torch.randint(5, (7,), generator=g)
     ref = grad(model.loss)(params, x, y)
-    for moments in (None, tuple(t.sum(0) for t in model.patch_moments(x))):
-        got = model.loss_grad(params, x, y, moments)
+    workspace: model.Workspace = {}
+    for moments, ws in ((None, None), (tuple(t.sum(0) for t in model.patch_moments(x)), workspace), (None, workspace)):
+        got = model.loss_grad(params, x, y, moments, ws)  # the second workspace call reuses the first's buffers
         assert set(got) == set(ref)
         for k in ref:
             assert torch.allclose(got[k], ref[k], atol=1e-11, rtol=0), k
+    assert workspace
 
 
 def episodes(n: int, dtype: torch.dtype, seed: int = 0):
