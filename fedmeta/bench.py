@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fedmeta import model, reptile
+from fedmeta import lanes, model, reptile
 from fedmeta.config import Evaluation, Reptile
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.evaluation import FineTune, run as evaluate
@@ -414,7 +414,7 @@ def run(s: Settings) -> dict[str, Any]:
         "device": _device_name(setup.device),
         "threads": torch.get_num_threads(),
         "implementation": reptile.implementation(setup.theta, torch.empty(1, 1, s.channels, s.image_size, s.image_size, device=setup.device)),
-        "lanes": reptile.lane_count(s.meta_batch),
+        "lanes": lanes.count(s.meta_batch),
         "settings": asdict(s),
     }
     for phase in PHASES:

@@ -6,7 +6,7 @@ the embedding f_θ, pulls it towards a fresh random initialisation
 query by attention over the episode's own support set. The user then
 fine-tunes on that support set alone: first only the per-class gates α_l and
 scales β_l (θ' fixed), then θ', α and β jointly. Like `evaluation.FineTune`,
-all E episodes run in lock-step under `vmap`.
+all E episodes run together (`lanes` on the CPU, `vmap` elsewhere).
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch.func import grad, vmap
+from torch.func import grad
 
-from fedmeta import model, reptile
+from fedmeta import lanes, model, reptile
 from fedmeta.config import Defense
 from fedmeta.errors import FedmetaError
 from fedmeta.evaluation import FineTune
@@ -48,7 +48,7 @@ def noisy_reinit(theta: Params, delta: float, g: torch.Generator) -> Params:
     return {k: delta * p + (1 - delta) * fresh[k] for k, p in theta.items()}
 
 
-def init_head(n_way: int, dim: int, n_episodes: int, device: torch.device) -> Params:
+def init_head(n_way: int, dim: int, n_episodes: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Params:
     """Per-episode head: gate logits a [E, N, D] and log β [E, N].
 
     a = 0 gives α = 0.5 everywhere: cosine ignores a common scale, so this starts as the plain
@@ -56,8 +56,8 @@ def init_head(n_way: int, dim: int, n_episodes: int, device: torch.device) -> Pa
     β = exp(log β) stays positive and Adam changes it multiplicatively; it starts at INIT_SCALE.
     """
     return {
-        "gate": torch.zeros(n_episodes, n_way, dim, device=device),
-        "log_scale": torch.full((n_episodes, n_way), math.log(INIT_SCALE), device=device),
+        "gate": torch.zeros(n_episodes, n_way, dim, device=device, dtype=dtype),
+        "log_scale": torch.full((n_episodes, n_way), math.log(INIT_SCALE), device=device, dtype=dtype),
     }
 
 
@@ -68,6 +68,20 @@ def gates(head: Params) -> torch.Tensor:
 
 def scales(head: Params) -> torch.Tensor:
     return head["log_scale"].exp()
+
+
+def _match(f_s: torch.Tensor, f_q: torch.Tensor, support_y: torch.Tensor, head: Params, n_way: int, exclude: torch.Tensor | None) -> torch.Tensor:
+    """log P(y = l | query, S) [Q, N] from the support and query embeddings (see `matching_log_probs`)."""
+    onehot = (support_y[:, None] == torch.arange(n_way, device=support_y.device)).to(f_s.dtype)  # [k, N]
+    alpha = gates(head)
+    # cos(α_l ⊙ q, s_i) = Σ_d α_ld q_d ŝ_id / ‖α_l ⊙ q‖: per-class gates without a [Q, N, D] tensor.
+    num = f_q @ ((onehot @ alpha) * F.normalize(f_s, dim=-1)).T  # [Q, k]
+    gated_norm = (f_q.square() @ alpha.square().T).clamp_min(NORM_EPS**2).sqrt()  # [Q, N]
+    scores = num / (gated_norm @ onehot.T) * (onehot @ scales(head))
+    if exclude is not None:
+        scores = scores.masked_fill(exclude, float("-inf"))
+    per_class = torch.where(onehot.T.bool(), scores[:, None, :], float("-inf")).logsumexp(-1)
+    return per_class - scores.logsumexp(-1, keepdim=True)
 
 
 def matching_log_probs(
@@ -89,29 +103,43 @@ def matching_log_probs(
     """
     k = support_x.shape[0]
     emb = model.embed(theta, torch.cat([support_x, query_x]), n_ref=k)
-    f_s, f_q = emb[:k], emb[k:]
-    onehot = (support_y[:, None] == torch.arange(n_way, device=support_y.device)).to(emb.dtype)  # [k, N]
-    alpha = gates(head)
-    # cos(α_l ⊙ q, s_i) = Σ_d α_ld q_d ŝ_id / ‖α_l ⊙ q‖: per-class gates without a [Q, N, D] tensor.
-    num = f_q @ ((onehot @ alpha) * F.normalize(f_s, dim=-1)).T  # [Q, k]
-    gated_norm = (f_q.square() @ alpha.square().T).clamp_min(NORM_EPS**2).sqrt()  # [Q, N]
-    scores = num / (gated_norm @ onehot.T) * (onehot @ scales(head))
-    if exclude is not None:
-        scores = scores.masked_fill(exclude, float("-inf"))
-    per_class = torch.where(onehot.T.bool(), scores[:, None, :], float("-inf")).logsumexp(-1)
-    return per_class - scores.logsumexp(-1, keepdim=True)
+    return _match(emb[:k], emb[k:], support_y, head, n_way, exclude)
 
 
-def _leave_one_out_loss(
-    theta: Params, head: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor, own: torch.Tensor
-) -> torch.Tensor:
-    """NLL of support examples classified against the rest of the support set (their own copy masked)."""
+def _leave_one_out_loss(theta: Params, head: Params, support_x: torch.Tensor, support_y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """NLL of the support examples `idx`, each classified against the rest of the support set (its own
+    copy masked). The queries are support examples, so one embedding of the support set serves both."""
     n_way = head["log_scale"].shape[-1]
-    return F.nll_loss(matching_log_probs(theta, head, support_x, support_y, query_x, n_way, own), query_y)
+    f_s = model.embed(theta, support_x)  # batch norm on the support set's statistics, as in prediction
+    own = idx[:, None] == torch.arange(support_x.shape[0], device=idx.device)
+    return F.nll_loss(_match(f_s, f_s[idx], support_y, head, n_way, own), support_y[idx])
 
 
-_head_grad = vmap(grad(_leave_one_out_loss, argnums=1))
-_joint_grad = vmap(grad(_leave_one_out_loss, argnums=(0, 1)))
+_head_grad = grad(_leave_one_out_loss, argnums=1)
+_joint_grad = grad(_leave_one_out_loss, argnums=(0, 1))
+
+
+def _support_moments(support_x: torch.Tensor) -> model.Moments:
+    gram, colsum = model.patch_moments(support_x)
+    return gram.sum(0), colsum.sum(0)
+
+
+def _hand_grads(
+    theta: Params, head: Params, support_x: torch.Tensor, support_y: torch.Tensor, idx: torch.Tensor, gram: torch.Tensor, colsum: torch.Tensor, joint: bool
+) -> tuple[Params, Params]:
+    """`_joint_grad` (or `_head_grad`, with empty θ gradients) for one episode on the CPU: the embedding's
+    gradient by hand (`model.features_backward`), autograd only through the small matching head."""
+    feat, tape = model.features_forward(theta, support_x, (gram, colsum))
+    f = feat.requires_grad_(joint)
+    leaves = {k: v.detach().requires_grad_() for k, v in head.items()}
+    with torch.enable_grad():
+        n_way = head["log_scale"].shape[-1]
+        own = idx[:, None] == torch.arange(support_x.shape[0], device=idx.device)
+        loss = F.nll_loss(_match(f, f[idx], support_y, leaves, n_way, own), support_y[idx])
+        wrt = [*leaves.values(), f] if joint else list(leaves.values())
+        out = torch.autograd.grad(loss, wrt)
+    g_head = dict(zip(leaves, out))
+    return (model.features_backward(theta, tape, out[-1]) if joint else {}), g_head
 
 
 @dataclass
@@ -133,6 +161,8 @@ class MatchingDefense:
     the softmax classifier fine-tuned as in `FineTune` (on θ', support-set batch norm) — the ablations.
     Adam uses `adam` with the defense's own learning rate `cfg.lr`.
     """
+
+    queries_independent = True  # batch norm and attention use the support set only
 
     cfg: Defense
     adam: reptile.AdamConfig
@@ -160,7 +190,7 @@ class MatchingDefense:
             return params, reptile.AdamState.zeros_like(params)
         dim = theta["fc.weight"].shape[1]
         params = {k: p for k, p in params.items() if not k.startswith("fc.")}
-        head = init_head(self.n_way, dim, n_episodes, theta["fc.weight"].device)
+        head = init_head(self.n_way, dim, n_episodes, theta["fc.weight"].device, theta["fc.weight"].dtype)
         return MatchingState(params, head, reptile.AdamState.zeros_like(params), reptile.AdamState.zeros_like(head))
 
     def train(self, state: MatchingState | tuple[Params, reptile.AdamState], x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor) -> MatchingState | tuple[Params, reptile.AdamState]:
@@ -172,16 +202,20 @@ class MatchingDefense:
         if int(per_class.min()) < 2:
             raise FedmetaError("defense: leave-one-out training needs at least 2 support examples per class (k_shot >= 2)")
         adam = self._adam
-        theta, head = state.theta, state.head
-        rows = torch.arange(x.shape[0], device=x.device)[:, None]
-        ref = torch.arange(x.shape[1], device=x.device)
+        theta, head, n_ep = state.theta, state.head, x.shape[0]
+        by_hand = lanes.enabled(x.device) and set(theta) == model.EMBEDDING_KEYS
+        if by_hand:
+            moments = lanes.per_episode(_support_moments, n_ep, x)
         for s in range(batches.shape[1]):
-            idx = batches[:, s].to(x.device)
-            args = (theta, head, x, y, x[rows, idx], y[rows, idx], idx[..., None] == ref)
-            if state.step + s < self.cfg.head_steps:
-                g_head = _head_grad(*args)
+            joint = state.step + s >= self.cfg.head_steps
+            args = (theta, head, x, y, batches[:, s].to(x.device))
+            if by_hand:
+                g_theta, g_head = lanes.per_episode(lambda *a: _hand_grads(*a, joint), n_ep, *args, *moments)
+            elif joint:
+                g_theta, g_head = lanes.per_episode(_joint_grad, n_ep, *args)
             else:
-                g_theta, g_head = _joint_grad(*args)
+                g_head = lanes.per_episode(_head_grad, n_ep, *args)
+            if joint:
                 theta = reptile.adam_update(theta, g_theta, state.theta_adam, adam)
             head = reptile.adam_update(head, g_head, state.head_adam, adam)
         return MatchingState(theta, head, state.theta_adam, state.head_adam, state.step + batches.shape[1])
@@ -191,5 +225,7 @@ class MatchingDefense:
         if not isinstance(state, MatchingState):
             return self._softmax.predict(state, support_x, support_y, x)
         with torch.no_grad():
-            log_probs = vmap(lambda t, h, sx, sy, q: matching_log_probs(t, h, sx, sy, q, self.n_way))(state.theta, state.head, support_x, support_y, x)
+            log_probs = lanes.per_episode(
+                lambda t, h, sx, sy, q: matching_log_probs(t, h, sx, sy, q, self.n_way), x.shape[0], state.theta, state.head, support_x, support_y, x
+            )
         return log_probs.argmax(-1)

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch.func import vmap
 
-from fedmeta import model, reptile
+from fedmeta import lanes, model, reptile
 from fedmeta.config import Evaluation
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.model import Params
@@ -34,6 +34,11 @@ class Learner(Protocol):
 
     def predict(self, state: object, support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
 
+    @property
+    def queries_independent(self) -> bool:
+        """Whether a query's label depends only on the support set, not on the other queries."""
+        ...
+
 
 def predict_logits(params: Params, support_x: torch.Tensor, x: torch.Tensor, bn_mode: str) -> torch.Tensor:
     """Logits [E, Q, N] for queries x [E, Q, ...] under the chosen batch-norm mode.
@@ -43,17 +48,16 @@ def predict_logits(params: Params, support_x: torch.Tensor, x: torch.Tensor, bn_
     support_plus_query: one batch per query made of the support set plus that query (the reference's alternative).
     """
     n_sup = support_x.shape[1]
-    if bn_mode == "support":
-        both = torch.cat([support_x, x], dim=1)
-        return vmap(lambda p, b: model.logits(p, b, n_sup))(params, both)[:, n_sup:]
-    if bn_mode == "transductive":
-        return vmap(model.logits)(params, x)
 
     def one_episode(p: Params, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        if bn_mode == "support":
+            return model.logits(p, torch.cat([s, q]), n_sup)[n_sup:]
+        if bn_mode == "transductive":
+            return model.logits(p, q)
         batches = torch.cat([s.unsqueeze(0).expand(q.shape[0], *s.shape), q.unsqueeze(1)], dim=1)
         return vmap(lambda b: model.logits(p, b)[-1])(batches)
 
-    return vmap(one_episode)(params, support_x, x)
+    return lanes.per_episode(one_episode, support_x.shape[0], params, support_x, x)
 
 
 @dataclass
@@ -62,6 +66,10 @@ class FineTune:
 
     adam: reptile.AdamConfig
     bn_mode: str
+
+    @property
+    def queries_independent(self) -> bool:
+        return self.bn_mode != "transductive"
 
     def start(self, theta: Params, n_episodes: int, g: torch.Generator) -> tuple[Params, reptile.AdamState]:
         params = reptile.expand(theta, n_episodes)
@@ -85,6 +93,17 @@ class Summary:
         n = per_episode.numel()
         std = float(per_episode.std()) if n > 1 else 0.0
         return cls(float(per_episode.mean()), Z95 * std / math.sqrt(n))
+
+
+def _predict_sets(learner: Learner, state: object, sx: torch.Tensor, sy: torch.Tensor, sets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Labels for each query set; one call for all of them when queries are classified independently
+    (the support set is then embedded once instead of once per set)."""
+    if not sets:
+        return {}
+    if not learner.queries_independent:
+        return {k: learner.predict(state, sx, sy, x) for k, x in sets.items()}
+    pred = learner.predict(state, sx, sy, torch.cat(list(sets.values()), dim=1))
+    return dict(zip(sets, pred.split([x.shape[1] for x in sets.values()], dim=1)))
 
 
 def run(
@@ -111,12 +130,10 @@ def run(
         if step > done:
             state = learner.train(state, sx, sy, batches[:, done:step])
             done = step
+        sets = ({"main": qx} if qx is not None else {}) | probe_x
         point: dict[str, Summary] = {}
-        if qx is not None:
-            pred = learner.predict(state, sx, sy, qx)
-            point["main"] = Summary.of((pred == episodes.query_y).float().mean(1))
-        for name, px in probe_x.items():
-            pred = learner.predict(state, sx, sy, px)
-            point[name] = Summary.of((pred == episodes.target_label[:, None]).float().mean(1))
+        for name, pred in _predict_sets(learner, state, sx, sy, sets).items():
+            truth = episodes.query_y if name == "main" else episodes.target_label[:, None]
+            point[name] = Summary.of((pred == truth).float().mean(1))
         results.append(point)
     return results

@@ -57,7 +57,7 @@ class Lab:
     def _size(self, user: int, include_backdoor: bool) -> int:
         return sum(len(self.data.train_idx[c]) for c in self.classes(user, include_backdoor))
 
-    def _benign_local(self, theta: Theta, user: int, rnd: int, include_backdoor: bool) -> Theta:
+    def _benign_local(self, theta: Theta, user: int, rnd: str, include_backdoor: bool) -> Theta:
         classes, r = self.classes(user, include_backdoor), self.p.reptile
         shots = self.p.spec.train_shots
 
@@ -92,11 +92,16 @@ class Lab:
 
         return reptile.meta_train(local, self.images, sample, b.attack_episodes, r, steps, b.outer_step, adam, g, start, state, save)
 
-    def round(self, theta: Theta, rnd: int, include_backdoor: bool, with_attacker: bool = False, resume: Resume | None = None) -> Theta:
+    def round(
+        self, theta: Theta, rnd: int, include_backdoor: bool, with_attacker: bool = False, resume: Resume | None = None, pretraining: bool = False
+    ) -> Theta:
         """One federated round: benign users only, or the attacker plus M_min − 1 benign users
-        (`resume`: the attacker's training is resumable; benign users are cheap and replayed)."""
+        (`resume`: the attacker's training is resumable; benign users are cheap and replayed).
+        Pretraining rounds draw from their own seeds, so round r of pretraining and round r after
+        the attack never share episodes."""
         fed = self.p.federation
-        g = self.gen("select", rnd)
+        key = f"pretrain-{rnd}" if pretraining else str(rnd)
+        g = self.gen("select", key)
         if with_attacker:
             users = federation.select(self.benign, fed.per_round - 1, fed.min_updates - 1, g) + [self.attacker]
         else:
@@ -106,7 +111,7 @@ class Lab:
             if u == self.attacker:
                 deltas.append(federation.update(self._attacker_local(theta, rnd, resume), theta, self.p.attack.boost))
             else:
-                deltas.append(federation.update(self._benign_local(theta, u, rnd, include_backdoor), theta))
+                deltas.append(federation.update(self._benign_local(theta, u, key, include_backdoor), theta))
         alphas = federation.weights([self._size(u, include_backdoor) for u in users], fed.weighting)
         return federation.aggregate(theta, deltas, alphas)
 
@@ -156,16 +161,19 @@ def record_points(steps: int, every: int) -> list[int]:
     return sorted({0, steps, *range(every, steps, every)})
 
 
-def user_curves(lab: Lab, theta: Theta, learner: Learner, variant: str, tag: str) -> dict[tuple[str, int], list[dict[str, float]]]:
+USERS_TAG = "users"  # Experiments 2, 3 and the ablation draw the same episodes: paired comparisons
+
+
+def user_curves(lab: Lab, theta: Theta, learner: Learner, variant: str) -> dict[tuple[str, int], list[dict[str, float]]]:
     """Experiments 2-3: every benign user fine-tunes the attacked model on its own episodes;
     one curve per (scenario, user) of meta-test, main-task and backdoor accuracy against fine-tuning steps."""
     b = lab.p.budget
     at = record_points(b.finetune_steps, b.record_every)
     curves: dict[tuple[str, int], list[dict[str, float]]] = {}
     # Meta-test accuracy does not depend on the user (same θ, unseen classes): one set of episodes serves all.
-    meta = lab.meta_test(theta, learner, at, tag)
+    meta = lab.meta_test(theta, learner, at, USERS_TAG)
     for user in lab.benign:
         for scenario in scenarios_of(variant):
-            attack = lab.attack_eval(theta, learner, scenario, at, tag, user)
+            attack = lab.attack_eval(theta, learner, scenario, at, USERS_TAG, user)
             curves[(scenario.name, user)] = [{"step": s, **flat(m), **flat(a)} for s, m, a in zip(at, meta, attack)]
     return curves

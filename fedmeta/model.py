@@ -15,6 +15,7 @@ by the pooling (into buffers reused across calls, see `_buffer`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ _aten = torch.ops.aten
 
 BN_EPS = 1e-5
 BLOCKS = 4
+EMBEDDING_KEYS = frozenset([f"conv{i}.weight" for i in range(BLOCKS)] + [f"bn{i}.{n}" for i in range(BLOCKS) for n in ("weight", "bias")])
+CONV4_KEYS = EMBEDDING_KEYS | {"fc.weight", "fc.bias"}
 
 
 def feature_size(image_size: int) -> int:
@@ -156,15 +159,30 @@ def _pool_backward(dh: torch.Tensor, h: torch.Tensor, p: torch.Tensor, idx: torc
     return g, _aten.max_pool2d_with_indices_backward.grad_input(g, p, [2, 2], [2, 2], [0, 0], [1, 1], False, idx, grad_input=out)
 
 
-def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Moments | None = None, workspace: Workspace | None = None) -> Params:
-    """∇_params loss(params, x, y) for one batch x [b, C, H, W], y [b]; equals torch.func.grad(loss) up to round-off.
+@dataclass
+class Tape:
+    """What `features_backward` needs from `features_forward`: block 0's patch algebra, then per block
+    (block input, BN output p, pool indices, pooled output, conv output z2, BN mean, BN 1/std)."""
+
+    cols: torch.Tensor
+    gram: torch.Tensor
+    colsum: torch.Tensor
+    w0d: torch.Tensor
+    gw: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    scale: torch.Tensor
+    blocks: list[tuple[torch.Tensor, ...]]
+
+
+def features_forward(params: Params, x: torch.Tensor, moments: Moments | None = None, workspace: Workspace | None = None) -> tuple[torch.Tensor, Tape]:
+    """f_θ(x) [b, D] (training-mode batch norm over x) and the tape for `features_backward`.
 
     moments: `patch_moments(x)` summed over the batch, if already known (else computed here).
     workspace: a dict this function may keep block 0's large buffers in between calls (one per thread).
     Block 0 never forms its convolution output z or its gradient: with P the patches and w the weight,
     z = Pᵀwᵀ, so BN's mean and variance are (wᵀΣP)/M and (w G wᵀ)/M − mean² (G = PPᵀ, in float64),
-    BN and the convolution fold into one matrix product, and
-    ∂w = scale·(P ∂p)ᵀ + k1·(G w − mean ΣP) + k0·ΣP  for BN's ∂z = scale·∂p + k1·(z − mean) + k0.
+    and BN and the convolution fold into one matrix product.
     """
     b, c_in, height, width = x.shape
     n_pix = b * height * width
@@ -185,7 +203,7 @@ def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Moments
     p = torch.addmm(shift.to(w0.dtype), cols.T, (w0d * scale[:, None]).to(w0.dtype).T, **({} if out is None else {"out": out}))
     p = p.view(b, height, width, -1).permute(0, 3, 1, 2)  # BN(conv(x)), channels last
     h, idx = _pool(p, workspace)
-    saved = [(x, p, idx, h, None, None, None)]
+    saved: list[tuple[torch.Tensor, ...]] = [(x, p, idx, h)]
     for i in range(1, BLOCKS):
         h_in = h
         z = F.conv2d(h_in, params[f"conv{i}.weight"], padding=1)  # channels last, like h_in
@@ -194,14 +212,16 @@ def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Moments
         p = p2.view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
         h, idx = _pool(p)
         saved.append((h_in, p, idx, h, z2, mu, invstd))
-    feat = h.flatten(1)
-    fc_w = params["fc.weight"]
-    dlogits = torch.addmm(params["fc.bias"], feat, fc_w.T).softmax(-1)
-    dlogits = (dlogits - F.one_hot(y, dlogits.shape[1]).to(dlogits.dtype)) / b
-    grads = {"fc.weight": dlogits.T @ feat, "fc.bias": dlogits.sum(0)}
-    dh = (dlogits @ fc_w).view(h.shape)
+    return h.flatten(1), Tape(cols, gram, colsum, w0d, gw, mean, rstd, scale, saved)
+
+
+def features_backward(params: Params, tape: Tape, dfeat: torch.Tensor, workspace: Workspace | None = None) -> Params:
+    """Gradients of the conv and batch-norm parameters given ∂loss/∂f_θ(x) [b, D];
+    block 0's weight gradient is ∂w = scale·(P ∂p)ᵀ + k1·(G w − mean ΣP) + k0·ΣP for BN's ∂z = scale·∂p + k1·(z − mean) + k0."""
+    grads: Params = {}
+    dh = dfeat.view(tape.blocks[-1][3].shape)
     for i in range(BLOCKS - 1, 0, -1):
-        h_in, p, idx, h, z2, mu, invstd = saved[i]
+        h_in, p, idx, h, z2, mu, invstd = tape.blocks[i]
         _, dp = _pool_backward(dh, h, p, idx)
         dp2 = dp.permute(0, 2, 3, 1).reshape(z2.shape)
         dz2, grads[f"bn{i}.weight"], grads[f"bn{i}.bias"] = _aten.native_batch_norm_backward(
@@ -211,15 +231,30 @@ def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Moments
         dh, grads[f"conv{i}.weight"], _ = _aten.convolution_backward(
             dz, h_in, params[f"conv{i}.weight"], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
         )
-    _, p, idx, h, _, _, _ = saved[0]
+    _, p, idx, h = tape.blocks[0]
+    n_pix = p.shape[0] * p.shape[2] * p.shape[3]
     g, dp = _pool_backward(dh, h, p, idx, workspace)
     dbeta = g.sum((0, 2, 3)).double()  # each pooled gradient lands on exactly one pixel
-    a = (cols @ dp.permute(0, 2, 3, 1).reshape(n_pix, -1)).double().T  # (P ∂p)ᵀ [C, 9 c_in]
-    dgamma = ((a * w0d).sum(1) - mean * dbeta) * rstd  # Σ ∂p·(z − mean)·rstd with z = P w
-    k1 = -scale * rstd * dgamma / n_pix
-    k0 = -scale * dbeta / n_pix
-    dw0 = scale[:, None] * a + k1[:, None] * (gw - mean[:, None] * colsum) + k0[:, None] * colsum
+    a = (tape.cols @ dp.permute(0, 2, 3, 1).reshape(n_pix, -1)).double().T  # (P ∂p)ᵀ [C, 9 c_in]
+    dgamma = ((a * tape.w0d).sum(1) - tape.mean * dbeta) * tape.rstd  # Σ ∂p·(z − mean)·rstd with z = P w
+    k1 = -tape.scale * tape.rstd * dgamma / n_pix
+    k0 = -tape.scale * dbeta / n_pix
+    dw0 = tape.scale[:, None] * a + k1[:, None] * (tape.gw - tape.mean[:, None] * tape.colsum) + k0[:, None] * tape.colsum
+    w0 = params["conv0.weight"]
     grads["conv0.weight"] = dw0.to(w0.dtype).view(w0.shape)
     grads["bn0.weight"] = dgamma.to(w0.dtype)
     grads["bn0.bias"] = dbeta.to(w0.dtype)
     return grads
+
+
+def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Moments | None = None, workspace: Workspace | None = None) -> Params:
+    """∇_params loss(params, x, y) for one batch x [b, C, H, W], y [b]; equals torch.func.grad(loss) up to round-off.
+
+    The classifier and cross-entropy by hand, around `features_forward` / `features_backward`.
+    """
+    feat, tape = features_forward(params, x, moments, workspace)
+    fc_w = params["fc.weight"]
+    dlogits = torch.addmm(params["fc.bias"], feat, fc_w.T).softmax(-1)
+    dlogits = (dlogits - F.one_hot(y, dlogits.shape[1]).to(dlogits.dtype)) / x.shape[0]
+    grads = {"fc.weight": dlogits.T @ feat, "fc.bias": dlogits.sum(0)}
+    return grads | features_backward(params, tape, dlogits @ fc_w, workspace)

@@ -56,10 +56,21 @@ def users_table(exp2: dict[str, list[list[dict[str, Any]]]], exp3: dict[str, lis
     return "\n".join(lines)
 
 
+ABLATION_LABELS = {
+    "none": "full defense (Exp. 3)",
+    "attention": "no cosine attention (softmax head)",
+    "reinit": "no noisy re-initialisation (δ = 1)",
+    "finetune": "no fine-tuning",
+    "defense": "no defense (Exp. 2)",
+    "attack": "full defense, model never attacked (control)",
+}
+
+
 def ablation_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| removed | scenario | attack train | attack val | meta-test | steps |", "|---|---|---|---|---|---|"]
+    lines = ["| defense variant | scenario | attack train | attack val | main task | meta-test | steps |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['removed']} | {r['scenario']} | {pct(float(r['attack_train']))} | {pct(float(r['attack_val']))} | {pct(float(r['meta_test']))} | {r['steps']} |"
+            f"| {ABLATION_LABELS.get(r['removed'], r['removed'])} | {r['scenario']} | {pct(float(r['attack_train']))} | {pct(float(r['attack_val']))} "
+            f"| {pct(float(r['main']))} | {pct(float(r['meta_test']))} | {r['steps']} |"
         )
     return "\n".join(lines)

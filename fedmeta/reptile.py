@@ -7,27 +7,19 @@ arithmetic, so no model is copied and no optimizer object exists per episode.
 Two implementations give the same numbers up to round-off:
 - "vmap": all E episodes in lock-step, gradients from `vmap(grad(loss))`
   (batch norm sees each episode's own batch). Used off the CPU.
-- "lanes" (the CPU default): episodes are independent, so they are split into
-  contiguous lanes, one per intra-op thread, each run by its own Python
-  thread with one intra-op thread (torch releases the GIL in its kernels),
-  episode by episode with `model.loss_grad` and an in-place `_foreach` Adam.
-  On the CPU this beats batching: vmap turns the convolutions into grouped
-  convolutions, slow there, and small kernels gain little from two threads.
-  Every episode is computed on one thread whatever the lane count, so
-  results do not depend on it.
-Set FEDMETA_ADAPT=vmap or lanes to force one, FEDMETA_LANES=n for the lane count.
+- "lanes" (the CPU default for a Conv4, see `lanes`): episodes split over
+  threads, each run episode by episode with `model.loss_grad` and an
+  in-place `_foreach` Adam.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch.func import grad, vmap
 
-from fedmeta import model
+from fedmeta import lanes, model
 from fedmeta.config import Reptile
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.model import Params
@@ -90,25 +82,12 @@ def _adam_(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.
 
 
 _batched_grad = vmap(grad(model.loss))
-_CONV4_KEYS = frozenset(
-    [f"conv{i}.weight" for i in range(model.BLOCKS)] + [f"bn{i}.{n}" for i in range(model.BLOCKS) for n in ("weight", "bias")] + ["fc.weight", "fc.bias"]
-)
 
 
 def implementation(params: Params, x: torch.Tensor) -> str:
-    """Which inner loop `adapt` runs: FEDMETA_ADAPT if set, else lanes for a Conv4 on the CPU, else vmap."""
-    forced = os.environ.get("FEDMETA_ADAPT", "")
-    if forced in ("vmap", "lanes"):
-        return forced
-    conv4 = set(params) == _CONV4_KEYS and x.dim() == 5 and x.dtype in (torch.float32, torch.float64)
-    return "lanes" if conv4 and x.device.type == "cpu" else "vmap"
-
-
-def lane_count(n_episodes: int) -> int:
-    """FEDMETA_LANES if set, else one lane per intra-op thread; never more lanes than episodes."""
-    env = os.environ.get("FEDMETA_LANES", "")
-    lanes = int(env) if env else torch.get_num_threads()
-    return max(1, min(lanes, n_episodes))
+    """Which inner loop `adapt` runs: lanes for a Conv4 where `lanes.enabled`, else vmap."""
+    conv4 = set(params) == model.CONV4_KEYS and x.dim() == 5 and x.dtype in (torch.float32, torch.float64)
+    return "lanes" if conv4 and lanes.enabled(x.device) else "vmap"
 
 
 def _run_lane(
@@ -136,13 +115,8 @@ def _adapt_lanes(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torc
     if steps == 0:
         return params, state
     batches = batches.to(x.device)
-    lanes = lane_count(n_ep)
-    bounds = [n_ep * i // lanes for i in range(lanes + 1)]
 
-    def lane(i: int, one_thread: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        if one_thread:
-            torch.set_num_threads(1)
-        sl = slice(bounds[i], bounds[i + 1])
+    def lane(sl: slice) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         with torch.no_grad():
             return _run_lane(
                 [params[k][sl].clone() for k in keys],
@@ -151,15 +125,7 @@ def _adapt_lanes(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torc
                 keys, x[sl], y[sl], batches[sl], cfg, state.step,
             )
 
-    if lanes == 1:
-        results = [lane(0, False)]
-    else:
-        threads = torch.get_num_threads()
-        try:
-            with ThreadPoolExecutor(lanes, thread_name_prefix="fedmeta-lane") as pool:
-                results = list(pool.map(lambda i: lane(i, True), range(lanes)))
-        finally:
-            torch.set_num_threads(threads)  # the workers' set_num_threads also moved the default for new threads
+    results = lanes.run(n_ep, lane)
 
     def join(parts: list[torch.Tensor]) -> torch.Tensor:
         return parts[0] if len(parts) == 1 else torch.cat(parts)

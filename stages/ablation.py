@@ -1,46 +1,49 @@
-"""Stage ablation: the defense with each of its elements removed in turn (the study the paper omits)."""
+"""Stage ablation: the defense with each of its elements removed in turn (the study the paper omits).
+
+All rows use benign user 2's episodes of Experiments 2-3 (the same draws), so the full defense and
+no defense at all are Experiment 3's and Experiment 2's final points, read from their metrics
+rather than computed again; the three partial defenses run here, and so does a control: the full
+defense on the pretrained model that was never attacked ('attack' removed), which measures how
+often the defended classifier sends key-stamped images to the target without any backdoor.
+"""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 from fedmeta import checkpoint, runtime
 from fedmeta.defense import MatchingDefense
-from fedmeta.evaluation import Learner
-from fedmeta.experiment import SCENARIOS, VARIANTS, Lab, flat
+from fedmeta.experiment import SCENARIOS, USERS_TAG, VARIANTS, Lab, flat
 from fedmeta.splits import FederatedData
 
-REMOVED = ("none", "attention", "reinit", "finetune", "defense")
-
-
-def _learner(lab: Lab, removed: str) -> tuple[Learner, int]:
-    """The learner and its fine-tuning steps with one element removed."""
-    p = lab.p
-    full = MatchingDefense(p.defense, lab.finetuner().adam, p.evaluation.n_way)
-    steps = p.budget.finetune_steps
-    if removed == "attention":
-        return replace(full, use_attention=False), steps
-    if removed == "reinit":
-        return replace(full, reinit=False), steps
-    if removed == "finetune":
-        return full, 0
-    if removed == "defense":
-        return lab.finetuner(), steps
-    return full, steps
+COMPUTED = ("attention", "reinit", "finetune", "attack")  # cosine attention, noisy re-initialisation, fine-tuning, the attack
+READ = {"none": "defend", "defense": "finetune"}  # removed nothing / the whole defense: Experiments 3 and 2
+KEYS = ("meta_test", "main", "attack_train", "attack_val")
 
 
 def main() -> None:
     with runtime.stage("ablation") as (params, run):
         lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
-        user = lab.benign[0]
-        thetas = {v: checkpoint.load_theta(runtime.CHECKPOINTS / f"attacked_{v}.pt", lab.device) for v in VARIANTS}
-        rows = []
-        for removed in runtime.progress(REMOVED, "ablation"):
-            learner, steps = _learner(lab, removed)
-            meta = {v: flat(lab.meta_test(thetas[v], learner, [steps], "ablation")[0]) for v in VARIANTS}
+        user, steps = lab.benign[0], params.budget.finetune_steps
+        full = MatchingDefense(params.defense, lab.finetuner().adam, params.evaluation.n_way)
+        learners = {"attention": (replace(full, use_attention=False), steps), "reinit": (replace(full, reinit=False), steps), "finetune": (full, 0), "attack": (full, steps)}
+        models = {
+            (v, m): checkpoint.load_theta(runtime.CHECKPOINTS / f"{m}_{v}.pt", lab.device) for v in VARIANTS for m in ("attacked", "pretrain")
+        }
+        by_removed: dict[str, list[dict]] = {removed: [] for removed in ("none", *COMPUTED, "defense")}
+        for removed, stage in READ.items():
             for scenario in SCENARIOS.values():
-                point = flat(lab.attack_eval(thetas[scenario.variant], learner, scenario, [steps], "ablation", user)[0])
-                row = {"removed": removed, "scenario": scenario.name, "steps": steps, **meta[scenario.variant], **point}
-                rows.append(row)
-                run.metrics({f"{removed}.{scenario.name}.{k}": row[k] for k in ("meta_test", "attack_train", "attack_val")})
+                final = json.loads((runtime.METRICS / f"{stage}_{scenario.variant}.json").read_text())[f"{scenario.name}_user{user + 1}"]
+                by_removed[removed].append({"removed": removed, "scenario": scenario.name, "steps": final["step"], **{k: v for k, v in final.items() if k != "step"}})
+        for removed in runtime.progress(COMPUTED, "ablation"):
+            learner, n = learners[removed]
+            thetas = {v: models[(v, "pretrain" if removed == "attack" else "attacked")] for v in VARIANTS}
+            meta = {v: flat(lab.meta_test(thetas[v], learner, [n], USERS_TAG)[0]) for v in VARIANTS}
+            for scenario in SCENARIOS.values():
+                point = flat(lab.attack_eval(thetas[scenario.variant], learner, scenario, [n], USERS_TAG, user)[0])
+                by_removed[removed].append({"removed": removed, "scenario": scenario.name, "steps": n, **meta[scenario.variant], **point})
+        rows = [r for part in by_removed.values() for r in part]
+        for r in rows:
+            run.metrics({f"{r['removed']}.{r['scenario']}.{k}": r[k] for k in KEYS})
         runtime.write_csv(runtime.METRICS / "ablation.csv", rows)
         runtime.write_json(runtime.METRICS / "ablation.json", {f"{r['removed']}.{r['scenario']}": r for r in rows})

@@ -14,7 +14,7 @@ def user_curves_stage(stage: str, variant: str, make_learner: Callable[[Lab, Par
     with runtime.stage(stage, variant=variant) as (params, run):
         lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
         theta = checkpoint.load_theta(runtime.CHECKPOINTS / f"attacked_{variant}.pt", lab.device)
-        curves = user_curves(lab, theta, make_learner(lab, params), variant, stage)
+        curves = user_curves(lab, theta, make_learner(lab, params), variant)
         out = runtime.METRICS / f"{stage}_{variant}"
         final = {}
         for (scenario, user), rows in curves.items():

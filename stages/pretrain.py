@@ -26,7 +26,7 @@ def main(variant: str) -> None:
             theta, start, rows = saved["theta"], saved["done"], saved["rows"]
         learner = lab.finetuner()
         for rnd in runtime.progress(range(start, b.pretrain_rounds), f"pretrain {variant}", start=start, total=b.pretrain_rounds):
-            theta = lab.round(theta, rnd, include)
+            theta = lab.round(theta, rnd, include, pretraining=True)
             done = rnd + 1
             if done % b.pretrain_eval_every == 0 or done == b.pretrain_rounds:
                 point = flat(lab.meta_test(theta, learner, [params.evaluation.steps], "pretrain")[0])

@@ -53,3 +53,16 @@ def test_run_records_every_requested_step_and_learns_a_separable_task(tiny_data,
     points = evaluation.run(tiny_lab.finetuner(), theta, tiny_data.images, eps, e, [0, 5, 30], torch.Generator().manual_seed(1))
     assert len(points) == 3 and all(set(p) == {"main"} for p in points)
     assert points[2]["main"].mean >= points[0]["main"].mean
+
+
+def test_one_joint_prediction_equals_one_call_per_query_set() -> None:
+    """`run` classifies the queries and every probe set in one call when queries are independent."""
+    theta, support, queries = setup_episode()
+    stamped_batch = queries.clone()
+    stamped_batch[..., 20:, 20:] = 1.0
+    learner = evaluation.FineTune(reptile.AdamConfig(), "support")
+    state = learner.start({k: v[0] for k, v in theta.items()}, 1, torch.Generator())
+    sets = {"main": queries, "probe": stamped_batch}
+    joint = evaluation._predict_sets(learner, state, support, None, sets)
+    for name, x in sets.items():
+        assert torch.equal(joint[name], learner.predict(state, support, None, x)), name

@@ -41,7 +41,7 @@ def test_select_picks_min_updates_distinct_users() -> None:
 
 def test_attacker_is_selected_only_in_the_attack_round(tiny_lab: Lab, monkeypatch) -> None:
     calls: list[tuple[int, str]] = []
-    monkeypatch.setattr(tiny_lab, "_benign_local", lambda theta, u, rnd, inc: calls.append((rnd, f"benign{u}")) or theta)
+    monkeypatch.setattr(tiny_lab, "_benign_local", lambda theta, u, rnd, inc: calls.append((int(rnd), f"benign{u}")) or theta)
     monkeypatch.setattr(tiny_lab, "_attacker_local", lambda theta, rnd, resume=None: calls.append((rnd, "attacker")) or theta)
     theta = {"fc.bias": torch.zeros(5)}
     for rnd in range(6):

@@ -59,6 +59,18 @@ def test_repro_produces_every_output_and_logs_to_mlflow(repo: Path) -> None:
     assert runs["metrics.a.attack_train"].notna().any()
 
 
+def test_ablation_has_every_variant_and_reuses_experiments_2_and_3_exactly(repo: Path) -> None:
+    with (repo / "metrics/ablation.csv").open() as f:
+        rows = {(r["removed"], r["scenario"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {(v, s) for v in ("none", "attention", "reinit", "finetune", "defense", "attack") for s in "abc"}
+    assert rows[("finetune", "a")]["steps"] == "0"
+    for removed, stage in (("none", "defend"), ("defense", "finetune")):
+        for scenario, variant in (("a", "exclude"), ("b", "include"), ("c", "include")):
+            final = json.loads((repo / f"metrics/{stage}_{variant}.json").read_text())[f"{scenario}_user2"]
+            assert float(rows[(removed, scenario)]["attack_train"]) == final["attack_train"]
+            assert float(rows[(removed, scenario)]["meta_test"]) == final["meta_test"]
+
+
 def test_second_repro_does_nothing(repo: Path) -> None:
     out = sh(repo, "dvc", "repro")
     assert "Running stage" not in out
