@@ -20,8 +20,10 @@ from fedmeta.model import Params
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    """torch.save, atomically and byte-reproducibly: given a path, torch.save names the archive's inner folder
+    after the (random) temporary file, so equal payloads would hash differently for DVC; a file object does not."""
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        torch.save(payload, f)
 
 
 def load(path: Path, required: tuple[str, ...] = ("theta",), device: torch.device | str = "cpu", what: str = "checkpoint") -> dict[str, Any]:

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from fedmeta import backdoor, checkpoint, seeding
-from fedmeta.atomic import atomic_path
 from fedmeta.config import Params
 from fedmeta.data.imageset import ImageSet
 from fedmeta.errors import FedmetaError
@@ -35,8 +34,7 @@ class FederatedData:
     attack_val_idx: torch.Tensor  # stamped, never trained on
 
     def save(self, path: Path) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(asdict(self), tmp)
+        checkpoint.save(path, asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> "FederatedData":

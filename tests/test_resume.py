@@ -101,3 +101,13 @@ def test_state_of_other_params_or_inputs_is_ignored(tmp_path: Path) -> None:
     assert after != before and after != checkpoint.fingerprint('{"seed": 1}', data)
     assert checkpoint.Resume(tmp_path / "s.pt", 1, after).restore() is None
     assert checkpoint.Resume(tmp_path / "s.pt", 1, before).restore()["done"] == 3
+
+
+def test_equal_checkpoints_are_equal_bytes(tmp_path: Path) -> None:
+    """DVC hashes outputs: saving the same payload again (through a new temporary file) must give the same bytes."""
+    payload = {"theta": {"w": torch.arange(6.0).view(2, 3)}, "round": 3}
+    first, second = tmp_path / "a" / "x.pt", tmp_path / "b" / "x.pt"
+    checkpoint.save(first, payload)
+    checkpoint.save(second, payload)
+    assert first.read_bytes() == second.read_bytes()
+    assert torch.equal(checkpoint.load_theta(first, "cpu")["w"], payload["theta"]["w"])
