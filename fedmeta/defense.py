@@ -106,13 +106,16 @@ def matching_log_probs(
     return _match(emb[:k], emb[k:], support_y, head, n_way, exclude)
 
 
-def _leave_one_out_loss(theta: Params, head: Params, support_x: torch.Tensor, support_y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _leave_one_out_nll(f_s: torch.Tensor, head: Params, support_y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """NLL of the support examples `idx`, each classified against the rest of the support set (its own
-    copy masked). The queries are support examples, so one embedding of the support set serves both."""
-    n_way = head["log_scale"].shape[-1]
-    f_s = model.embed(theta, support_x)  # batch norm on the support set's statistics, as in prediction
-    own = idx[:, None] == torch.arange(support_x.shape[0], device=idx.device)
-    return F.nll_loss(_match(f_s, f_s[idx], support_y, head, n_way, own), support_y[idx])
+    copy masked), from the support set's embeddings f_s: the queries are support examples."""
+    own = idx[:, None] == torch.arange(f_s.shape[0], device=idx.device)
+    return F.nll_loss(_match(f_s, f_s[idx], support_y, head, head["log_scale"].shape[-1], own), support_y[idx])
+
+
+def _leave_one_out_loss(theta: Params, head: Params, support_x: torch.Tensor, support_y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """`_leave_one_out_nll` with batch norm on the support set's statistics, as in prediction."""
+    return _leave_one_out_nll(model.embed(theta, support_x), head, support_y, idx)
 
 
 _head_grad = grad(_leave_one_out_loss, argnums=1)
@@ -133,9 +136,7 @@ def _hand_grads(
     f = feat.requires_grad_(joint)
     leaves = {k: v.detach().requires_grad_() for k, v in head.items()}
     with torch.enable_grad():
-        n_way = head["log_scale"].shape[-1]
-        own = idx[:, None] == torch.arange(support_x.shape[0], device=idx.device)
-        loss = F.nll_loss(_match(f, f[idx], support_y, leaves, n_way, own), support_y[idx])
+        loss = _leave_one_out_nll(f, leaves, support_y, idx)
         wrt = [*leaves.values(), f] if joint else list(leaves.values())
         out = torch.autograd.grad(loss, wrt)
     g_head = dict(zip(leaves, out))
