@@ -303,7 +303,8 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
     runs) each implementation's trajectory strays from the float64 one, because Adam with β1 = 0
     turns round-off in near-zero gradient components into steps of up to lr; `float32_vs_float64`
     gives each one's distance (max and mean over all parameter elements) to the float64 result,
-    so the float32 difference between them can be read against it.
+    so the float32 difference between them can be read against it. On a GPU the project's float64
+    result is also compared with the same computation on the CPU.
     """
     s = setup.s
     g = torch.Generator().manual_seed(s.seed + 7)
@@ -319,12 +320,18 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
         for impl in (None, "vmap") if dtype == torch.float32 else (None,):
             adapted = _adapt_with(impl, reptile.expand(theta, s.meta_batch), x, eps.support_y, batches, adam)
             results[(impl or "fedmeta", dtype)] = [{k: v[j] for k, v in adapted.items()} for j in range(s.meta_batch)]
+    if setup.device.type != "cpu":  # the same float64 computation on the CPU
+        cpu = lambda t: t.to("cpu", torch.float64)  # noqa: E731
+        adapted = reptile.adapt(reptile.expand({k: cpu(v) for k, v in setup.theta.items()}, s.meta_batch), cpu(setup.images[eps.support]).div_(255),
+                                eps.support_y.cpu(), batches.cpu(), adam)[0]
+        results[("cpu", torch.float64)] = [{k: v[j] for k, v in adapted.items()} for j in range(s.meta_batch)]
 
     def diffs(a: list[Params], b: list[Params]) -> torch.Tensor:
-        return torch.cat([(a[j][k].double() - b[j][k].double()).abs().flatten() for j in range(len(a)) for k in a[j]])
+        return torch.cat([(a[j][k].cpu().double() - b[j][k].cpu().double()).abs().flatten() for j in range(len(a)) for k in a[j]])
 
     truth = results[("fedmeta", torch.float64)]
-    return {
+    device_vs_cpu = {"max_param_diff_float64_device_vs_cpu": float(diffs(truth, results[("cpu", torch.float64)]).max())} if ("cpu", torch.float64) in results else {}
+    return device_vs_cpu | {
         "max_param_diff_float64": float(diffs(truth, results[("naive", torch.float64)]).max()),
         "max_param_diff_float32": float(diffs(results[("fedmeta", torch.float32)], results[("naive", torch.float32)]).max()),
         "float32_vs_float64": {
@@ -360,13 +367,20 @@ def memory_probe(settings_json: str, side: str, phase: str) -> None:
     setup = Setup.make(s)
     getattr(Setup(_warmup_settings(s), setup.device, setup.theta, setup.images), f"{side}_{phase}")(torch.Generator().manual_seed(1))
     before = _maxrss_mb()
+    gpu = setup.device.type == "cuda"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(setup.device)
     getattr(setup, f"{side}_{phase}")(torch.Generator().manual_seed(s.seed + 100))
-    print(json.dumps({"before_mb": round(before, 1), "peak_mb": round(_maxrss_mb(), 1)}))
+    probe = {"before_mb": round(before, 1), "peak_mb": round(_maxrss_mb(), 1)}
+    if gpu:
+        probe["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated(setup.device) / 2**20, 1)
+    print(json.dumps(probe))
 
 
 def peak_rss(s: Settings, which: tuple[tuple[str, str], ...] | None = None) -> dict[str, float]:
     """Per side and phase, from a fresh process each: peak RSS, and its growth during the phase
-    (so allocator memory kept from other phases cannot hide or inflate a phase's own)."""
+    (so allocator memory kept from other phases cannot hide or inflate a phase's own); on CUDA also
+    the phase's peak of memory allocated on the device."""
     out: dict[str, float] = {}
     for side, phase in which or tuple((side, phase) for phase in PHASES for side in ("naive", "fedmeta")):
         code = f"from fedmeta.bench import memory_probe; memory_probe({json.dumps(json.dumps(asdict(s)))}, {side!r}, {phase!r})"
@@ -376,6 +390,8 @@ def peak_rss(s: Settings, which: tuple[tuple[str, str], ...] | None = None) -> d
         probe = json.loads(done.stdout.strip().splitlines()[-1])
         out[f"{side}_{phase}"] = probe["peak_mb"]
         out[f"{side}_{phase}_growth"] = round(probe["peak_mb"] - probe["before_mb"], 1)
+        if "gpu_peak_mb" in probe:
+            out[f"{side}_{phase}_gpu"] = probe["gpu_peak_mb"]
     return out
 
 
@@ -436,10 +452,14 @@ def table(r: dict[str, Any]) -> str:
         lines.append(f"{phase:<12}{p['naive_eps_per_s']:>14.2f}{p['fedmeta_eps_per_s']:>16.2f}{p['ratio']:>8.2f}×")
     f = r["float32_vs_float64"]
     lines.append(f"max |Δθ| vs naive after one meta-batch: float64 {r['max_param_diff_float64']:.2e}, float32 {r['max_param_diff_float32']:.2e}")
+    if "max_param_diff_float64_device_vs_cpu" in r:
+        lines.append(f"max |Δθ| of the project's float64 meta-batch, this device vs the CPU: {r['max_param_diff_float64_device_vs_cpu']:.2e}")
     lines.append("float32 vs the float64 result, max / mean |Δθ|: " + ", ".join(f"{k} {v['max']:.1e} / {v['mean']:.1e}" for k, v in f.items()))
     if "peak_rss_mb" in r:
         m = r["peak_rss_mb"]
         lines.append("peak RSS MB (growth during the phase): " + ", ".join(f"{k} {m[k]:.0f} (+{m[k + '_growth']:.0f})" for k in m if k + "_growth" in m))
+        if any(k.endswith("_gpu") for k in m):
+            lines.append("peak GPU memory allocated MB: " + ", ".join(f"{k[:-4]} {m[k]:.0f}" for k in m if k.endswith("_gpu")))
     lines.append(f"load average before/after: {r['load_average_before_after']}")
     return "\n".join(lines)
 
