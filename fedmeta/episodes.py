@@ -22,6 +22,10 @@ class Episodes:
     query_y: torch.Tensor | None = None
     target_label: torch.Tensor | None = None  # int64 [E]: the target's output in each episode
 
+    def to(self, device: torch.device) -> "Episodes":
+        """The same episodes with every tensor on `device` (samplers draw on the CPU)."""
+        return Episodes(*(None if t is None else t.to(device) for t in (self.support, self.support_y, self.query, self.query_y, self.target_label)))
+
 
 def _pick(pool: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
     """n examples of a pool; with replacement only when the pool is smaller than n (the attacker's 5 X_T)."""

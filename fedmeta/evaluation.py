@@ -119,6 +119,7 @@ def run(
     """Fine-tune every episode for max(record_at) steps; at each recorded step return
     'main' (accuracy on the episodes' queries) and, per probe set, the share classified as the target."""
     probes = probes or {}
+    episodes = episodes.to(images.device)
     n_ep = episodes.support.shape[0]
     sx, sy = to_float(images[episodes.support]), episodes.support_y
     qx = to_float(images[episodes.query]) if episodes.query is not None else None

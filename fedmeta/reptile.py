@@ -200,7 +200,7 @@ def meta_train(
     done = start
     while done < n_episodes:
         count = min(n_episodes - done, cfg.meta_batch)
-        eps = sample(count, g)
+        eps = sample(count, g).to(images.device)
         x = images[eps.support].float().div_(255)
         batches = inner_batches(eps.support.shape[1], inner_steps, cfg.inner_batch, count, g)
         carried = state if cfg.adam_state == "carry" and state is not None and count == cfg.meta_batch else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from fedmeta import evaluation, model, reptile
+from fedmeta.episodes import Episodes
 from fedmeta.evaluation import Summary
 
 
@@ -66,3 +67,12 @@ def test_one_joint_prediction_equals_one_call_per_query_set() -> None:
     joint = evaluation._predict_sets(learner, state, support, None, sets)
     for name, x in sets.items():
         assert torch.equal(joint[name], learner.predict(state, support, None, x)), name
+
+
+def test_episodes_move_to_a_device_whole() -> None:
+    """Samplers draw on the CPU; `Episodes.to` moves every index tensor (the CUDA path relies on it)."""
+    eps = Episodes(torch.arange(6).view(2, 3), torch.zeros(2, 3, dtype=torch.long), target_label=torch.ones(2, dtype=torch.long))
+    moved = eps.to(torch.device("meta"))
+    assert all(t.device.type == "meta" for t in (moved.support, moved.support_y, moved.target_label))
+    assert moved.query is None and moved.query_y is None
+    assert eps.to(torch.device("cpu")).support.equal(eps.support)
