@@ -5,7 +5,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -90,6 +90,24 @@ def report() -> None:
     from stages import report as stage
 
     stage.main()
+
+
+class LearnerName(str, Enum):
+    finetune = "finetune"
+    defense = "defense"
+
+
+@app.command(name="meta-test")
+def meta_test(
+    checkpoint: Annotated[Path, typer.Argument(help="A model checkpoint, e.g. checkpoints/attacked_include.pt.")],
+    learner: Annotated[LearnerName, typer.Option(help="Fine-tuning (Experiment 2) or the matching-network defense (Experiment 3).")] = LearnerName.finetune,
+    episodes: Annotated[int, typer.Option(min=1, help="Meta-test episodes; the pipeline's 40 come first.")] = 400,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the curve as JSON here.")] = None,
+) -> None:
+    """Meta-test accuracy of one checkpoint over many episodes: the pipeline's estimate with a tighter interval."""
+    from fedmeta import metatest as stage
+
+    stage.main(checkpoint, learner.value, episodes, out)
 
 
 @app.command()

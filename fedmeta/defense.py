@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.func import grad
 
 from fedmeta import lanes, model, reptile
-from fedmeta.config import Defense
+from fedmeta.config import Defense, Params as Config
 from fedmeta.errors import FedmetaError
 from fedmeta.evaluation import FineTune
 from fedmeta.model import Params
@@ -170,6 +170,11 @@ class MatchingDefense:
     n_way: int
     reinit: bool = True
     use_attention: bool = True
+
+    @classmethod
+    def from_params(cls, p: Config) -> "MatchingDefense":
+        """Experiment 3's learner as params.yaml sets it: Adam with Reptile's β2 at the defense's rate."""
+        return cls(p.defense, reptile.AdamConfig(lr=p.defense.lr, beta2=p.reptile.beta2), p.evaluation.n_way)
 
     @property
     def _adam(self) -> reptile.AdamConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -95,15 +96,15 @@ class Summary:
         return cls(float(per_episode.mean()), Z95 * std / math.sqrt(n))
 
 
-def _predict_sets(learner: Learner, state: object, sx: torch.Tensor, sy: torch.Tensor, sets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Labels for each query set; one call for all of them when queries are classified independently
-    (the support set is then embedded once instead of once per set)."""
-    if not sets:
-        return {}
+def set_predictor(learner: Learner, sx: torch.Tensor, sy: torch.Tensor, sets: dict[str, torch.Tensor]) -> Callable[[object], dict[str, torch.Tensor]]:
+    """state ↦ labels for each query set. When queries are classified independently, one call covers
+    all sets, joined once here: the support set is then embedded once per prediction, not once per set."""
     if not learner.queries_independent:
-        return {k: learner.predict(state, sx, sy, x) for k, x in sets.items()}
-    pred = learner.predict(state, sx, sy, torch.cat(list(sets.values()), dim=1))
-    return dict(zip(sets, pred.split([x.shape[1] for x in sets.values()], dim=1)))
+        return lambda state: {k: learner.predict(state, sx, sy, x) for k, x in sets.items()}
+    if not sets:
+        return lambda state: {}
+    joint, sizes = torch.cat(list(sets.values()), dim=1), [x.shape[1] for x in sets.values()]
+    return lambda state: dict(zip(sets, learner.predict(state, sx, sy, joint).split(sizes, dim=1)))
 
 
 def run(
@@ -125,15 +126,15 @@ def run(
     qx = to_float(images[episodes.query]) if episodes.query is not None else None
     probe_x = {k: to_float(images[v]).unsqueeze(0).expand(n_ep, *images[v].shape) for k, v in probes.items()}
     batches = inner_batches(sx.shape[1], max(record_at), cfg.batch, n_ep, g)
+    predict = set_predictor(learner, sx, sy, ({"main": qx} if qx is not None else {}) | probe_x)
     state = learner.start(theta, n_ep, g)
     done, results = 0, []
     for step in sorted(record_at):
         if step > done:
             state = learner.train(state, sx, sy, batches[:, done:step])
             done = step
-        sets = ({"main": qx} if qx is not None else {}) | probe_x
         point: dict[str, Summary] = {}
-        for name, pred in _predict_sets(learner, state, sx, sy, sets).items():
+        for name, pred in predict(state).items():
             truth = episodes.query_y if name == "main" else episodes.target_label[:, None]
             point[name] = Summary.of((pred == truth).float().mean(1))
         results.append(point)

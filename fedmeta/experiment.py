@@ -119,10 +119,12 @@ class Lab:
         e = self.p.evaluation
         return evaluation.FineTune(reptile.AdamConfig(lr=e.lr, beta2=self.p.reptile.beta2), e.bn_mode)
 
-    def meta_test(self, theta: Theta, learner: Learner, record_at: list[int], tag: str) -> list[dict[str, Summary]]:
-        """Accuracy on episodes of unseen classes; the same episodes at every call with the same tag."""
+    def meta_test(self, theta: Theta, learner: Learner, record_at: list[int], tag: str, count: int | None = None) -> list[dict[str, Summary]]:
+        """Accuracy on `count` (default: the budget's eval_episodes) episodes of unseen classes; the same
+        episodes at every call with the same tag, and a larger count draws more after the same first ones."""
         e = self.p.evaluation
-        eps = episodes.evaluation(self.data, self.data.meta_test, e.n_way, e.k_shot, self.p.budget.eval_episodes, self.gen("meta-test", tag))
+        count = count or self.p.budget.eval_episodes
+        eps = episodes.evaluation(self.data, self.data.meta_test, e.n_way, e.k_shot, count, self.gen("meta-test", tag))
         points = evaluation.run(learner, theta, self.images, eps, e, record_at, self.gen("meta-test-batches", tag))
         return [{"meta_test": pt["main"]} for pt in points]
 

@@ -39,7 +39,7 @@ def measure(params: config.Params, data: FederatedData, ckpt: Path, device: torc
     after = lab.round(theta, 2, include_backdoor=True, with_attacker=True)
     _sync(device)
     out: dict[str, Any] = {"round": {"seconds": round(time.perf_counter() - t0, 2)}}
-    learners = {"finetune": lab.finetuner(), "defense": MatchingDefense(params.defense, lab.finetuner().adam, params.evaluation.n_way)}
+    learners = {"finetune": lab.finetuner(), "defense": MatchingDefense.from_params(params)}
     for name, learner in learners.items():
         t0 = time.perf_counter()
         meta = lab.meta_test(theta, learner, steps, "device-check")

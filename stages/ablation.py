@@ -25,7 +25,7 @@ def main() -> None:
     with runtime.stage("ablation") as (params, run):
         lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
         user, steps = lab.benign[0], params.budget.finetune_steps
-        full = MatchingDefense(params.defense, lab.finetuner().adam, params.evaluation.n_way)
+        full = MatchingDefense.from_params(params)
         learners = {"attention": (replace(full, use_attention=False), steps), "reinit": (replace(full, reinit=False), steps), "finetune": (full, 0), "attack": (full, steps)}
         models = {
             (v, m): checkpoint.load_theta(runtime.CHECKPOINTS / f"{m}_{v}.pt", lab.device) for v in VARIANTS for m in ("attacked", "pretrain")

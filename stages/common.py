@@ -4,17 +4,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedmeta import checkpoint, runtime
-from fedmeta.config import Params
 from fedmeta.evaluation import Learner
 from fedmeta.experiment import Lab, user_curves
 from fedmeta.splits import FederatedData
 
 
-def user_curves_stage(stage: str, variant: str, make_learner: Callable[[Lab, Params], Learner]) -> None:
+def user_curves_stage(stage: str, variant: str, make_learner: Callable[[Lab], Learner]) -> None:
     with runtime.stage(stage, variant=variant) as (params, run):
         lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
         theta = checkpoint.load_theta(runtime.CHECKPOINTS / f"attacked_{variant}.pt", lab.device)
-        curves = user_curves(lab, theta, make_learner(lab, params), variant)
+        curves = user_curves(lab, theta, make_learner(lab), variant)
         out = runtime.METRICS / f"{stage}_{variant}"
         final = {}
         for (scenario, user), rows in curves.items():

@@ -336,6 +336,11 @@ def test_cli_missing_checkpoint(tmp_path: Path, store: Path, prepared: bytes) ->
     refused(cwd, "attack", "exclude", culprit=(f"{PRETRAINED}: checkpoint not found",))
 
 
+def test_cli_meta_test_of_a_missing_checkpoint(tmp_path: Path, prepared: bytes) -> None:
+    cwd = workdir(tmp_path, tiny_raw(), None, {DATASET: prepared})
+    refused(cwd, "meta-test", "checkpoints/nowhere.pt", "--out", "curve.json", culprit=("checkpoints/nowhere.pt: checkpoint not found",))
+
+
 def test_cli_truncated_checkpoint(tmp_path: Path, store: Path, prepared: bytes) -> None:
     cwd = workdir(tmp_path, tiny_raw(), store, {DATASET: prepared, PRETRAINED: GOOD_CHECKPOINT[:-100]})
     refused(cwd, "attack", "exclude", culprit=(f"{PRETRAINED}: corrupt or truncated checkpoint",))

@@ -64,7 +64,7 @@ def test_one_joint_prediction_equals_one_call_per_query_set() -> None:
     learner = evaluation.FineTune(reptile.AdamConfig(), "support")
     state = learner.start({k: v[0] for k, v in theta.items()}, 1, torch.Generator())
     sets = {"main": queries, "probe": stamped_batch}
-    joint = evaluation._predict_sets(learner, state, support, None, sets)
+    joint = evaluation.set_predictor(learner, support, None, sets)(state)
     for name, x in sets.items():
         assert torch.equal(joint[name], learner.predict(state, support, None, x)), name
 

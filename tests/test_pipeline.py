@@ -71,6 +71,19 @@ def test_ablation_has_every_variant_and_reuses_experiments_2_and_3_exactly(repo:
             assert float(rows[(removed, scenario)]["meta_test"]) == final["meta_test"]
 
 
+def test_meta_test_command_repeats_the_pipelines_episodes_and_draws_more(repo: Path) -> None:
+    """`fedmeta meta-test` starts from Experiments 2-3's meta-test episodes: with the budget's count it gives
+    Experiment 2's meta-test curve exactly; asked for more, it adds episodes."""
+    with (repo / "metrics/finetune_include/b_user2.csv").open() as f:
+        exp2 = [(int(r["step"]), float(r["meta_test"])) for r in csv.DictReader(f)]
+    count = yaml.safe_load((repo / "params.yaml").read_text())["profiles"]["tiny"]["eval_episodes"]
+    for n in (count, 3 * count):
+        sh(repo, "fedmeta", "meta-test", "checkpoints/attacked_include.pt", "--episodes", str(n), "--out", f"mt{n}.json")
+    same, more = (json.loads((repo / f"mt{n}.json").read_text()) for n in (count, 3 * count))
+    assert [(r["step"], r["meta_test"]) for r in same["curve"]] == exp2
+    assert more["episodes"] == 3 * count and [r["step"] for r in more["curve"]] == [s for s, _ in exp2]
+
+
 def test_second_repro_does_nothing(repo: Path) -> None:
     out = sh(repo, "dvc", "repro")
     assert "Running stage" not in out
