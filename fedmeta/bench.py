@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fedmeta import lanes, model, reptile
+from fedmeta import lanes, model, reptile, runtime
 from fedmeta.config import Evaluation, Reptile
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.evaluation import FineTune, run as evaluate
@@ -401,8 +401,7 @@ def peak_rss(s: Settings, which: tuple[tuple[str, str], ...] | None = None) -> d
 def _configure(s: Settings) -> None:
     if s.threads:
         torch.set_num_threads(s.threads)
-    if torch.device(s.device).type == "cuda":
-        torch.use_deterministic_algorithms(True, warn_only=True)  # as the stages run; it picks cuDNN's kernels (on the CPU it only costs an import)
+    runtime.configure_device(s.device)  # as the stages run: it picks cuDNN's kernels and their precision
 
 
 def _commit() -> str:

@@ -36,14 +36,20 @@ def device_of(params: config.Params) -> torch.device:
 
 
 def configure(params: config.Params) -> None:
-    """Fixed threads and deterministic kernels: the same params give the same bytes on the same machine.
-
-    CPU kernels used here are deterministic already; the switch (which costs ~2 s of imports per
-    process) matters only for CUDA's atomics-based kernels.
-    """
+    """Fixed threads and deterministic kernels: the same params give the same bytes on the same machine."""
     torch.set_num_threads(params.threads)
-    if params.device.startswith("cuda"):
+    configure_device(params.device)
+
+
+def configure_device(device: str) -> None:
+    """On CUDA: deterministic kernels (CPU kernels used here are deterministic already; the switch costs
+    ~2 s of imports, so only CUDA pays it) and true float32 in convolutions and matrix products, where
+    cuDNN would use TF32 (10-bit mantissas) by default, so a GPU run differs from a CPU run by float32
+    round-off only."""
+    if device.startswith("cuda"):
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def progress(items: Iterable[T], description: str, start: int = 0, total: int | None = None) -> Iterator[T]:

@@ -59,6 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     params = config.load(Path("params.yaml"))
     runtime.configure(params)
+    runtime.configure_device(args.device)
     data = FederatedData.load(runtime.PREPARED)
     (cpu, theta_cpu), (dev, theta_dev) = (measure(params, data, args.checkpoint, torch.device(d), args.steps) for d in ("cpu", args.device))
     result: dict[str, Any] = {"cpu": cpu, args.device: dev}
