@@ -24,6 +24,10 @@ from fedmeta.evaluation import FineTune
 from fedmeta.model import Params
 
 INIT_SCALE = 10.0  # β at the start: cosines in [−1, 1] alone give a nearly uniform softmax
+# Adam's β1 in the defense's fine-tuning: matching networks train with standard Adam (Reptile's inner
+# loop uses β1 = 0). On 400 meta-test episodes of the attacked `include` model, drawn apart from the
+# pipeline's, it gave 93.0 % against 90.9 % with β1 = 0, with backdoor accuracy at the same level.
+ADAM_BETA1 = 0.9
 NORM_EPS = 1e-8
 
 
@@ -160,7 +164,7 @@ class MatchingDefense:
 
     reinit=False skips the noisy re-initialisation; use_attention=False replaces the matching head by
     the softmax classifier fine-tuned as in `FineTune` (on θ', support-set batch norm) — the ablations.
-    Adam uses `adam` with the defense's own learning rate `cfg.lr`.
+    Adam uses `adam` with the defense's own learning rate `cfg.lr` and β1 = ADAM_BETA1.
     """
 
     queries_independent = True  # batch norm and attention use the support set only
@@ -173,12 +177,12 @@ class MatchingDefense:
 
     @classmethod
     def from_params(cls, p: Config) -> "MatchingDefense":
-        """Experiment 3's learner as params.yaml sets it: Adam with Reptile's β2 at the defense's rate."""
-        return cls(p.defense, reptile.AdamConfig(lr=p.defense.lr, beta2=p.reptile.beta2), p.evaluation.n_way)
+        """Experiment 3's learner as params.yaml sets it: Adam with Reptile's β2 at the defense's rate and ADAM_BETA1."""
+        return cls(p.defense, reptile.AdamConfig(beta2=p.reptile.beta2), p.evaluation.n_way)
 
     @property
     def _adam(self) -> reptile.AdamConfig:
-        return replace(self.adam, lr=self.cfg.lr)
+        return replace(self.adam, lr=self.cfg.lr, beta1=ADAM_BETA1)
 
     @property
     def _softmax(self) -> FineTune:

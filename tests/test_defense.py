@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fedmeta import evaluation, model, reptile
 from fedmeta.config import Defense, Evaluation
-from fedmeta.defense import MatchingDefense, MatchingState, gates, glorot_like, init_head, matching_log_probs, noisy_reinit, scales
+from fedmeta.defense import ADAM_BETA1, MatchingDefense, MatchingState, gates, glorot_like, init_head, matching_log_probs, noisy_reinit, scales
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.errors import FedmetaError
 
@@ -190,7 +190,7 @@ def test_softmax_ablation_is_finetune_on_the_reinitialised_model(theta: model.Pa
     x, y, q = episodes_of(sx, 2), episodes_of(sy, 2), episodes_of(patterns(2, gen(2))[0], 2)
     batches = inner_batches(9, 3, 4, 2, gen(3))
     ablation = MatchingDefense(Defense(lr=0.01), reptile.AdamConfig(), N_WAY, reinit=False, use_attention=False)
-    finetune = evaluation.FineTune(reptile.AdamConfig(lr=0.01), "support")
+    finetune = evaluation.FineTune(reptile.AdamConfig(lr=0.01, beta1=ADAM_BETA1), "support")  # the defense's Adam
     ours = ablation.train(ablation.start(theta, 2, gen(4)), x, y, batches)
     theirs = finetune.train(finetune.start(theta, 2, gen(4)), x, y, batches)
     assert all(torch.equal(ours[0][k], theirs[0][k]) for k in theirs[0])
@@ -234,3 +234,9 @@ def test_cpu_lanes_with_hand_gradients_equal_the_vmap_autograd_path(theta: model
     for k in sv.head:
         torch.testing.assert_close(sl.head[k], sv.head[k], rtol=0, atol=1e-10)
     assert torch.equal(pl, pv)
+
+
+def test_the_defense_trains_with_its_own_adam_settings() -> None:
+    """`defense.lr` and ADAM_BETA1 set the defense's Adam whatever Adam it is given; β2 comes from it."""
+    made = MatchingDefense(Defense(lr=0.02), reptile.AdamConfig(lr=0.3, beta1=0.0, beta2=0.99), N_WAY)
+    assert (made._adam.lr, made._adam.beta1, made._adam.beta2) == (0.02, ADAM_BETA1, 0.99)
