@@ -320,18 +320,19 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
         for impl in (None, "vmap") if dtype == torch.float32 else (None,):
             adapted = _adapt_with(impl, reptile.expand(theta, s.meta_batch), x, eps.support_y, batches, adam)
             results[(impl or "fedmeta", dtype)] = [{k: v[j] for k, v in adapted.items()} for j in range(s.meta_batch)]
-    if setup.device.type != "cpu":  # the same float64 computation on the CPU
-        cpu = lambda t: t.to("cpu", torch.float64)  # noqa: E731
-        adapted = reptile.adapt(reptile.expand({k: cpu(v) for k, v in setup.theta.items()}, s.meta_batch), cpu(setup.images[eps.support]).div_(255),
-                                eps.support_y.cpu(), batches.cpu(), adam)[0]
-        results[("cpu", torch.float64)] = [{k: v[j] for k, v in adapted.items()} for j in range(s.meta_batch)]
 
     def diffs(a: list[Params], b: list[Params]) -> torch.Tensor:
         return torch.cat([(a[j][k].cpu().double() - b[j][k].cpu().double()).abs().flatten() for j in range(len(a)) for k in a[j]])
 
     truth = results[("fedmeta", torch.float64)]
-    device_vs_cpu = {"max_param_diff_float64_device_vs_cpu": float(diffs(truth, results[("cpu", torch.float64)]).max())} if ("cpu", torch.float64) in results else {}
-    return device_vs_cpu | {
+    extra: dict[str, float] = {}
+    if setup.device.type != "cpu":  # the same float64 computation on the CPU
+        theta = {k: v.to("cpu", torch.float64) for k, v in setup.theta.items()}
+        x = setup.images[eps.support].to("cpu", torch.float64).div_(255)
+        adapted = reptile.adapt(reptile.expand(theta, s.meta_batch), x, eps.support_y.cpu(), batches, adam)[0]
+        on_cpu = [{k: v[j] for k, v in adapted.items()} for j in range(s.meta_batch)]
+        extra["max_param_diff_float64_device_vs_cpu"] = float(diffs(truth, on_cpu).max())
+    return extra | {
         "max_param_diff_float64": float(diffs(truth, results[("naive", torch.float64)]).max()),
         "max_param_diff_float32": float(diffs(results[("fedmeta", torch.float32)], results[("naive", torch.float32)]).max()),
         "float32_vs_float64": {

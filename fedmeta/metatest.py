@@ -9,6 +9,7 @@ Experiments 2-3, the rest are drawn after them, so the estimate tightens around 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,12 @@ from fedmeta import checkpoint, runtime
 from fedmeta.atomic import write_text
 from fedmeta.config import load
 from fedmeta.defense import MatchingDefense
+from fedmeta.evaluation import Learner
 from fedmeta.experiment import USERS_TAG, Lab, flat, record_points
 from fedmeta.splits import FederatedData
 
-LEARNERS = ("finetune", "defense")
+# Experiment 2's and Experiment 3's learners, as the pipeline builds them, by name
+LEARNERS: dict[str, Callable[[Lab], Learner]] = {"finetune": lambda lab: lab.finetuner(), "defense": lambda lab: MatchingDefense.from_params(lab.p)}
 
 
 def main(ckpt: Path, learner: str, episodes: int, out: Path | None, params_path: Path = Path("params.yaml")) -> dict[str, Any]:
@@ -27,7 +30,7 @@ def main(ckpt: Path, learner: str, episodes: int, out: Path | None, params_path:
     runtime.configure(params)
     lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
     theta = checkpoint.load_theta(ckpt, lab.device)
-    chosen = MatchingDefense.from_params(params) if learner == "defense" else lab.finetuner()
+    chosen = LEARNERS[learner](lab)
     steps = record_points(params.budget.finetune_steps, params.budget.record_every)
     points = lab.meta_test(theta, chosen, steps, USERS_TAG, episodes)
     result = {"checkpoint": str(ckpt), "learner": learner, "episodes": episodes, "curve": [{"step": s, **flat(p)} for s, p in zip(steps, points)]}

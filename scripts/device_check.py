@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from fedmeta import checkpoint, config, runtime
-from fedmeta.defense import MatchingDefense
 from fedmeta.experiment import SCENARIOS, Lab
+from fedmeta.metatest import LEARNERS
 from fedmeta.model import Params
 from fedmeta.splits import FederatedData
 
@@ -39,8 +39,8 @@ def measure(params: config.Params, data: FederatedData, ckpt: Path, device: torc
     after = lab.round(theta, 2, include_backdoor=True, with_attacker=True)
     _sync(device)
     out: dict[str, Any] = {"round": {"seconds": round(time.perf_counter() - t0, 2)}}
-    learners = {"finetune": lab.finetuner(), "defense": MatchingDefense.from_params(params)}
-    for name, learner in learners.items():
+    for name, make in LEARNERS.items():
+        learner = make(lab)
         t0 = time.perf_counter()
         meta = lab.meta_test(theta, learner, steps, "device-check")
         attack = lab.attack_eval(theta, learner, SCENARIOS["b"], steps, "device-check", lab.benign[0])
