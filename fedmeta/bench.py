@@ -25,6 +25,13 @@ which divides each gradient by its own magnitude, turns round-off in near-zero
 gradient components into steps of up to lr), and how far each float32 result is
 from the float64 one.
 
+Each phase also gets its FLOP limit: the episodes per second that its convolutions and
+classifier (`flops_per_episode`) would allow at this device's float32 matrix-product
+rate, measured at the start; `fedmeta_share_of_limit` is how much of it the project
+reaches. Page faults per episode are recorded per side: the naive loop's speed
+depends on them (glibc maps every large tensor afresh, and the kernel zeroes each
+page), and they vary with what the process allocated before.
+
 With more threads than free cores (a busy machine) the naive loop's OpenMP
 kernels slow down many times over while the project's lanes (one thread each) do
 not, so ratios taken there overstate the gain; `load_average_before_after` is
@@ -251,13 +258,18 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _timed(setup: Setup, fn: Callable[[torch.Generator], int], seed: int) -> float:
-    """Episodes per second of one call."""
+def _minor_faults() -> int:
+    """Page faults of this process so far (all threads): fresh pages that the allocator maps and the kernel zeroes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(setup: Setup, fn: Callable[[torch.Generator], int], seed: int) -> tuple[float, float]:
+    """Episodes per second of one call, and its page faults per episode."""
     _sync(setup.device)
-    t0 = time.perf_counter()
+    faults, t0 = _minor_faults(), time.perf_counter()
     n = fn(torch.Generator().manual_seed(seed))
     _sync(setup.device)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), (_minor_faults() - faults) / n
 
 
 def time_phase(setup: Setup, phase: str) -> dict[str, Any]:
@@ -267,11 +279,14 @@ def time_phase(setup: Setup, phase: str) -> dict[str, Any]:
     getattr(warm, f"naive_{phase}")(torch.Generator().manual_seed(1))
     getattr(warm, f"fedmeta_{phase}")(torch.Generator().manual_seed(1))
     runs: dict[str, list[float]] = {"naive": [], "fedmeta": []}
+    faults: dict[str, list[float]] = {"naive": [], "fedmeta": []}
     for r in range(setup.s.repeats):
         order = [("naive", naive), ("fedmeta", ours)]
         for name, fn in order if r % 2 == 0 else order[::-1]:
-            runs[name].append(_timed(setup, fn, setup.s.seed + 100 + r))
-            _log(f"{phase} run {r + 1}/{setup.s.repeats}: {name} {runs[name][-1]:.2f} episodes/s")
+            eps, flt = _timed(setup, fn, setup.s.seed + 100 + r)
+            runs[name].append(eps)
+            faults[name].append(flt)
+            _log(f"{phase} run {r + 1}/{setup.s.repeats}: {name} {eps:.2f} episodes/s, {flt:.0f} page faults/episode")
     naive_eps, our_eps = statistics.median(runs["naive"]), statistics.median(runs["fedmeta"])
     return {
         "naive_eps_per_s": round(naive_eps, 3),
@@ -279,7 +294,49 @@ def time_phase(setup: Setup, phase: str) -> dict[str, Any]:
         "ratio": round(our_eps / naive_eps, 3),
         "naive_runs_eps_per_s": [round(v, 3) for v in runs["naive"]],
         "fedmeta_runs_eps_per_s": [round(v, 3) for v in runs["fedmeta"]],
+        "naive_page_faults_per_episode": round(statistics.median(faults["naive"])),
+        "fedmeta_page_faults_per_episode": round(statistics.median(faults["fedmeta"])),
     }
+
+
+# ---- the FLOP limit: the phases' arithmetic at this machine's matrix-product speed ----
+
+
+def flops_per_episode(s: Settings) -> dict[str, float]:
+    """Multiply-adds ×2 of the convolutions and the classifier per episode of each phase.
+
+    Training an image costs its forward pass, the weight gradients (as much again) and the input
+    gradients of every block but the first (whose input is the image); evaluation adds one forward
+    pass per support and query image for the predictions. Batch norm, pooling and Adam are left out:
+    they are memory-bound, not arithmetic.
+    """
+    side, c_in, conv = s.image_size, s.channels, []
+    for _ in range(model.BLOCKS):
+        conv.append(2 * side * side * c_in * s.width * 9)
+        side, c_in = side // 2, s.width
+    fc = 2 * s.width * model.feature_size(s.image_size) ** 2 * s.n_way
+    forward = sum(conv) + fc
+    train = forward + sum(conv) + fc + sum(conv[1:]) + fc
+    return {
+        "meta_train": s.inner_steps * s.inner_batch * train,
+        "evaluation": s.eval_steps * s.eval_batch * train + s.n_way * (s.eval_shots + 1) * forward,
+    }
+
+
+def matmul_gflops(device: torch.device, n: int = 1024, seconds: float = 0.3) -> float:
+    """The best of five float32 n×n matrix-product rates (GFLOP/s) at the current thread count."""
+    a, b = (torch.randn(n, n, generator=torch.Generator().manual_seed(k)).to(device) for k in (0, 1))
+    a @ b
+    rates = []
+    for _ in range(5):
+        _sync(device)
+        count, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            count += 1
+        _sync(device)
+        rates.append(2 * n**3 * count / (time.perf_counter() - t0) / 1e9)
+    return max(rates)
 
 
 def _adapt_with(impl: str | None, *args: Any) -> Params:
@@ -433,8 +490,16 @@ def run(s: Settings) -> dict[str, Any]:
         "lanes": lanes.count(s.meta_batch),
         "settings": asdict(s),
     }
+    result["matmul_gflops"] = round(matmul_gflops(setup.device), 1)
+    flops = flops_per_episode(s)
     for phase in PHASES:
         result[phase] = time_phase(setup, phase)
+        limit = result["matmul_gflops"] * 1e9 / flops[phase]
+        result[phase] |= {
+            "gflop_per_episode": round(flops[phase] / 1e9, 3),
+            "flop_limit_eps_per_s": round(limit, 2),
+            "fedmeta_share_of_limit": round(result[phase]["fedmeta_eps_per_s"] / limit, 3),
+        }
     _log("parameter check")
     result.update(param_diffs(setup))
     result["load_average_before_after"] = [round(v, 2) for v in (*load_before, *os.getloadavg())]
@@ -446,10 +511,12 @@ def run(s: Settings) -> dict[str, Any]:
 
 def table(r: dict[str, Any]) -> str:
     lines = [f"fedmeta bench — {r['device']}, torch {r['torch']}, {r['threads']} threads, {r['implementation']} ({r['lanes']} lanes), commit {r['commit'][:12]}"]
-    lines.append(f"{'phase':<12}{'naive eps/s':>14}{'fedmeta eps/s':>16}{'ratio':>9}")
+    lines.append(f"{'phase':<12}{'naive eps/s':>14}{'fedmeta eps/s':>16}{'ratio':>9}{'FLOP limit':>12}{'faults/ep naive':>17}{'fedmeta':>9}")
     for phase in PHASES:
         p = r[phase]
-        lines.append(f"{phase:<12}{p['naive_eps_per_s']:>14.2f}{p['fedmeta_eps_per_s']:>16.2f}{p['ratio']:>8.2f}×")
+        lines.append(f"{phase:<12}{p['naive_eps_per_s']:>14.2f}{p['fedmeta_eps_per_s']:>16.2f}{p['ratio']:>8.2f}×{p['flop_limit_eps_per_s']:>12.2f}"
+                     f"{p['naive_page_faults_per_episode']:>17}{p['fedmeta_page_faults_per_episode']:>9}")
+    lines.append(f"FLOP limit: episodes/s at {r['matmul_gflops']:.0f} GFLOP/s, this device's float32 1024² matrix product at {r['threads']} threads")
     f = r["float32_vs_float64"]
     lines.append(f"max |Δθ| vs naive after one meta-batch: float64 {r['max_param_diff_float64']:.2e}, float32 {r['max_param_diff_float32']:.2e}")
     if "max_param_diff_float64_device_vs_cpu" in r:

@@ -47,11 +47,12 @@ def run(n_episodes: int, work: Callable[[slice], T]) -> list[T]:
     slices = [slice(bounds[i], bounds[i + 1]) for i in range(lanes)]
     if lanes == 1:
         return [work(slices[0])]
-    threads = torch.get_num_threads()
+    threads, grad_mode = torch.get_num_threads(), torch.is_grad_enabled()
 
     def one_thread(sl: slice) -> T:
         torch.set_num_threads(1)
-        return work(sl)
+        with torch.set_grad_enabled(grad_mode):  # grad mode is per thread: the caller's no_grad must reach the lanes
+            return work(sl)
 
     try:
         with ThreadPoolExecutor(lanes, thread_name_prefix="fedmeta-lane") as pool:

@@ -34,9 +34,30 @@ def test_bench_command_writes_the_json_and_a_table(tmp_path: Path, one_thread) -
     for phase in ("meta_train", "evaluation"):
         assert {"naive_eps_per_s", "fedmeta_eps_per_s", "ratio"} <= set(r[phase])
         assert r[phase]["naive_eps_per_s"] > 0 and r[phase]["fedmeta_eps_per_s"] > 0
+    for phase in ("meta_train", "evaluation"):
+        p = r[phase]
+        assert p["flop_limit_eps_per_s"] > 0 and p["naive_page_faults_per_episode"] >= 0 and p["fedmeta_page_faults_per_episode"] >= 0
+        assert p["fedmeta_share_of_limit"] == round(p["fedmeta_eps_per_s"] / p["flop_limit_eps_per_s"], 3)
+    assert r["matmul_gflops"] > 0 and "FLOP limit" in result.output
     assert r["threads"] == 1 and r["settings"]["width"] == 4
     assert r["max_param_diff_float64"] < 1e-10
     assert set(r["float32_vs_float64"]) == {"naive", "fedmeta", "vmap"}
+
+
+def test_flop_count_matches_torch_flop_counter() -> None:
+    """The FLOP limit's arithmetic: training one image and classifying one, as torch's counter sees the naive Conv4."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedmeta import bench
+
+    s = bench.Settings(width=4, image_size=16, n_way=3, inner_steps=2, inner_batch=3, eval_steps=1, eval_batch=2, eval_shots=1)
+    net = bench.NaiveConv4(1, 4, 16, 3)
+    with FlopCounterMode(display=False) as train:
+        torch.nn.functional.cross_entropy(net(torch.rand(1, 1, 16, 16)), torch.tensor([2])).backward()
+    with FlopCounterMode(display=False) as classify, torch.no_grad():
+        net(torch.rand(1, 1, 16, 16))
+    per_image, forward = train.get_total_flops(), classify.get_total_flops()
+    assert bench.flops_per_episode(s) == {"meta_train": 2 * 3 * per_image, "evaluation": 1 * 2 * per_image + 3 * 2 * forward}
 
 
 def test_memory_probe_reports_peak_and_growth_from_a_fresh_process() -> None:
