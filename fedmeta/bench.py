@@ -302,7 +302,7 @@ def time_phase(setup: Setup, phase: str) -> dict[str, Any]:
 # ---- the FLOP limit: the phases' arithmetic at this machine's matrix-product speed ----
 
 
-def flops_per_episode(s: Settings) -> dict[str, float]:
+def flops_per_episode(s: Settings) -> dict[str, int]:
     """Multiply-adds ×2 of the convolutions and the classifier per episode of each phase.
 
     Training an image costs its forward pass, the weight gradients (as much again) and the input
