@@ -7,9 +7,9 @@ arithmetic, so no model is copied and no optimizer object exists per episode.
 Two implementations give the same numbers up to round-off:
 - "vmap": all E episodes in lock-step, gradients from `vmap(grad(loss))`
   (batch norm sees each episode's own batch). Used off the CPU.
-- "lanes" (the CPU default for a Conv4, see `lanes`): episodes split over
-  threads, each run episode by episode with `model.loss_grad` and an
-  in-place `_foreach` Adam.
+- "lanes" (the CPU default for a Conv4, see `lanes`): the episodes' steps
+  spread evenly over threads, each step with `model.loss_grad` and an
+  in-place `_foreach` Adam on that episode's rows.
 """
 from __future__ import annotations
 
@@ -90,50 +90,38 @@ def implementation(params: Params, x: torch.Tensor) -> str:
     return "lanes" if conv4 and lanes.enabled(x.device) else "vmap"
 
 
-def _run_lane(
-    params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], keys: list[str],
-    x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, step0: int,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Adapt this lane's episodes (leading axis) in place: all steps, episode by episode within a step."""
-    moments = [model.patch_moments(x[j]) for j in range(x.shape[0])]
-    workspace: model.Workspace = {}
-    for s in range(batches.shape[1]):
-        per_episode = []
-        for j in range(x.shape[0]):
-            idx = batches[j, s]
-            gram, colsum = moments[j]
-            p_j = {k: t[j] for k, t in zip(keys, params)}
-            per_episode.append(model.loss_grad(p_j, x[j, idx], y[j, idx], (gram[idx].sum(0), colsum[idx].sum(0)), workspace))
-        grads = [torch.stack([g[k] for g in per_episode]) for k in keys]
-        m = _adam_(params, grads, m, v, step0 + s + 1, cfg)
-    return params, m, v
-
-
 def _adapt_lanes(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState) -> tuple[Params, AdamState]:
+    """Each episode's steps with `model.loss_grad` and an in-place `_foreach` Adam on its rows of the
+    stacked tensors; the episodes' steps spread evenly over the lanes (`lanes.run_chains`)."""
     keys = list(params)
     n_ep, steps = x.shape[0], batches.shape[1]
     if steps == 0:
         return params, state
     batches = batches.to(x.device)
+    with torch.no_grad():
+        out = {k: params[k].clone() for k in keys}
+        v = {k: state.v[k].clone() for k in keys}
+        m = {k: state.m[k].clone() for k in keys}  # with β1 = 0, each episode's last gradient lands here
 
-    def lane(sl: slice) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        with torch.no_grad():
-            return _run_lane(
-                [params[k][sl].clone() for k in keys],
-                [state.m[k][sl].clone() for k in keys] if cfg.beta1 != 0 else [],
-                [state.v[k][sl].clone() for k in keys],
-                keys, x[sl], y[sl], batches[sl], cfg, state.step,
-            )
+    def worker() -> Callable[[int, int, int], None]:
+        workspace: model.Workspace = {}
 
-    results = lanes.run(n_ep, lane)
+        def do(j: int, first: int, end: int) -> None:
+            p_j, v_j = [out[k][j] for k in keys], [v[k][j] for k in keys]
+            m_j = [m[k][j] for k in keys] if cfg.beta1 != 0 else []
+            with torch.no_grad():
+                gram, colsum = model.patch_moments(x[j])
+                for s in range(first, end):
+                    idx = batches[j, s]
+                    grads = model.loss_grad(dict(zip(keys, p_j)), x[j, idx], y[j, idx], (gram[idx].sum(0), colsum[idx].sum(0)), workspace)
+                    m_j = _adam_(p_j, [grads[k] for k in keys], m_j, v_j, state.step + s + 1, cfg)
+                if cfg.beta1 == 0 and end == steps:
+                    torch._foreach_copy_([m[k][j] for k in keys], m_j)
 
-    def join(parts: list[torch.Tensor]) -> torch.Tensor:
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return do
 
-    out = {k: join([r[0][n] for r in results]) for n, k in enumerate(keys)}
-    for n, k in enumerate(keys):
-        state.m[k] = join([r[1][n] for r in results])
-        state.v[k] = join([r[2][n] for r in results])
+    lanes.run_chains(n_ep, steps, worker)
+    state.m, state.v = m, v
     state.step += steps
     return out, state
 

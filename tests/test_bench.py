@@ -96,20 +96,23 @@ def episodes(n: int, dtype: torch.dtype, seed: int = 0):
     return theta, x, y, batches
 
 
-def test_lanes_give_the_same_bits_as_one_lane(monkeypatch: pytest.MonkeyPatch, one_thread) -> None:
-    """Each episode is computed on one thread either way, so the lane count cannot change a bit."""
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_lanes_give_the_same_bits_as_one_lane(monkeypatch: pytest.MonkeyPatch, one_thread, beta1: float) -> None:
+    """Each step is computed on one thread whatever the lane count, also for episodes that 2 or 3 lanes
+    cut in two (5 episodes × 5 steps), so the count cannot change a bit."""
     theta, x, y, batches = episodes(5, torch.float32)
-    cfg = reptile.AdamConfig(lr=0.01)
+    cfg = reptile.AdamConfig(lr=0.01, beta1=beta1)
     runs = []
-    for lanes in ("1", "3"):
+    for lanes in ("1", "2", "3"):
         monkeypatch.setenv("FEDMETA_LANES", lanes)
         assert reptile.implementation(theta, x) == "lanes"
         runs.append(reptile.adapt(reptile.expand(theta, 5), x, y, batches, cfg))
     assert torch.get_num_threads() == 1  # the lanes' own setting did not leak into the caller's thread
-    (a, sa), (b, sb) = runs
-    for k in theta:
-        assert torch.equal(a[k], b[k]) and torch.equal(sa.v[k], sb.v[k]) and torch.equal(sa.m[k], sb.m[k]), k
-    assert sa.step == sb.step == 5
+    (a, sa), *others = runs
+    for b, sb in others:
+        for k in theta:
+            assert torch.equal(a[k], b[k]) and torch.equal(sa.v[k], sb.v[k]) and torch.equal(sa.m[k], sb.m[k]), k
+        assert sa.step == sb.step == 5
 
 
 @pytest.mark.parametrize("beta1", [0.0, 0.9])
