@@ -81,6 +81,8 @@ def schedule(n_chains: int, length: int, lanes: int) -> list[list[Piece]]:
     longer than a lane's share, so at equal step times the two pieces never overlap.
     """
     total = n_chains * length
+    if total == 0:
+        return []
     share = -(-total // lanes)
     plan: list[list[Piece]] = []
     for lo in range(0, total, share):
@@ -103,6 +105,8 @@ def run_chains(n_chains: int, length: int, worker: Callable[[], Callable[[int, i
     which runs steps first..end-1 of that chain. A chain's last steps wait until another lane has run its first.
     """
     plan = schedule(n_chains, length, count(n_chains))
+    if not plan:
+        return
     heads_done = {p[0]: threading.Event() for pieces in plan for p in pieces if p[2] < length}
 
     def lane(pieces: list[Piece]) -> None:

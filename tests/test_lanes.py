@@ -49,6 +49,14 @@ def watched(monkeypatch: pytest.MonkeyPatch) -> threading.Semaphore:
     return _WatchedEvent.waits
 
 
+@pytest.mark.parametrize("n_chains,length", [(0, 10), (5, 0)])
+def test_nothing_to_run_gives_an_empty_schedule_and_no_calls(n_chains: int, length: int) -> None:
+    assert lanes.schedule(n_chains, length, 2) == []
+    calls: list[tuple[int, int, int]] = []
+    lanes.run_chains(n_chains, length, lambda: lambda *piece: calls.append(piece))
+    assert calls == []
+
+
 def test_run_chains_runs_each_chains_steps_in_order_even_when_a_head_is_slow(watched: threading.Semaphore) -> None:
     """Chain 2 of (5 chains × 10 steps, 2 lanes) is cut; its first steps are held back until the other lane waits for them."""
     done: dict[int, list[int]] = {c: [] for c in range(5)}
