@@ -101,7 +101,9 @@ def _adapt_lanes(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torc
     with torch.no_grad():
         out = {k: params[k].clone() for k in keys}
         v = {k: state.v[k].clone() for k in keys}
-        m = {k: state.m[k].clone() for k in keys}  # with β1 = 0, each episode's last gradient lands here
+        # with β1 = 0 the first moment is the gradient: each episode's last one is written here at its end
+        m = {k: state.m[k].clone() if cfg.beta1 != 0 else torch.empty_like(state.m[k]) for k in keys}
+    moments: dict[int, model.Moments] = {}  # per episode, computed by the lane that runs its first steps
 
     def worker() -> Callable[[int, int, int], None]:
         workspace: model.Workspace = {}
@@ -110,7 +112,9 @@ def _adapt_lanes(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torc
             p_j, v_j = [out[k][j] for k in keys], [v[k][j] for k in keys]
             m_j = [m[k][j] for k in keys] if cfg.beta1 != 0 else []
             with torch.no_grad():
-                gram, colsum = model.patch_moments(x[j])
+                if j not in moments:  # a cut episode's last steps run after its first (lanes.run_chains)
+                    moments[j] = model.patch_moments(x[j])
+                gram, colsum = moments[j]
                 for s in range(first, end):
                     idx = batches[j, s]
                     grads = model.loss_grad(dict(zip(keys, p_j)), x[j, idx], y[j, idx], (gram[idx].sum(0), colsum[idx].sum(0)), workspace)
