@@ -9,7 +9,8 @@ contiguous slice of them (`run`), or an even share of their sequential steps
 (`run_chains`). Every step of an episode is computed on one thread whatever
 the lane count, so results do not depend on it.
 
-FEDMETA_ADAPT=vmap forces `vmap` everywhere (lanes is the CPU default);
+FEDMETA_ADAPT=vmap forces `vmap` everywhere (lanes is the CPU default;
+`reptile` also knows =stacked, its own default off the CPU);
 FEDMETA_LANES=n sets the lane count (default: one per intra-op thread).
 """
 from __future__ import annotations

@@ -105,6 +105,23 @@ def loss(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits(params, x), y)
 
 
+def stacked_loss(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Σ_e loss(params_e, x_e, y_e) for E episodes (params leaves [E, ...], x [E, b, C, H, W], y [E, b])
+    as one network: episode e's channels are group e of grouped convolutions, so batch norm's
+    per-channel statistics are each episode's own and one backward pass gives every episode its own
+    gradient. The computation `vmap(loss)` makes, in a few kernels per layer instead of vmap's
+    per-operator dispatch, which is what bounds small episodes on a GPU."""
+    n_ep, b = x.shape[:2]
+    h = x.transpose(0, 1).reshape(b, n_ep * x.shape[2], *x.shape[3:])
+    for i in range(BLOCKS):
+        h = F.conv2d(h, params[f"conv{i}.weight"].flatten(0, 1), padding=1, groups=n_ep)
+        h = F.batch_norm(h, None, None, params[f"bn{i}.weight"].flatten(), params[f"bn{i}.bias"].flatten(), training=True, eps=BN_EPS)
+        h = F.max_pool2d(F.relu(h), 2)
+    feat = h.reshape(b, n_ep, -1).transpose(0, 1)  # [E, b, D], each episode's features flattened as embed's
+    out = torch.baddbmm(params["fc.bias"].unsqueeze(1), feat, params["fc.weight"].transpose(1, 2))
+    return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum") / b
+
+
 # ---- The gradient of `loss` by hand, for one episode (reptile.adapt's CPU path) ----
 
 

@@ -4,15 +4,20 @@ One `adapt` call fine-tunes E copies of the model (one per episode):
 parameters carry a leading episode axis and Adam's update is plain tensor
 arithmetic, so no model is copied and no optimizer object exists per episode.
 
-Two implementations give the same numbers up to round-off:
-- "vmap": all E episodes in lock-step, gradients from `vmap(grad(loss))`
-  (batch norm sees each episode's own batch). Used off the CPU.
+Three implementations give the same numbers up to round-off:
 - "lanes" (the CPU default for a Conv4, see `lanes`): the episodes' steps
   spread evenly over threads, each step with `model.loss_grad` and an
   in-place `_foreach` Adam on that episode's rows.
+- "stacked" (the default elsewhere for a Conv4): all E episodes in lock-step
+  as one network of grouped convolutions (`model.stacked_loss`), one
+  autograd pass and one `_foreach` Adam per step.
+- "vmap": all E episodes in lock-step, gradients from `vmap(grad(loss))`
+  (batch norm sees each episode's own batch); any parameter dict.
+FEDMETA_ADAPT=lanes|stacked|vmap forces one for a Conv4.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,9 +90,41 @@ _batched_grad = vmap(grad(model.loss))
 
 
 def implementation(params: Params, x: torch.Tensor) -> str:
-    """Which inner loop `adapt` runs: lanes for a Conv4 where `lanes.enabled`, else vmap."""
+    """Which inner loop `adapt` runs: for a Conv4, FEDMETA_ADAPT if set, else lanes on the CPU and
+    stacked elsewhere; vmap for any other model."""
     conv4 = set(params) == model.CONV4_KEYS and x.dim() == 5 and x.dtype in (torch.float32, torch.float64)
-    return "lanes" if conv4 and lanes.enabled(x.device) else "vmap"
+    if not conv4:
+        return "vmap"
+    forced = os.environ.get("FEDMETA_ADAPT", "")
+    if forced in ("lanes", "stacked", "vmap"):
+        return forced
+    return "lanes" if x.device.type == "cpu" else "stacked"
+
+
+def _adapt_stacked(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState) -> tuple[Params, AdamState]:
+    """All episodes' steps in lock-step through `model.stacked_loss`: per step one autograd pass and one
+    `_foreach` Adam however many episodes there are, so a GPU runs few, large kernels."""
+    keys = list(params)
+    steps = batches.shape[1]
+    if steps == 0:
+        return params, state
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    batches = batches.to(x.device)
+    with torch.no_grad():
+        p = [params[k].clone() for k in keys]
+        v = [state.v[k].clone() for k in keys]
+        m = [state.m[k].clone() for k in keys] if cfg.beta1 != 0 else []
+    for s in range(steps):
+        idx = batches[:, s]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in p]
+            loss = model.stacked_loss(dict(zip(keys, leaves)), x[rows, idx], y[rows, idx])
+            grads = list(torch.autograd.grad(loss, leaves))
+        with torch.no_grad():
+            m = _adam_(p, grads, m, v, state.step + s + 1, cfg)
+    state.m, state.v = dict(zip(keys, m)), dict(zip(keys, v))
+    state.step += steps
+    return dict(zip(keys, p)), state
 
 
 def _adapt_lanes(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState) -> tuple[Params, AdamState]:
@@ -150,8 +187,9 @@ def adapt(
     Returns the adapted parameters and the Adam state, so a caller can continue.
     """
     state = state if state is not None else AdamState.zeros_like(params)
-    if implementation(params, x) == "lanes":
-        return _adapt_lanes(params, x, y, batches, cfg, state)
+    impl = implementation(params, x)
+    if impl != "vmap":
+        return (_adapt_lanes if impl == "lanes" else _adapt_stacked)(params, x, y, batches, cfg, state)
     rows = torch.arange(x.shape[0], device=x.device)[:, None]
     batches = batches.to(x.device)
     for s in range(batches.shape[1]):

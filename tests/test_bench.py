@@ -115,25 +115,28 @@ def test_lanes_give_the_same_bits_as_one_lane(monkeypatch: pytest.MonkeyPatch, o
         assert sa.step == sb.step == 5
 
 
+@pytest.mark.parametrize("impl", ["lanes", "stacked"])
 @pytest.mark.parametrize("beta1", [0.0, 0.9])
-def test_lanes_equal_vmap_with_carried_adam_state(monkeypatch: pytest.MonkeyPatch, beta1: float) -> None:
-    """The CPU path against the vmap path in float64, continuing from a carried Adam state (β1 ≠ 0 too)."""
+def test_implementations_equal_vmap_with_carried_adam_state(monkeypatch: pytest.MonkeyPatch, beta1: float, impl: str) -> None:
+    """The CPU path and the GPU default against the vmap path in float64, continuing from a carried Adam state (β1 ≠ 0 too)."""
     theta, x, y, batches = episodes(3, torch.float64, seed=1)
     cfg = reptile.AdamConfig(lr=0.01, beta1=beta1)
     out = {}
-    for impl in ("vmap", "lanes"):
-        monkeypatch.setenv("FEDMETA_ADAPT", impl)
+    for name in ("vmap", impl):
+        monkeypatch.setenv("FEDMETA_ADAPT", name)
         monkeypatch.setenv("FEDMETA_LANES", "2")
         params, state = reptile.adapt(reptile.expand(theta, 3), x, y, batches[:, :2], cfg)
-        out[impl] = reptile.adapt(params, x, y, batches[:, 2:], cfg, state)
-    (pv, sv), (pl, sl) = out["vmap"], out["lanes"]
+        out[name] = reptile.adapt(params, x, y, batches[:, 2:], cfg, state)
+    (pv, sv), (pl, sl) = out["vmap"], out[impl]
     assert sv.step == sl.step == 5
     for k in theta:
         assert torch.allclose(pv[k], pl[k], atol=1e-10, rtol=0), k
         assert torch.allclose(sv.m[k], sl.m[k], atol=1e-10, rtol=0) and torch.allclose(sv.v[k], sl.v[k], atol=1e-12, rtol=0), k
 
 
-def test_adapt_leaves_its_inputs_alone() -> None:
+@pytest.mark.parametrize("impl", ["lanes", "stacked", "vmap"])
+def test_adapt_leaves_its_inputs_alone(monkeypatch: pytest.MonkeyPatch, impl: str) -> None:
+    monkeypatch.setenv("FEDMETA_ADAPT", impl)
     theta, x, y, batches = episodes(2, torch.float64)
     params = reptile.expand(theta, 2)
     state = reptile.AdamState.zeros_like(params)

@@ -1,9 +1,12 @@
 """Reptile's inner and outer steps against closed forms and against the naive per-episode loop."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fedmeta import model, reptile
+
+IMPLEMENTATIONS = ("lanes", "stacked", "vmap")
 
 
 def tiny_params(dtype: torch.dtype = torch.float64) -> model.Params:
@@ -67,7 +70,9 @@ def naive_episode(theta: model.Params, x: torch.Tensor, y: torch.Tensor, batches
     return {k: v.detach() for k, v in q.items()}
 
 
-def test_batched_adapt_equals_per_episode_loop() -> None:
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_batched_adapt_equals_per_episode_loop(monkeypatch: pytest.MonkeyPatch, impl: str) -> None:
+    monkeypatch.setenv("FEDMETA_ADAPT", impl)
     theta = tiny_params()
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(3, 9, 1, 28, 28, generator=gen, dtype=torch.float64)
@@ -80,7 +85,9 @@ def test_batched_adapt_equals_per_episode_loop() -> None:
             assert torch.allclose(adapted[k][j], ref[k], atol=1e-10), (j, k)
 
 
-def test_adapt_in_segments_equals_one_call() -> None:
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_adapt_in_segments_equals_one_call(monkeypatch: pytest.MonkeyPatch, impl: str) -> None:
+    monkeypatch.setenv("FEDMETA_ADAPT", impl)
     theta = tiny_params()
     gen = torch.Generator().manual_seed(4)
     x = torch.rand(2, 6, 1, 28, 28, generator=gen, dtype=torch.float64)
@@ -92,3 +99,15 @@ def test_adapt_in_segments_equals_one_call() -> None:
     part, _ = reptile.adapt(part, x, y, batches[:, 2:], cfg, state)
     for k in theta:
         assert torch.equal(whole[k], part[k])
+
+
+def test_implementation_choice() -> None:
+    """Lanes on the CPU and stacked elsewhere for a Conv4 (a meta tensor stands in for a GPU's), vmap for
+    any other model; FEDMETA_ADAPT overrides the choice for a Conv4 only."""
+    theta = tiny_params(torch.float32)
+    cpu, off_cpu = torch.empty(2, 3, 1, 28, 28), torch.empty(2, 3, 1, 28, 28, device="meta")
+    assert reptile.implementation(theta, cpu) == "lanes" and reptile.implementation(theta, off_cpu) == "stacked"
+    assert reptile.implementation({"w": theta["fc.weight"]}, cpu) == "vmap"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDMETA_ADAPT", "stacked")
+        assert reptile.implementation(theta, cpu) == "stacked" and reptile.implementation({"w": theta["fc.weight"]}, cpu) == "vmap"
