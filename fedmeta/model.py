@@ -105,19 +105,30 @@ def loss(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits(params, x), y)
 
 
+def _episode_conv(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Each episode's 3×3 convolution (padding 1) with its own weight, h [E, C, b, H, W] and
+    w [E, K, C, 3, 3] → [E, K, b, H, W], as one batched product of weights and image patches."""
+    n_ep, c, b, height, width = h.shape
+    cols = F.unfold(h.reshape(n_ep, c * b, height, width), 3, padding=1)  # [E, (C, b, 3·3), H·W]
+    cols = cols.view(n_ep, c, b, 9, height * width).transpose(2, 3).reshape(n_ep, c * 9, b * height * width)
+    return torch.bmm(w.flatten(2), cols).view(n_ep, -1, b, height, width)
+
+
 def stacked_loss(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Σ_e loss(params_e, x_e, y_e) for E episodes (params leaves [E, ...], x [E, b, C, H, W], y [E, b])
-    as one network: episode e's channels are group e of grouped convolutions, so batch norm's
-    per-channel statistics are each episode's own and one backward pass gives every episode its own
-    gradient. The computation `vmap(loss)` makes, in a few kernels per layer instead of vmap's
-    per-operator dispatch, which is what bounds small episodes on a GPU."""
+    as one network whose activations are laid out [E, C, b, H, W]: convolutions are batched matrix
+    products, batch norm's per-channel statistics are each episode's own, and one backward pass gives
+    every episode its own gradient. The computation `vmap(loss)` makes, in a few large kernels per
+    layer instead of vmap's per-operator dispatch and cuDNN's per-group loops, which bound small
+    episodes on a GPU; the price is the patch matrices (9× a layer's input) kept for the backward pass."""
     n_ep, b = x.shape[:2]
-    h = x.transpose(0, 1).reshape(b, n_ep * x.shape[2], *x.shape[3:])
+    h = x.transpose(1, 2)
     for i in range(BLOCKS):
-        h = F.conv2d(h, params[f"conv{i}.weight"].flatten(0, 1), padding=1, groups=n_ep)
-        h = F.batch_norm(h, None, None, params[f"bn{i}.weight"].flatten(), params[f"bn{i}.bias"].flatten(), training=True, eps=BN_EPS)
-        h = F.max_pool2d(F.relu(h), 2)
-    feat = h.reshape(b, n_ep, -1).transpose(0, 1)  # [E, b, D], each episode's features flattened as embed's
+        z = _episode_conv(h, params[f"conv{i}.weight"])
+        k, height, width = z.shape[1], z.shape[3], z.shape[4]
+        z = F.batch_norm(z.reshape(1, n_ep * k, -1), None, None, params[f"bn{i}.weight"].flatten(), params[f"bn{i}.bias"].flatten(), training=True, eps=BN_EPS)
+        h = F.max_pool2d(F.relu(z.view(n_ep * k, b, height, width)), 2).view(n_ep, k, b, height // 2, width // 2)
+    feat = h.transpose(1, 2).reshape(n_ep, b, -1)  # [E, b, D], each image's features flattened as embed's
     out = torch.baddbmm(params["fc.bias"].unsqueeze(1), feat, params["fc.weight"].transpose(1, 2))
     return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum") / b
 

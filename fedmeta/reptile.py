@@ -9,8 +9,8 @@ Three implementations give the same numbers up to round-off:
   spread evenly over threads, each step with `model.loss_grad` and an
   in-place `_foreach` Adam on that episode's rows.
 - "stacked" (the default elsewhere for a Conv4): all E episodes in lock-step
-  as one network of grouped convolutions (`model.stacked_loss`), one
-  autograd pass and one `_foreach` Adam per step.
+  as one network (`model.stacked_loss`), one autograd pass and one
+  `_foreach` Adam per step.
 - "vmap": all E episodes in lock-step, gradients from `vmap(grad(loss))`
   (batch norm sees each episode's own batch); any parameter dict.
 FEDMETA_ADAPT=lanes|stacked|vmap forces one for a Conv4.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.func import grad, vmap
 
 from fedmeta import model, reptile
 
@@ -111,3 +112,19 @@ def test_implementation_choice() -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDMETA_ADAPT", "stacked")
         assert reptile.implementation(theta, cpu) == "stacked" and reptile.implementation({"w": theta["fc.weight"]}, cpu) == "vmap"
+
+
+@pytest.mark.parametrize(("size", "channels"), [(28, 1), (30, 1), (36, 3)])
+def test_stacked_loss_and_gradient_equal_vmap(size: int, channels: int) -> None:
+    """The GPU path's one-network form against vmap of the per-episode loss, odd sides (30 → 15 → 7 → 3) included."""
+    g = torch.Generator().manual_seed(5)
+    theta = model.init_conv4(channels, 6, size, 5, g)
+    params = {k: v.double() + 0.1 * torch.randn(3, *v.shape, generator=g, dtype=torch.float64) for k, v in theta.items()}
+    x = torch.rand(3, 7, channels, size, size, generator=g, dtype=torch.float64)
+    y = torch.randint(5, (3, 7), generator=g)
+    assert torch.allclose(model.stacked_loss(params, x, y), vmap(model.loss)(params, x, y).sum(), atol=1e-12, rtol=0)
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    got = torch.autograd.grad(model.stacked_loss(leaves, x, y), list(leaves.values()))
+    ref = vmap(grad(model.loss))(params, x, y)
+    for k, gk in zip(leaves, got):
+        assert torch.allclose(gk, ref[k], atol=1e-11, rtol=0), k
