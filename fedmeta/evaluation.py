@@ -7,8 +7,8 @@ run of 500 steps yields the whole curve of Experiments 2 and 3.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch

@@ -84,6 +84,8 @@ def schedule(n_chains: int, length: int, lanes: int) -> list[list[Piece]]:
     total = n_chains * length
     if total == 0:
         return []
+    if not 1 <= lanes <= n_chains:  # more lanes would cut a chain in three, which run_chains cannot order
+        raise ValueError(f"lanes.schedule: expected 1 ≤ lanes ≤ n_chains ({n_chains}), got lanes={lanes}")
     share = -(-total // lanes)
     plan: list[list[Piece]] = []
     for lo in range(0, total, share):

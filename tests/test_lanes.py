@@ -30,6 +30,12 @@ def test_schedule_covers_every_step_once_in_even_shares_with_heads_before_tails(
         assert all(a[2] <= b[1] for a, b in zip(parts, parts[1:])), (c, parts)
 
 
+@pytest.mark.parametrize("n_chains,n_lanes", [(2, 3), (5, 0)])
+def test_schedule_refuses_more_lanes_than_chains_or_none(n_chains: int, n_lanes: int) -> None:
+    with pytest.raises(ValueError, match="lanes.schedule: expected 1 ≤ lanes ≤ n_chains"):
+        lanes.schedule(n_chains, 10, n_lanes)
+
+
 class _WatchedEvent(threading.Event):
     """An Event that reports each wait, so a test can act while a lane is blocked on one."""
 
