@@ -26,20 +26,35 @@ import torch
 from torch.func import vmap
 from torch.utils import _pytree as pytree
 
+from fedmeta.errors import FedmetaError
+
 T = TypeVar("T")
+
+
+ADAPT_CHOICES = ("lanes", "stacked", "vmap")
+
+
+def forced() -> str:
+    """FEDMETA_ADAPT, checked ('' when unset): a misspelt value must not silently run the default."""
+    value = os.environ.get("FEDMETA_ADAPT", "")
+    if value not in ("", *ADAPT_CHOICES):
+        raise FedmetaError(f"FEDMETA_ADAPT: expected one of {', '.join(ADAPT_CHOICES)}, got {value!r}")
+    return value
 
 
 def enabled(device: torch.device) -> bool:
     """Lanes on the CPU unless FEDMETA_ADAPT=vmap; vmap elsewhere unless FEDMETA_ADAPT=lanes."""
-    forced = os.environ.get("FEDMETA_ADAPT", "")
-    if forced in ("vmap", "lanes"):
-        return forced == "lanes"
+    choice = forced()
+    if choice in ("vmap", "lanes"):
+        return choice == "lanes"
     return device.type == "cpu"
 
 
 def count(n_episodes: int) -> int:
     """FEDMETA_LANES if set, else one lane per intra-op thread; never more lanes than episodes."""
     env = os.environ.get("FEDMETA_LANES", "")
+    if env and not (env.isdigit() and int(env) > 0):
+        raise FedmetaError(f"FEDMETA_LANES: expected a positive whole number, got {env!r}")
     lanes = int(env) if env else torch.get_num_threads()
     return max(1, min(lanes, n_episodes))
 

@@ -17,7 +17,6 @@ FEDMETA_ADAPT=lanes|stacked|vmap forces one for a Conv4.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,10 +94,7 @@ def implementation(params: Params, x: torch.Tensor) -> str:
     conv4 = set(params) == model.CONV4_KEYS and x.dim() == 5 and x.dtype in (torch.float32, torch.float64)
     if not conv4:
         return "vmap"
-    forced = os.environ.get("FEDMETA_ADAPT", "")
-    if forced in ("lanes", "stacked", "vmap"):
-        return forced
-    return "lanes" if x.device.type == "cpu" else "stacked"
+    return lanes.forced() or ("lanes" if x.device.type == "cpu" else "stacked")
 
 
 def _adapt_stacked(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState) -> tuple[Params, AdamState]:
@@ -188,8 +184,10 @@ def adapt(
     """
     state = state if state is not None else AdamState.zeros_like(params)
     impl = implementation(params, x)
-    if impl != "vmap":
-        return (_adapt_lanes if impl == "lanes" else _adapt_stacked)(params, x, y, batches, cfg, state)
+    if impl == "lanes":
+        return _adapt_lanes(params, x, y, batches, cfg, state)
+    if impl == "stacked":
+        return _adapt_stacked(params, x, y, batches, cfg, state)
     rows = torch.arange(x.shape[0], device=x.device)[:, None]
     batches = batches.to(x.device)
     for s in range(batches.shape[1]):

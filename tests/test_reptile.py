@@ -6,6 +6,7 @@ import torch
 from torch.func import grad, vmap
 
 from fedmeta import model, reptile
+from fedmeta.errors import FedmetaError
 
 IMPLEMENTATIONS = ("lanes", "stacked", "vmap")
 
@@ -128,3 +129,17 @@ def test_stacked_loss_and_gradient_equal_vmap(size: int, channels: int) -> None:
     ref = vmap(grad(model.loss))(params, x, y)
     for k, gk in zip(leaves, got):
         assert torch.allclose(gk, ref[k], atol=1e-11, rtol=0), k
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [("FEDMETA_ADAPT", "stackd", "FEDMETA_ADAPT: expected one of lanes, stacked, vmap, got 'stackd'"),
+                                                        ("FEDMETA_LANES", "two", "FEDMETA_LANES: expected a positive whole number, got 'two'"),
+                                                        ("FEDMETA_LANES", "0", "FEDMETA_LANES: expected a positive whole number, got '0'")])
+def test_a_bad_implementation_switch_is_an_error_not_the_default(monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str) -> None:
+    monkeypatch.setenv(name, value)
+    theta = tiny_params()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.rand(2, 6, 1, 28, 28, generator=gen, dtype=torch.float64)
+    y = torch.arange(3).repeat(2).expand(2, 6).clone()
+    with pytest.raises(FedmetaError) as err:
+        reptile.adapt(reptile.expand(theta, 2), x, y, torch.randint(6, (2, 2, 3), generator=gen), reptile.AdamConfig())
+    assert str(err.value) == expected
