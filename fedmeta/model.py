@@ -10,19 +10,19 @@ native batch-norm and max-pool kernels, and the first block (one input
 channel, nine-tap patches: a poor convolution) done as matrix products whose
 batch-norm statistics and weight gradient come in closed form from the Gram
 matrix of the image patches, so its full-size activations are touched only
-by the pooling (into buffers reused across calls, see `_buffer`).
+by the pooling (into buffers reused across calls, see `_buffer`). That part
+is written in the TorchScript subset of Python (no `from __future__ import
+annotations`, constants as default arguments), so `reptile` can compile its
+inner loop around it and run that loop without holding the GIL.
 """
-from __future__ import annotations
-
 import math
-from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 Params = dict[str, torch.Tensor]
 Moments = tuple[torch.Tensor, torch.Tensor]  # Σ patch patchᵀ [9C, 9C] and Σ patch [9C], float64
-_aten = torch.ops.aten
 
 BN_EPS = 1e-5
 BLOCKS = 4
@@ -66,11 +66,16 @@ def init_conv4(channels: int, width: int, image_size: int, n_way: int, generator
 
 
 def _batch_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_ref: int | None) -> torch.Tensor:
-    """Training-mode BN; with `n_ref`, statistics come from the first `n_ref` samples only."""
+    """Training-mode BN; with `n_ref`, statistics come from the first `n_ref` samples only.
+
+    Their variance is taken in two passes (mean, then mean squared deviation): torch.var_mean over
+    (0, 2, 3) runs about 15 times slower on the CPU (5.4 against 0.33 ms for [25, 64, 28, 28]).
+    """
     if n_ref is None:
         return F.batch_norm(h, None, None, weight, bias, training=True, eps=BN_EPS)
     ref = h[:n_ref]
-    var, mean = torch.var_mean(ref, dim=(0, 2, 3), unbiased=False, keepdim=True)
+    mean = ref.mean((0, 2, 3), keepdim=True)
+    var = (ref - mean).square().mean((0, 2, 3), keepdim=True)
     scale = torch.rsqrt(var + BN_EPS) * weight[:, None, None]
     return torch.addcmul(bias[:, None, None] - mean * scale, h, scale)  # one full-size result, not four
 
@@ -143,7 +148,7 @@ def patches(x: torch.Tensor) -> torch.Tensor:
     so `patches(x).T @ w.flatten(1).T` is conv2d(x, w, padding=1) as [n·H·W, out].
     """
     n, c, h, w = x.shape
-    u = F.pad(x, (1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1)  # [n, C, H, W, 3, 3]
+    u = F.pad(x, [1, 1, 1, 1]).unfold(2, 3, 1).unfold(3, 3, 1)  # [n, C, H, W, 3, 3]
     return u.permute(1, 4, 5, 0, 2, 3).reshape(c * 9, n * h * w)
 
 
@@ -152,7 +157,8 @@ def patch_moments(x: torch.Tensor) -> Moments:
 
     A batch's moments are the sums over its images, so an episode computes them once for all its steps.
     """
-    grams, sums = [], []
+    grams: list[torch.Tensor] = []
+    sums: list[torch.Tensor] = []
     for part in x.split(16):  # bounded memory for large images
         cols = patches(part).double().view(x.shape[1] * 9, part.shape[0], -1).transpose(0, 1)  # [n, 9C, H·W]
         grams.append(torch.bmm(cols, cols.transpose(1, 2)))
@@ -163,46 +169,52 @@ def patch_moments(x: torch.Tensor) -> Moments:
 Workspace = dict[str, torch.Tensor]
 
 
-def _buffer(ws: Workspace | None, name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """A reusable channels-last (4-D) or contiguous buffer, or None without a workspace.
+def _buffer(ws: Workspace, name: str, shape: list[int], like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A reusable channels-last (4-D) or contiguous buffer, kept in `ws` under `name`.
 
     Fresh multi-megabyte tensors cost page faults on every allocation (glibc gives such blocks back
     to the system when freed), a large share of block 0's time; `loss_grad` reuses them instead.
     """
-    if ws is None:
-        return None
-    dtype = dtype or like.dtype
-    t = ws.get(name)
-    if t is None or t.shape != shape or t.dtype != dtype or t.device != like.device:
-        fmt = torch.channels_last if len(shape) == 4 else torch.contiguous_format
-        t = ws[name] = torch.empty(shape, dtype=dtype, device=like.device, memory_format=fmt)
+    kind = like.dtype if dtype is None else dtype
+    if name in ws:
+        t = ws[name]
+        if list(t.shape) == shape and t.dtype == kind and t.device == like.device:
+            return t
+    if len(shape) == 4:
+        t = torch.empty(shape, dtype=kind, device=like.device, memory_format=torch.channels_last)
+    else:
+        t = torch.empty(shape, dtype=kind, device=like.device)
+    ws[name] = t
     return t
 
 
-def _pool(p: torch.Tensor, ws: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _pool(p: torch.Tensor, ws: Optional[Workspace] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ReLU then 2×2 max-pool of p [b, C, H, W]; max commutes with ReLU, so the pooled values are clamped instead."""
-    shape = (p.shape[0], p.shape[1], p.shape[2] // 2, p.shape[3] // 2)
-    out, idx = _buffer(ws, "pool", shape, p), _buffer(ws, "pool_idx", shape, p, torch.int64)
-    if out is None or idx is None:
-        m, idx = _aten.max_pool2d_with_indices(p, [2, 2], [2, 2])
+    if ws is None:
+        m, idx = torch.ops.aten.max_pool2d_with_indices(p, [2, 2], [2, 2])
     else:
-        m, idx = _aten.max_pool2d_with_indices.out(p, [2, 2], [2, 2], [0, 0], [1, 1], False, out=out, indices=idx)
+        shape = [p.shape[0], p.shape[1], p.shape[2] // 2, p.shape[3] // 2]
+        out, idx = _buffer(ws, "pool", shape, p), _buffer(ws, "pool_idx", shape, p, torch.int64)
+        m, idx = torch.ops.aten.max_pool2d_with_indices(p, [2, 2], [2, 2], [0, 0], [1, 1], False, out=out, indices=idx)
     return m.clamp_min(0), idx
 
 
-def _pool_backward(dh: torch.Tensor, h: torch.Tensor, p: torch.Tensor, idx: torch.Tensor, ws: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _pool_backward(dh: torch.Tensor, h: torch.Tensor, p: torch.Tensor, idx: torch.Tensor, ws: Optional[Workspace] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(gradient at the pooled pre-ReLU maxima, gradient at p); the first maximum of a window takes it, as in max_pool2d."""
-    g = _aten.threshold_backward(dh, h, 0)
-    out = _buffer(ws, "pool_grad", tuple(p.shape), p)
-    if out is None:
-        return g, _aten.max_pool2d_with_indices_backward(g, p, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
-    return g, _aten.max_pool2d_with_indices_backward.grad_input(g, p, [2, 2], [2, 2], [0, 0], [1, 1], False, idx, grad_input=out)
+    g = torch.ops.aten.threshold_backward(dh, h, 0)
+    if ws is None:
+        return g, torch.ops.aten.max_pool2d_with_indices_backward(g, p, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+    out = _buffer(ws, "pool_grad", list(p.shape), p)
+    return g, torch.ops.aten.max_pool2d_with_indices_backward(g, p, [2, 2], [2, 2], [0, 0], [1, 1], False, idx, grad_input=out)
 
 
-@dataclass
-class Tape:
-    """What `features_backward` needs from `features_forward`: block 0's patch algebra, then per block
-    (block input, BN output p, pool indices, pooled output, conv output z2, BN mean, BN 1/std)."""
+Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Tape(NamedTuple):
+    """What `features_backward` needs from `features_forward`: block 0's patch algebra, BN output p,
+    pool indices and pooled output, then per later block (block input, BN output p, pool indices,
+    pooled output, conv output z2, BN mean, BN 1/std)."""
 
     cols: torch.Tensor
     gram: torch.Tensor
@@ -212,10 +224,14 @@ class Tape:
     mean: torch.Tensor
     rstd: torch.Tensor
     scale: torch.Tensor
-    blocks: list[tuple[torch.Tensor, ...]]
+    p0: torch.Tensor
+    idx0: torch.Tensor
+    h0: torch.Tensor
+    blocks: list[Block]
 
 
-def features_forward(params: Params, x: torch.Tensor, moments: Moments | None = None, workspace: Workspace | None = None) -> tuple[torch.Tensor, Tape]:
+def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments] = None, workspace: Optional[Workspace] = None,
+                     blocks: int = BLOCKS, eps: float = BN_EPS) -> tuple[torch.Tensor, Tape]:
     """f_θ(x) [b, D] (training-mode batch norm over x) and the tape for `features_backward`.
 
     moments: `patch_moments(x)` summed over the batch, if already known (else computed here).
@@ -228,53 +244,57 @@ def features_forward(params: Params, x: torch.Tensor, moments: Moments | None = 
     n_pix = b * height * width
     cols = patches(x)
     if moments is None:
-        gram, colsum = patch_moments(x)
-        moments = (gram.sum(0), colsum.sum(0))
-    gram, colsum = moments
+        grams, colsums = patch_moments(x)
+        gram, colsum = grams.sum(0), colsums.sum(0)
+    else:
+        gram, colsum = moments
+    ws: Workspace = {} if workspace is None else workspace
     w0 = params["conv0.weight"]
     w0d = w0.flatten(1).double()  # [C, 9 c_in]
     gw = w0d @ gram  # row c: (G w_c)ᵀ
     mean = (w0d @ colsum) / n_pix
     var = ((gw * w0d).sum(1) / n_pix - mean * mean).clamp_min(0)
-    rstd = torch.rsqrt(var + BN_EPS)
+    rstd = torch.rsqrt(var + eps)
     scale = params["bn0.weight"].double() * rstd
     shift = params["bn0.bias"].double() - mean * scale
-    out = _buffer(workspace, "bn0", (n_pix, w0.shape[0]), w0)
-    p = torch.addmm(shift.to(w0.dtype), cols.T, (w0d * scale[:, None]).to(w0.dtype).T, **({} if out is None else {"out": out}))
-    p = p.view(b, height, width, -1).permute(0, 3, 1, 2)  # BN(conv(x)), channels last
-    h, idx = _pool(p, workspace)
-    saved: list[tuple[torch.Tensor, ...]] = [(x, p, idx, h)]
-    for i in range(1, BLOCKS):
+    out = _buffer(ws, "bn0", [n_pix, w0.shape[0]], w0)
+    p = torch.addmm(shift.to(w0.dtype), cols.T, (w0d * scale[:, None]).to(w0.dtype).T, out=out)
+    p0 = p.view(b, height, width, -1).permute(0, 3, 1, 2)  # BN(conv(x)), channels last
+    h0, idx0 = _pool(p0, ws)
+    h = h0
+    saved: list[Block] = []
+    for i in range(1, blocks):
         h_in = h
         z = F.conv2d(h_in, params[f"conv{i}.weight"], padding=1)  # channels last, like h_in
         z2 = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        p2, mu, invstd = _aten.native_batch_norm(z2, params[f"bn{i}.weight"], params[f"bn{i}.bias"], None, None, True, 0.0, BN_EPS)
+        p2, mu, invstd = torch.ops.aten.native_batch_norm(z2, params[f"bn{i}.weight"], params[f"bn{i}.bias"], None, None, True, 0.0, eps)
         p = p2.view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
         h, idx = _pool(p)
         saved.append((h_in, p, idx, h, z2, mu, invstd))
-    return h.flatten(1), Tape(cols, gram, colsum, w0d, gw, mean, rstd, scale, saved)
+    return h.flatten(1), Tape(cols, gram, colsum, w0d, gw, mean, rstd, scale, p0, idx0, h0, saved)
 
 
-def features_backward(params: Params, tape: Tape, dfeat: torch.Tensor, workspace: Workspace | None = None) -> Params:
+def features_backward(params: Params, tape: Tape, dfeat: torch.Tensor, workspace: Optional[Workspace] = None, eps: float = BN_EPS) -> Params:
     """Gradients of the conv and batch-norm parameters given ∂loss/∂f_θ(x) [b, D];
     block 0's weight gradient is ∂w = scale·(P ∂p)ᵀ + k1·(G w − mean ΣP) + k0·ΣP for BN's ∂z = scale·∂p + k1·(z − mean) + k0."""
     grads: Params = {}
     dh = dfeat.view(tape.blocks[-1][3].shape)
-    for i in range(BLOCKS - 1, 0, -1):
-        h_in, p, idx, h, z2, mu, invstd = tape.blocks[i]
+    for i in range(len(tape.blocks), 0, -1):
+        h_in, p, idx, h, z2, mu, invstd = tape.blocks[i - 1]
         _, dp = _pool_backward(dh, h, p, idx)
         dp2 = dp.permute(0, 2, 3, 1).reshape(z2.shape)
-        dz2, grads[f"bn{i}.weight"], grads[f"bn{i}.bias"] = _aten.native_batch_norm_backward(
-            dp2, z2, params[f"bn{i}.weight"], None, None, mu, invstd, True, BN_EPS, [True, True, True]
+        dz2, grads[f"bn{i}.weight"], grads[f"bn{i}.bias"] = torch.ops.aten.native_batch_norm_backward(
+            dp2, z2, params[f"bn{i}.weight"], None, None, mu, invstd, True, eps, [True, True, True]
         )
         dz = dz2.view(p.shape[0], p.shape[2], p.shape[3], -1).permute(0, 3, 1, 2)
-        dh, grads[f"conv{i}.weight"], _ = _aten.convolution_backward(
+        dh, grads[f"conv{i}.weight"], _ = torch.ops.aten.convolution_backward(
             dz, h_in, params[f"conv{i}.weight"], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
         )
-    _, p, idx, h = tape.blocks[0]
+    p, idx, h = tape.p0, tape.idx0, tape.h0
     n_pix = p.shape[0] * p.shape[2] * p.shape[3]
-    g, dp = _pool_backward(dh, h, p, idx, workspace)
-    dbeta = g.sum((0, 2, 3)).double()  # each pooled gradient lands on exactly one pixel
+    ws: Workspace = {} if workspace is None else workspace
+    g, dp = _pool_backward(dh, h, p, idx, ws)
+    dbeta = g.sum([0, 2, 3]).double()  # each pooled gradient lands on exactly one pixel
     a = (tape.cols @ dp.permute(0, 2, 3, 1).reshape(n_pix, -1)).double().T  # (P ∂p)ᵀ [C, 9 c_in]
     dgamma = ((a * tape.w0d).sum(1) - tape.mean * dbeta) * tape.rstd  # Σ ∂p·(z − mean)·rstd with z = P w
     k1 = -tape.scale * tape.rstd * dgamma / n_pix
@@ -287,7 +307,7 @@ def features_backward(params: Params, tape: Tape, dfeat: torch.Tensor, workspace
     return grads
 
 
-def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Moments | None = None, workspace: Workspace | None = None) -> Params:
+def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Optional[Moments] = None, workspace: Optional[Workspace] = None) -> Params:
     """∇_params loss(params, x, y) for one batch x [b, C, H, W], y [b]; equals torch.func.grad(loss) up to round-off.
 
     The classifier and cross-entropy by hand, around `features_forward` / `features_backward`.
@@ -296,5 +316,7 @@ def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Moments
     fc_w = params["fc.weight"]
     dlogits = torch.addmm(params["fc.bias"], feat, fc_w.T).softmax(-1)
     dlogits = (dlogits - F.one_hot(y, dlogits.shape[1]).to(dlogits.dtype)) / x.shape[0]
-    grads = {"fc.weight": dlogits.T @ feat, "fc.bias": dlogits.sum(0)}
-    return grads | features_backward(params, tape, dlogits @ fc_w, workspace)
+    grads = features_backward(params, tape, dlogits @ fc_w, workspace)
+    grads["fc.weight"] = dlogits.T @ feat
+    grads["fc.bias"] = dlogits.sum(0)
+    return grads

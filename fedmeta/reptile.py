@@ -7,7 +7,9 @@ arithmetic, so no model is copied and no optimizer object exists per episode.
 Three implementations give the same numbers up to round-off:
 - "lanes" (the CPU default for a Conv4, see `lanes`): the episodes' steps
   spread evenly over threads, each step with `model.loss_grad` and an
-  in-place `_foreach` Adam on that episode's rows.
+  in-place `_foreach` Adam on that episode's rows; a lane's run of steps is
+  one TorchScript call (`_compiled_episode_steps`), so the lanes do not
+  queue for the GIL between kernels.
 - "stacked" (the default elsewhere for a Conv4): all E episodes in lock-step
   as one network (`model.stacked_loss`), one autograd pass and one
   `_foreach` Adam per step.
@@ -17,8 +19,10 @@ FEDMETA_ADAPT=lanes|stacked|vmap forces one for a Conv4.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch.func import grad, vmap
@@ -27,6 +31,8 @@ from fedmeta import lanes, model
 from fedmeta.config import Reptile
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.model import Params
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,24 +73,52 @@ def adam_update(params: Params, grads: Params, state: AdamState, cfg: AdamConfig
     return new
 
 
-def _adam_(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], step: int, cfg: AdamConfig) -> list[torch.Tensor]:
+def _adam_(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], step: int,
+           lr: float, beta1: float, beta2: float, eps: float) -> list[torch.Tensor]:
     """`adam_update`'s arithmetic, op for op (so bit for bit), in place on lists; returns the new first moments."""
-    bc1 = 1 - cfg.beta1**step
-    bc2_sqrt = (1 - cfg.beta2**step) ** 0.5
-    if cfg.beta1 == 0:
+    bc1 = 1 - beta1**step
+    bc2_sqrt = (1 - beta2**step) ** 0.5
+    if beta1 == 0:
         m = grads
     else:
-        torch._foreach_mul_(m, cfg.beta1)
-        torch._foreach_add_(m, grads, alpha=1 - cfg.beta1)
-    torch._foreach_mul_(v, cfg.beta2)
-    torch._foreach_addcmul_(v, grads, grads, value=1 - cfg.beta2)
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, grads, alpha=1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
     denom = torch._foreach_sqrt(v)
     torch._foreach_div_(denom, bc2_sqrt)
-    torch._foreach_add_(denom, cfg.eps)
-    torch._foreach_addcdiv_(params, m, denom, value=-cfg.lr / bc1)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, m, denom, value=-lr / bc1)
     return m
 
 
+def _episode_steps(keys: list[str], p: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                   batches: torch.Tensor, gram: torch.Tensor, colsum: torch.Tensor, first: int, end: int, done: int,
+                   lr: float, beta1: float, beta2: float, eps: float, workspace: model.Workspace) -> list[torch.Tensor]:
+    """Steps first..end-1 of one episode (x [n, ...], batches [steps, b], per-image patch moments), Adam in place
+    on p and v; returns the first moments. `done` counts the Adam steps taken before this call."""
+    for s in range(first, end):
+        idx = batches[s]
+        params: model.Params = {}
+        for k, t in zip(keys, p):
+            params[k] = t
+        grads = model.loss_grad(params, x[idx], y[idx], (gram[idx].sum(0), colsum[idx].sum(0)), workspace)
+        m = _adam_(p, [grads[k] for k in keys], m, v, done + s + 1, lr, beta1, beta2, eps)
+    return m
+
+
+def _compile(fn: Callable[..., T]) -> Callable[..., T]:
+    """TorchScript of `fn`: the same aten kernels in the same order (so the same bits), run by the JIT's
+    interpreter, which holds no GIL, so lanes in threads do not queue for it between small kernels (on 2
+    lanes of Conv4-64 that queueing cost about a tenth of each step). torch.jit is deprecated upstream in
+    favour of torch.compile, which on this loop compiled for 23 s and ran slower than eager (4.1 against
+    3.65 ms a step, one thread); torch is pinned, so its warning is silenced here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(fn)
+
+
+_compiled_episode_steps = _compile(_episode_steps)
 _batched_grad = vmap(grad(model.loss))
 
 
@@ -117,7 +151,7 @@ def _adapt_stacked(params: Params, x: torch.Tensor, y: torch.Tensor, batches: to
             loss = model.stacked_loss(dict(zip(keys, leaves)), x[rows, idx], y[rows, idx])
             grads = list(torch.autograd.grad(loss, leaves))
         with torch.no_grad():
-            m = _adam_(p, grads, m, v, state.step + s + 1, cfg)
+            m = _adam_(p, grads, m, v, state.step + s + 1, cfg.lr, cfg.beta1, cfg.beta2, cfg.eps)
     state.m, state.v = dict(zip(keys, m)), dict(zip(keys, v))
     state.step += steps
     return dict(zip(keys, p)), state
@@ -148,10 +182,8 @@ def _adapt_lanes(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torc
                 if j not in moments:  # a cut episode's last steps run after its first (lanes.run_chains)
                     moments[j] = model.patch_moments(x[j])
                 gram, colsum = moments[j]
-                for s in range(first, end):
-                    idx = batches[j, s]
-                    grads = model.loss_grad(dict(zip(keys, p_j)), x[j, idx], y[j, idx], (gram[idx].sum(0), colsum[idx].sum(0)), workspace)
-                    m_j = _adam_(p_j, [grads[k] for k in keys], m_j, v_j, state.step + s + 1, cfg)
+                m_j = _compiled_episode_steps(keys, p_j, m_j, v_j, x[j], y[j], batches[j], gram, colsum, first, end, state.step,
+                                              cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, workspace)
                 if cfg.beta1 == 0 and end == steps:
                     torch._foreach_copy_([m[k][j] for k in keys], m_j)
 

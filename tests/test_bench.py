@@ -146,3 +146,23 @@ def test_adapt_leaves_its_inputs_alone(monkeypatch: pytest.MonkeyPatch, impl: st
     reptile.adapt(params, x, y, batches, reptile.AdamConfig(), state)
     for k in params:
         assert torch.equal(params[k], before[k]) and torch.equal(v_tensors[k], v_before[k]), k
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_compiled_inner_loop_gives_the_eager_bits(one_thread, beta1: float) -> None:
+    """The lanes run `reptile._episode_steps` as TorchScript (to leave the GIL free); it must compute exactly
+    what the Python function does, also once the JIT has profiled and optimised it (its third call)."""
+    theta, x, y, batches = episodes(1, torch.float32, seed=2)
+    keys = list(theta)
+    gram, colsum = model.patch_moments(x[0])
+    runs = []
+    for steps, calls in ((reptile._episode_steps, 1), (reptile._compiled_episode_steps, 3)):
+        for _ in range(calls):
+            p, v = [theta[k].clone() for k in keys], [torch.zeros_like(theta[k]) for k in keys]
+            m = [torch.zeros_like(theta[k]) for k in keys] if beta1 else []
+            with torch.no_grad():
+                m = steps(keys, p, m, v, x[0], y[0], batches[0], gram, colsum, 0, 5, 0, 0.01, beta1, 0.999, 1e-8, {})
+        runs.append(p + v + m)
+    eager, compiled = runs
+    assert len(eager) == len(compiled) == 3 * len(keys)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
