@@ -239,6 +239,7 @@ def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments]
     Block 0 never forms its convolution output z or its gradient: with P the patches and w the weight,
     z = Pᵀwᵀ, so BN's mean and variance are (wᵀΣP)/M and (w G wᵀ)/M − mean² (G = PPᵀ, in float64),
     and BN and the convolution fold into one matrix product.
+    blocks, eps: BLOCKS and BN_EPS, passed as defaults because TorchScript cannot read module globals.
     """
     b, c_in, height, width = x.shape
     n_pix = b * height * width

@@ -38,7 +38,7 @@ def test_bench_command_writes_the_json_and_a_table(tmp_path: Path, one_thread) -
         p = r[phase]
         assert p["flop_limit_eps_per_s"] > 0 and p["naive_page_faults_per_episode"] >= 0 and p["fedmeta_page_faults_per_episode"] >= 0
         assert p["fedmeta_share_of_limit"] == round(p["fedmeta_eps_per_s"] / p["flop_limit_eps_per_s"], 3)
-    assert r["matmul_gflops"] > 0 and "FLOP limit" in result.output
+    assert r["matmul_gflops"] > 0 and r["conv_gflops"] > 0 and "FLOP limit" in result.output
     assert r["threads"] == 1 and r["settings"]["width"] == 4
     assert r["max_param_diff_float64"] < 1e-10
     assert set(r["float32_vs_float64"]) == {"naive", "fedmeta", "vmap"}
