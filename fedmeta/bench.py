@@ -29,8 +29,8 @@ Each phase also gets its FLOP limit: the episodes per second that its convolutio
 classifier (`flops_per_episode`) would allow at the faster of two float32 rates measured
 at the start, a 1024² matrix product and Conv4's own 3×3 64 → 64 convolution (on x86 the
 second, oneDNN's, can run at twice MKL's matrix rate); `fedmeta_share_of_limit` is how
-much of it the project reaches. Page faults per episode are recorded per side: the naive loop's speed
-depends on them (glibc maps every large tensor afresh, and the kernel zeroes each
+much of it the project reaches. Page faults per episode are recorded per side: the naive
+loop's speed depends on them (glibc maps every large tensor afresh, and the kernel zeroes each
 page), and they vary with what the process allocated before.
 
 With more threads than free cores (a busy machine) the naive loop's OpenMP
@@ -347,7 +347,8 @@ def matmul_gflops(device: torch.device, n: int = 1024, seconds: float = 0.3) -> 
 
 def conv_gflops(device: torch.device, width: int, side: int, seconds: float = 0.3) -> float:
     """The float32 rate (GFLOP/s) of Conv4's second convolution (3×3, width → width, padding 1, channels
-    last) on ten images per thread, the shape that carries three quarters of a training step's FLOPs."""
+    last), the shape that carries three quarters of a training step's FLOPs: ten images per thread on the
+    CPU, as a lane trains, and 400 on a GPU, where ten would leave it idle."""
     g = torch.Generator().manual_seed(2)
     batch = 10 * (torch.get_num_threads() if device.type == "cpu" else 40)
     h = torch.randn(batch, width, side, side, generator=g).to(device, memory_format=torch.channels_last)
