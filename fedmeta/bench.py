@@ -377,8 +377,10 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
     runs) each implementation's trajectory strays from the float64 one, because Adam with β1 = 0
     turns round-off in near-zero gradient components into steps of up to lr; `float32_vs_float64`
     gives each one's distance (max and mean over all parameter elements) to the float64 result,
-    so the float32 difference between them can be read against it. On a GPU the project's float64
-    result is also compared with the same computation on the CPU.
+    so the float32 difference between them can be read against it. On the CPU the naive float32 run
+    is repeated at another thread count (`naive_float32_other_threads`): its kernels then sum in
+    another order, which shows how far the reference strays from itself. On a GPU the project's float64
+    result is instead compared with the same computation on the CPU.
     """
     s = setup.s
     g = torch.Generator().manual_seed(s.seed + 7)
@@ -386,21 +388,36 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
     batches = inner_batches(eps.support.shape[1], s.inner_steps, s.inner_batch, s.meta_batch, g)
     adam = reptile.AdamConfig(lr=s.lr)
     results: dict[tuple[str, torch.dtype], list[Params]] = {}
-    for dtype in (torch.float64, torch.float32):
-        theta = {k: v.to(dtype) for k, v in setup.theta.items()}
-        x = setup.images[eps.support].to(dtype).div_(255)
-        net = NaiveConv4(s.channels, s.width, s.image_size, s.n_way).to(setup.device, dtype).load(theta)
-        results[("naive", dtype)] = [naive_episode(net, x[j], eps.support_y[j], batches[j], s.lr).params() for j in range(s.meta_batch)]
-        for impl in (None, "vmap") if dtype == torch.float32 else (None,):
-            adapted = _adapt_with(impl, reptile.expand(theta, s.meta_batch), x, eps.support_y, batches, adam)
-            results[(impl or "fedmeta", dtype)] = [{k: v[j] for k, v in adapted.items()} for j in range(s.meta_batch)]
 
     def diffs(a: list[Params], b: list[Params]) -> torch.Tensor:
         return torch.cat([(a[j][k].cpu().double() - b[j][k].cpu().double()).abs().flatten() for j in range(len(a)) for k in a[j]])
 
+    def naive(dtype: torch.dtype) -> list[Params]:
+        theta = {k: v.to(dtype) for k, v in setup.theta.items()}
+        x = setup.images[eps.support].to(dtype).div_(255)
+        net = NaiveConv4(s.channels, s.width, s.image_size, s.n_way).to(setup.device, dtype).load(theta)
+        return [naive_episode(net, x[j], eps.support_y[j], batches[j], s.lr).params() for j in range(s.meta_batch)]
+
+    for dtype in (torch.float64, torch.float32):
+        theta = {k: v.to(dtype) for k, v in setup.theta.items()}
+        x = setup.images[eps.support].to(dtype).div_(255)
+        results[("naive", dtype)] = naive(dtype)
+        for impl in (None, "vmap") if dtype == torch.float32 else (None,):
+            adapted = _adapt_with(impl, reptile.expand(theta, s.meta_batch), x, eps.support_y, batches, adam)
+            results[(impl or "fedmeta", dtype)] = [{k: v[j] for k, v in adapted.items()} for j in range(s.meta_batch)]
+
     truth = results[("fedmeta", torch.float64)]
-    extra: dict[str, float] = {}
-    if setup.device.type != "cpu":  # the same float64 computation on the CPU
+    extra: dict[str, Any] = {}
+    if setup.device.type == "cpu":  # the reference against itself: its kernels sum in another order on another thread count
+        threads = torch.get_num_threads()
+        other = 2 if threads == 1 else 1
+        torch.set_num_threads(other)
+        try:
+            again = naive(torch.float32)
+        finally:
+            torch.set_num_threads(threads)
+        extra["naive_float32_other_threads"] = {"threads": [threads, other], "max": float(diffs(results[("naive", torch.float32)], again).max())}
+    else:  # the same float64 computation on the CPU
         theta = {k: v.to("cpu", torch.float64) for k, v in setup.theta.items()}
         x = setup.images[eps.support].to("cpu", torch.float64).div_(255)
         adapted = reptile.adapt(reptile.expand(theta, s.meta_batch), x, eps.support_y.cpu(), batches, adam)[0]
@@ -539,6 +556,9 @@ def table(r: dict[str, Any]) -> str:
                  f"{r['threads']} threads: 1024² matrix product {r['matmul_gflops']:.0f}, Conv4's 3×3 convolution {r['conv_gflops']:.0f}")
     f = r["float32_vs_float64"]
     lines.append(f"max |Δθ| vs naive after one meta-batch: float64 {r['max_param_diff_float64']:.2e}, float32 {r['max_param_diff_float32']:.2e}")
+    if "naive_float32_other_threads" in r:
+        n = r["naive_float32_other_threads"]
+        lines.append(f"max |Δθ| of the naive float32 meta-batch, {n['threads'][0]} against {n['threads'][1]} threads: {n['max']:.2e}")
     if "max_param_diff_float64_device_vs_cpu" in r:
         lines.append(f"max |Δθ| of the project's float64 meta-batch, this device vs the CPU: {r['max_param_diff_float64_device_vs_cpu']:.2e}")
     lines.append("float32 vs the float64 result, max / mean |Δθ|: " + ", ".join(f"{k} {v['max']:.1e} / {v['mean']:.1e}" for k, v in f.items()))

@@ -49,12 +49,13 @@ def predict_logits(params: Params, support_x: torch.Tensor, x: torch.Tensor, bn_
     support_plus_query: one batch per query made of the support set plus that query (the reference's alternative).
     """
     n_sup = support_x.shape[1]
+    by_hand = lanes.enabled(support_x.device)  # then one_episode runs on lanes, never under vmap
 
     def one_episode(p: Params, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         if bn_mode == "support":
-            return model.logits(p, torch.cat([s, q]), n_sup)[n_sup:]
+            return model.logits(p, torch.cat([s, q]), n_sup, by_hand)[n_sup:]
         if bn_mode == "transductive":
-            return model.logits(p, q)
+            return model.logits(p, q, by_hand=by_hand)
         batches = torch.cat([s.unsqueeze(0).expand(q.shape[0], *s.shape), q.unsqueeze(1)], dim=1)
         return vmap(lambda b: model.logits(p, b)[-1])(batches)
 

@@ -19,7 +19,6 @@ FEDMETA_ADAPT=lanes|stacked|vmap forces one for a Conv4.
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -57,6 +56,9 @@ class AdamState:
     def zeros_like(cls, params: Params) -> "AdamState":
         return cls({k: torch.zeros_like(p) for k, p in params.items()}, {k: torch.zeros_like(p) for k, p in params.items()})
 
+    def clone(self) -> "AdamState":
+        return AdamState({k: t.clone() for k, t in self.m.items()}, {k: t.clone() for k, t in self.v.items()}, self.step)
+
 
 def adam_update(params: Params, grads: Params, state: AdamState, cfg: AdamConfig) -> Params:
     """torch.optim.Adam's arithmetic (bias-corrected, eps outside the root), functionally."""
@@ -73,7 +75,7 @@ def adam_update(params: Params, grads: Params, state: AdamState, cfg: AdamConfig
     return new
 
 
-def _adam_(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], step: int,
+def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], step: int,
            lr: float, beta1: float, beta2: float, eps: float) -> list[torch.Tensor]:
     """`adam_update`'s arithmetic, op for op (so bit for bit), in place on lists; returns the new first moments."""
     bc1 = 1 - beta1**step
@@ -103,23 +105,11 @@ def _episode_steps(keys: list[str], p: list[torch.Tensor], m: list[torch.Tensor]
         for k, t in zip(keys, p):
             params[k] = t
         grads = model.loss_grad(params, x[idx], y[idx], (gram[idx].sum(0), colsum[idx].sum(0)), workspace)
-        m = _adam_(p, [grads[k] for k in keys], m, v, done + s + 1, lr, beta1, beta2, eps)
+        m = adam_(p, [grads[k] for k in keys], m, v, done + s + 1, lr, beta1, beta2, eps)
     return m
 
 
-def _compile(fn: Callable[..., T]) -> Callable[..., T]:
-    """TorchScript of `fn`: the same aten kernels in the same order (so the same bits), run by the JIT's
-    interpreter, which holds no GIL, so lanes in threads do not queue for it between small kernels (in
-    Python, a Conv4-64 step of batch 10 took 4.33 ms beside a second lane against 3.62 ms alone).
-    torch.jit is deprecated upstream in favour of torch.compile, which on this loop compiled for 23 s and
-    ran slower than eager (4.08 against 3.65 ms a step, one thread); torch is pinned, so its deprecation
-    warning is silenced here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.script(fn)
-
-
-_compiled_episode_steps = _compile(_episode_steps)
+_compiled_episode_steps = model.script(_episode_steps)
 _batched_grad = vmap(grad(model.loss))
 
 
@@ -152,7 +142,7 @@ def _adapt_stacked(params: Params, x: torch.Tensor, y: torch.Tensor, batches: to
             loss = model.stacked_loss(dict(zip(keys, leaves)), x[rows, idx], y[rows, idx])
             grads = list(torch.autograd.grad(loss, leaves))
         with torch.no_grad():
-            m = _adam_(p, grads, m, v, state.step + s + 1, cfg.lr, cfg.beta1, cfg.beta2, cfg.eps)
+            m = adam_(p, grads, m, v, state.step + s + 1, cfg.lr, cfg.beta1, cfg.beta2, cfg.eps)
     state.m, state.v = dict(zip(keys, m)), dict(zip(keys, v))
     state.step += steps
     return dict(zip(keys, p)), state

@@ -42,6 +42,7 @@ def test_bench_command_writes_the_json_and_a_table(tmp_path: Path, one_thread) -
     assert r["threads"] == 1 and r["settings"]["width"] == 4
     assert r["max_param_diff_float64"] < 1e-10
     assert set(r["float32_vs_float64"]) == {"naive", "fedmeta", "vmap"}
+    assert r["naive_float32_other_threads"]["threads"] == [1, 2] and r["naive_float32_other_threads"]["max"] >= 0
 
 
 def test_flop_count_matches_torch_flop_counter() -> None:
@@ -85,6 +86,42 @@ def test_hand_written_gradient_equals_autograd(size: int, channels: int) -> None
         for k in ref:
             assert torch.allclose(got[k], ref[k], atol=1e-11, rtol=0), k
     assert workspace
+
+
+@pytest.mark.parametrize(("size", "channels"), [(28, 1), (30, 1), (36, 3)])
+@pytest.mark.parametrize("n_ref", [None, 4])
+def test_embedding_by_hand_equals_embed(size: int, channels: int, n_ref: int | None) -> None:
+    """Predictions on lanes embed through `features_forward`: the same function as `embed`, batch-norm
+    statistics from all images or from the first n_ref only (so the other images cannot move them)."""
+    g = torch.Generator().manual_seed(3)
+    params = {k: v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in model.init_conv4(channels, 6, size, 5, g).items()}
+    x = torch.rand(7, channels, size, size, generator=g, dtype=torch.float64)
+    x[:, :, :12, :12] = 1.0
+    with torch.no_grad():
+        ref = model.embed(params, x, n_ref)
+        got = model.embed(params, x, n_ref, by_hand=True)
+        assert got.shape == ref.shape
+        assert torch.allclose(got, ref, atol=1e-11, rtol=0)
+        if n_ref is not None:
+            moved = x.clone()
+            moved[n_ref:] = 1 - moved[n_ref:]
+            assert torch.allclose(model.embed(params, moved, n_ref, by_hand=True)[:n_ref], got[:n_ref], atol=1e-11, rtol=0)
+
+
+def test_scripted_forward_and_backward_give_the_eager_bits(one_thread) -> None:
+    """The defense's lanes call `model.scripted_features_forward` / `_backward`; the JIT must not change a bit
+    (third call: after it has profiled and optimised them)."""
+    g = torch.Generator().manual_seed(4)
+    params = {k: v for k, v in model.init_conv4(1, 6, 28, 5, g).items() if not k.startswith("fc.")}
+    x = (torch.rand(9, 1, 28, 28, generator=g) < 0.2).float()
+    dfeat = torch.randn(9, 6, generator=g)
+    feat, tape = model.features_forward(params, x)
+    grads = model.features_backward(params, tape, dfeat)
+    for _ in range(3):
+        feat_s, tape_s = model.scripted_features_forward(params, x, None, {})
+        grads_s = model.scripted_features_backward(params, tape_s, dfeat, {})
+    assert torch.equal(feat, feat_s) and set(grads) == set(grads_s)
+    assert all(torch.equal(grads[k], grads_s[k]) for k in grads)
 
 
 def episodes(n: int, dtype: torch.dtype, seed: int = 0):

@@ -236,6 +236,24 @@ def test_cpu_lanes_with_hand_gradients_equal_the_vmap_autograd_path(theta: model
     assert torch.equal(pl, pv)
 
 
+def test_lane_count_does_not_change_a_bit(theta: model.Params, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each episode's steps run on one thread, also when 2 or 3 lanes cut its run of steps in two, inside the
+    head-only phase (whose support embeddings are reused) or across its end."""
+    sx, sy = patterns(3, gen(1))
+    x, y = episodes_of(sx, 4), episodes_of(sy, 4)
+    batches = inner_batches(9, 5, 4, 4, gen(3))
+    defense = learner(head_steps=3)
+    runs = []
+    for n in ("1", "2", "3"):
+        monkeypatch.setenv("FEDMETA_LANES", n)
+        runs.append(defense.train(defense.start(theta, 4, gen(2)), x, y, batches))
+    for other in runs[1:]:
+        assert isinstance(other, MatchingState) and other.step == runs[0].step == 5
+        for mine, theirs in ((other.theta, runs[0].theta), (other.head, runs[0].head), (other.theta_adam.m, runs[0].theta_adam.m), (other.head_adam.v, runs[0].head_adam.v)):
+            assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+        assert (other.theta_adam.step, other.head_adam.step) == (2, 5)
+
+
 def test_the_defense_trains_with_its_own_adam_settings() -> None:
     """`defense.lr` and ADAM_BETA1 set the defense's Adam whatever Adam it is given; β2 comes from it."""
     made = MatchingDefense(Defense(lr=0.02), reptile.AdamConfig(lr=0.3, beta1=0.0, beta2=0.99), N_WAY)
