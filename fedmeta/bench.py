@@ -392,16 +392,17 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
     def diffs(a: list[Params], b: list[Params]) -> torch.Tensor:
         return torch.cat([(a[j][k].cpu().double() - b[j][k].cpu().double()).abs().flatten() for j in range(len(a)) for k in a[j]])
 
+    def inputs(dtype: torch.dtype) -> tuple[Params, torch.Tensor]:
+        return {k: v.to(dtype) for k, v in setup.theta.items()}, setup.images[eps.support].to(dtype).div_(255)
+
     def naive(dtype: torch.dtype) -> list[Params]:
-        theta = {k: v.to(dtype) for k, v in setup.theta.items()}
-        x = setup.images[eps.support].to(dtype).div_(255)
+        theta, x = inputs(dtype)
         net = NaiveConv4(s.channels, s.width, s.image_size, s.n_way).to(setup.device, dtype).load(theta)
         return [naive_episode(net, x[j], eps.support_y[j], batches[j], s.lr).params() for j in range(s.meta_batch)]
 
     for dtype in (torch.float64, torch.float32):
-        theta = {k: v.to(dtype) for k, v in setup.theta.items()}
-        x = setup.images[eps.support].to(dtype).div_(255)
         results[("naive", dtype)] = naive(dtype)
+        theta, x = inputs(dtype)
         for impl in (None, "vmap") if dtype == torch.float32 else (None,):
             adapted = _adapt_with(impl, reptile.expand(theta, s.meta_batch), x, eps.support_y, batches, adam)
             results[(impl or "fedmeta", dtype)] = [{k: v[j] for k, v in adapted.items()} for j in range(s.meta_batch)]

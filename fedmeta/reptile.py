@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 from torch.func import grad, vmap
@@ -30,8 +29,6 @@ from fedmeta import lanes, model
 from fedmeta.config import Reptile
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.model import Params
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -76,7 +73,7 @@ def adam_update(params: Params, grads: Params, state: AdamState, cfg: AdamConfig
 
 
 def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], step: int,
-           lr: float, beta1: float, beta2: float, eps: float) -> list[torch.Tensor]:
+          lr: float, beta1: float, beta2: float, eps: float) -> list[torch.Tensor]:
     """`adam_update`'s arithmetic, op for op (so bit for bit), in place on lists; returns the new first moments."""
     bc1 = 1 - beta1**step
     bc2_sqrt = (1 - beta2**step) ** 0.5
