@@ -379,7 +379,8 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
     gives each one's distance (max and mean over all parameter elements) to the float64 result,
     so the float32 difference between them can be read against it. On the CPU the naive float32 run
     is repeated at another thread count (`naive_float32_other_threads`): its kernels then sum in
-    another order, which shows how far the reference strays from itself. On a GPU the project's float64
+    another order, which shows how far the reference strays from itself. Both float32 comparisons
+    also give the share of parameter elements that differ by more than 1e-5. On a GPU the project's float64
     result is instead compared with the same computation on the CPU.
     """
     s = setup.s
@@ -417,16 +418,19 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
             again = naive(torch.float32)
         finally:
             torch.set_num_threads(threads)
-        extra["naive_float32_other_threads"] = {"threads": [threads, other], "max": float(diffs(results[("naive", torch.float32)], again).max())}
+        self_diff = diffs(results[("naive", torch.float32)], again)
+        extra["naive_float32_other_threads"] = {"threads": [threads, other], "max": float(self_diff.max()), "share_above_1e-5": float((self_diff > 1e-5).double().mean())}
     else:  # the same float64 computation on the CPU
         theta = {k: v.to("cpu", torch.float64) for k, v in setup.theta.items()}
         x = setup.images[eps.support].to("cpu", torch.float64).div_(255)
         adapted = reptile.adapt(reptile.expand(theta, s.meta_batch), x, eps.support_y.cpu(), batches, adam)[0]
         on_cpu = [{k: v[j] for k, v in adapted.items()} for j in range(s.meta_batch)]
         extra["max_param_diff_float64_device_vs_cpu"] = float(diffs(truth, on_cpu).max())
+    float32 = diffs(results[("fedmeta", torch.float32)], results[("naive", torch.float32)])
     return extra | {
         "max_param_diff_float64": float(diffs(truth, results[("naive", torch.float64)]).max()),
-        "max_param_diff_float32": float(diffs(results[("fedmeta", torch.float32)], results[("naive", torch.float32)]).max()),
+        "max_param_diff_float32": float(float32.max()),
+        "share_above_1e-5_float32": float((float32 > 1e-5).double().mean()),
         "float32_vs_float64": {
             name: {"max": float(d.max()), "mean": float(d.mean())}
             for name in ("naive", "fedmeta", "vmap")
@@ -556,10 +560,12 @@ def table(r: dict[str, Any]) -> str:
     lines.append(f"FLOP limit: episodes/s at {max(r['matmul_gflops'], r['conv_gflops']):.0f} GFLOP/s, the faster of this device's float32 rates at "
                  f"{r['threads']} threads: 1024² matrix product {r['matmul_gflops']:.0f}, Conv4's 3×3 convolution {r['conv_gflops']:.0f}")
     f = r["float32_vs_float64"]
-    lines.append(f"max |Δθ| vs naive after one meta-batch: float64 {r['max_param_diff_float64']:.2e}, float32 {r['max_param_diff_float32']:.2e}")
+    lines.append(f"max |Δθ| vs naive after one meta-batch: float64 {r['max_param_diff_float64']:.2e}, float32 {r['max_param_diff_float32']:.2e} "
+                 f"({100 * r['share_above_1e-5_float32']:.1f} % of the elements above 1e-5)")
     if "naive_float32_other_threads" in r:
         n = r["naive_float32_other_threads"]
-        lines.append(f"max |Δθ| of the naive float32 meta-batch, {n['threads'][0]} against {n['threads'][1]} threads: {n['max']:.2e}")
+        lines.append(f"max |Δθ| of the naive float32 meta-batch, {n['threads'][0]} against {n['threads'][1]} threads: {n['max']:.2e} "
+                     f"({100 * n['share_above_1e-5']:.1f} % above 1e-5)")
     if "max_param_diff_float64_device_vs_cpu" in r:
         lines.append(f"max |Δθ| of the project's float64 meta-batch, this device vs the CPU: {r['max_param_diff_float64_device_vs_cpu']:.2e}")
     lines.append("float32 vs the float64 result, max / mean |Δθ|: " + ", ".join(f"{k} {v['max']:.1e} / {v['mean']:.1e}" for k, v in f.items()))
