@@ -4,10 +4,11 @@ Episodes with their own weights are independent computations. On the CPU,
 `vmap` turns per-episode weights into grouped convolutions, which are slow
 there, and small kernels gain little from two intra-op threads. A lane is a
 Python thread with one intra-op thread (torch releases the GIL inside its
-kernels, and `reptile` runs a lane's inner loop as TorchScript, which does
-not hold it between kernels either) that runs its share of the episodes
-with ordinary kernels: a contiguous slice of them (`run`), or an even share
-of their sequential steps (`run_chains`). Every step of an episode is computed on one thread whatever
+kernels, and the inner loops and predictions run the hand-written Conv4 as
+TorchScript, `model.script`, which does not hold it between kernels either)
+that runs its share of the episodes with ordinary kernels: a contiguous
+slice of them (`run`), or an even share of their sequential steps
+(`run_chains`). Every step of an episode is computed on one thread whatever
 the lane count, so results do not depend on it.
 
 FEDMETA_ADAPT=vmap forces `vmap` everywhere (lanes is the CPU default;
