@@ -90,9 +90,14 @@ def _relu_max_pool(h: torch.Tensor) -> torch.Tensor:
     ties go to the first maximum as in `features_backward`."""
     if torch.is_grad_enabled():
         return F.max_pool2d(F.relu(h), 2)
-    rows, cols = h.shape[-2] // 2 * 2, h.shape[-1] // 2 * 2
-    r = torch.maximum(h[..., 0:rows:2, :cols], h[..., 1:rows:2, :cols])
-    return torch.maximum(r[..., 0::2], r[..., 1::2]).clamp_min_(0)
+    return _relu_max_pool_values(h)
+
+
+def _relu_max_pool_values(h: torch.Tensor) -> torch.Tensor:
+    """`_relu_max_pool` without autograd, for h [b, C, H, W] in any memory layout."""
+    rows, cols = h.shape[2] // 2 * 2, h.shape[3] // 2 * 2
+    r = torch.maximum(h[:, :, 0:rows:2, :cols], h[:, :, 1:rows:2, :cols])
+    return torch.maximum(r[:, :, :, 0::2], r[:, :, :, 1::2]).clamp_min_(0)
 
 
 def embed(params: Params, x: torch.Tensor, n_ref: int | None = None, by_hand: bool = False) -> torch.Tensor:
@@ -103,7 +108,7 @@ def embed(params: Params, x: torch.Tensor, n_ref: int | None = None, by_hand: bo
     autograd through it, and not under vmap.
     """
     if by_hand:
-        return scripted_features_forward(params, x, None, None, n_ref)[0]
+        return scripted_features_forward(params, x, None, None, n_ref, False)[0]
     h = x
     for i in range(BLOCKS):
         h = F.conv2d(h, params[f"conv{i}.weight"], padding=1)
@@ -218,6 +223,20 @@ def _pool_backward(dh: torch.Tensor, h: torch.Tensor, p: torch.Tensor, idx: torc
     return g, torch.ops.aten.max_pool2d_with_indices_backward(g, p, [2, 2], [2, 2], [0, 0], [1, 1], False, idx, grad_input=out)
 
 
+def _block_batch_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_ref: Optional[int], eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode batch norm of a channels-last z [b, C, H, W] by the kernel for rows [b·H·W, C] (image by
+    image, so the first n_ref images' rows come first): (BN(z) [b, C, H, W], z's rows, mean, 1/std)."""
+    z2 = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    if n_ref is None:
+        p2, mu, invstd = torch.ops.aten.native_batch_norm(z2, weight, bias, None, None, True, 0.0, eps)
+    else:  # the statistics by the same kernel on the reference rows (torch.var_mean is 15 times slower here)
+        _, mu, invstd = torch.ops.aten.native_batch_norm(z2[: n_ref * z.shape[2] * z.shape[3]], None, None, None, None, True, 0.0, eps)
+        scale = invstd * weight
+        p2 = torch.addcmul(bias - mu * scale, z2, scale)
+    return p2.view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2), z2, mu, invstd
+
+
 Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -241,12 +260,14 @@ class Tape(NamedTuple):
 
 
 def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments] = None, workspace: Optional[Workspace] = None,
-                     n_ref: Optional[int] = None, blocks: int = BLOCKS, eps: float = BN_EPS) -> tuple[torch.Tensor, Tape]:
+                     n_ref: Optional[int] = None, with_tape: bool = True, blocks: int = BLOCKS, eps: float = BN_EPS
+                     ) -> tuple[torch.Tensor, Optional[Tape]]:
     """f_θ(x) [b, D] (training-mode batch norm over x) and the tape for `features_backward`.
 
     moments: `patch_moments(x)` summed over the batch, if already known (else computed here).
-    n_ref: as in `embed`, batch-norm statistics from the first n_ref images only (then `moments` are theirs);
-    for predictions: the tape then holds those statistics, and `features_backward` does not apply.
+    n_ref: as in `embed`, batch-norm statistics from the first n_ref images only (then `moments` are theirs).
+    with_tape=False (predictions): no tape, so each block's tensors are freed as the next one runs, and
+    pooling without indices.
     workspace: a dict this function may keep block 0's large buffers in between calls (one per thread).
     Block 0 never forms its convolution output z or its gradient: with P the patches and w the weight,
     z = Pᵀwᵀ, so BN's mean and variance are (wᵀΣP)/M and (w G wᵀ)/M − mean² (G = PPᵀ, in float64),
@@ -274,21 +295,19 @@ def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments]
     out = _buffer(ws, "bn0", [n_pix, w0.shape[0]], w0)
     p = torch.addmm(shift.to(w0.dtype), cols.T, (w0d * scale[:, None]).to(w0.dtype).T, out=out)
     p0 = p.view(b, height, width, -1).permute(0, 3, 1, 2)  # BN(conv(x)), channels last
+    if not with_tape:
+        h = _relu_max_pool_values(p0)
+        for i in range(1, blocks):
+            z = F.conv2d(h, params[f"conv{i}.weight"], padding=1)
+            h = _relu_max_pool_values(_block_batch_norm(z, params[f"bn{i}.weight"], params[f"bn{i}.bias"], n_ref, eps)[0])
+        return h.flatten(1), None
     h0, idx0 = _pool(p0, ws)
     h = h0
     saved: list[Block] = []
     for i in range(1, blocks):
         h_in = h
         z = F.conv2d(h_in, params[f"conv{i}.weight"], padding=1)  # channels last, like h_in
-        z2 = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # rows image by image, so the first n_ref images come first
-        if n_ref is None:
-            p2, mu, invstd = torch.ops.aten.native_batch_norm(z2, params[f"bn{i}.weight"], params[f"bn{i}.bias"], None, None, True, 0.0, eps)
-        else:
-            # the statistics by the batch-norm kernel on the reference rows (torch.var_mean is 15 times slower here)
-            _, mu, invstd = torch.ops.aten.native_batch_norm(z2[: n_ref * z.shape[2] * z.shape[3]], None, None, None, None, True, 0.0, eps)
-            scale = invstd * params[f"bn{i}.weight"]
-            p2 = torch.addcmul(params[f"bn{i}.bias"] - mu * scale, z2, scale)
-        p = p2.view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
+        p, z2, mu, invstd = _block_batch_norm(z, params[f"bn{i}.weight"], params[f"bn{i}.bias"], n_ref, eps)
         h, idx = _pool(p)
         saved.append((h_in, p, idx, h, z2, mu, invstd))
     return h.flatten(1), Tape(cols, gram, colsum, w0d, gw, mean, rstd, scale, p0, idx0, h0, saved)
@@ -333,6 +352,7 @@ def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Optiona
     The classifier and cross-entropy by hand, around `features_forward` / `features_backward`.
     """
     feat, tape = features_forward(params, x, moments, workspace)
+    assert tape is not None
     fc_w = params["fc.weight"]
     dlogits = torch.addmm(params["fc.bias"], feat, fc_w.T).softmax(-1)
     dlogits = (dlogits - F.one_hot(y, dlogits.shape[1]).to(dlogits.dtype)) / x.shape[0]

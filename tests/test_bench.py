@@ -103,6 +103,8 @@ def test_embedding_by_hand_equals_embed(size: int, channels: int, n_ref: int | N
         got = model.embed(params, x, n_ref, by_hand=True)
         assert got.shape == ref.shape
         assert torch.allclose(got, ref, atol=1e-11, rtol=0)
+        with_tape, tape = model.features_forward(params, x, None, None, n_ref)
+        assert tape is not None and torch.equal(with_tape, got)  # pooling without indices: the same maxima
         if n_ref is not None:
             moved = x.clone()
             moved[n_ref:] = 1 - moved[n_ref:]
