@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fedmeta import lanes, model, reptile, runtime
+from fedmeta import kernels, lanes, model, reptile, runtime
 from fedmeta.config import Evaluation, Reptile
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.evaluation import FineTune, run as evaluate
@@ -527,6 +527,7 @@ def run(s: Settings) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "implementation": reptile.implementation(setup.theta, torch.empty(1, 1, s.channels, s.image_size, s.image_size, device=setup.device)),
         "lanes": lanes.count(s.meta_batch),
+        "kernels": kernels.backend,
         "settings": asdict(s),
     }
     result["matmul_gflops"] = round(matmul_gflops(setup.device), 1)
@@ -550,7 +551,7 @@ def run(s: Settings) -> dict[str, Any]:
 
 
 def table(r: dict[str, Any]) -> str:
-    impl = f"lanes ({r['lanes']})" if r["implementation"] == "lanes" else r["implementation"]
+    impl = f"lanes ({r['lanes']}), {r['kernels']} block-0 kernels" if r["implementation"] == "lanes" else r["implementation"]
     lines = [f"fedmeta bench — {r['device']}, torch {r['torch']}, {r['threads']} threads, {impl}, commit {r['commit'][:12]}"]
     lines.append(f"{'phase':<12}{'naive eps/s':>14}{'fedmeta eps/s':>16}{'ratio':>9}{'FLOP limit':>12}{'faults/ep naive':>17}{'fedmeta':>9}")
     for phase in PHASES:

@@ -241,28 +241,23 @@ class MatchingDefense:
             reptile.adam_([params[k][j] for k in keys], [grads[k] for k in keys], [m[k][j] for k in keys], [v[k][j] for k in keys],
                           step, adam.lr, adam.beta1, adam.beta2, adam.eps)
 
-        def worker() -> Callable[[int, int, int], None]:
-            workspace: model.Workspace = {}
+        def do(j: int, first: int, end: int) -> None:
+            th = {k: v[j] for k, v in theta.items()}
+            feat: torch.Tensor | None = None
+            with torch.no_grad():
+                if j not in moments:  # a cut episode's last steps run after its first (lanes.run_chains)
+                    moments[j] = _support_moments(x[j])
+                for s in range(first, end):
+                    joint = s >= first_joint
+                    if joint or feat is None:
+                        feat, tape = model.scripted_features_forward(th, x[j], moments[j])
+                    g_head, g_feat = _head_grads(feat, {k: v[j] for k, v in head.items()}, y[j], batches[j, s], joint)
+                    if g_feat is not None:
+                        g_theta = model.scripted_features_backward(th, tape, g_feat)
+                        step_(theta, g_theta, theta_adam.m, theta_adam.v, j, theta_adam.step + s - first_joint + 1)
+                    step_(head, g_head, head_adam.m, head_adam.v, j, head_adam.step + s + 1)
 
-            def do(j: int, first: int, end: int) -> None:
-                th = {k: v[j] for k, v in theta.items()}
-                feat: torch.Tensor | None = None
-                with torch.no_grad():
-                    if j not in moments:  # a cut episode's last steps run after its first (lanes.run_chains)
-                        moments[j] = _support_moments(x[j])
-                    for s in range(first, end):
-                        joint = s >= first_joint
-                        if joint or feat is None:
-                            feat, tape = model.scripted_features_forward(th, x[j], moments[j], workspace)
-                        g_head, g_feat = _head_grads(feat, {k: v[j] for k, v in head.items()}, y[j], batches[j, s], joint)
-                        if g_feat is not None:
-                            g_theta = model.scripted_features_backward(th, tape, g_feat, workspace)
-                            step_(theta, g_theta, theta_adam.m, theta_adam.v, j, theta_adam.step + s - first_joint + 1)
-                        step_(head, g_head, head_adam.m, head_adam.v, j, head_adam.step + s + 1)
-
-            return do
-
-        lanes.run_chains(x.shape[0], steps, worker)
+        lanes.run_chains(x.shape[0], steps, do)
         theta_adam.step += steps - first_joint
         head_adam.step += steps
         return MatchingState(theta, head, theta_adam, head_adam, state.step + steps)

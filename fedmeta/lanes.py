@@ -118,12 +118,10 @@ def schedule(n_chains: int, length: int, lanes: int) -> list[list[Piece]]:
     return plan
 
 
-def run_chains(n_chains: int, length: int, worker: Callable[[], Callable[[int, int, int], None]]) -> None:
-    """Run `length` sequential steps of each of n_chains independent chains, evenly over the lanes (`schedule`).
-
-    worker() is called once in each lane's thread (for its scratch state) and returns do(chain, first, end),
-    which runs steps first..end-1 of that chain. A chain's last steps wait until another lane has run its first.
-    """
+def run_chains(n_chains: int, length: int, do: Callable[[int, int, int], None]) -> None:
+    """Run `length` sequential steps of each of n_chains independent chains, evenly over the lanes (`schedule`):
+    do(chain, first, end) runs steps first..end-1 of that chain. A chain's last steps wait until another lane
+    has run its first."""
     plan = schedule(n_chains, length, count(n_chains))
     if not plan:
         return
@@ -131,7 +129,6 @@ def run_chains(n_chains: int, length: int, worker: Callable[[], Callable[[int, i
 
     def lane(pieces: list[Piece]) -> None:
         try:
-            do = worker()
             for chain, first, end in pieces:
                 if first > 0:
                     heads_done[chain].wait()

@@ -7,10 +7,10 @@ statistics of each episode's own batch, as Reptile's reference does.
 `loss_grad` is the gradient of `loss` written out by hand (no autograd) for
 the CPU inner loops of `reptile.adapt`: channels-last oneDNN convolutions,
 native batch-norm and max-pool kernels, and the first block (one input
-channel, nine-tap patches: a poor convolution) done as matrix products whose
-batch-norm statistics and weight gradient come in closed form from the Gram
-matrix of the image patches, so its full-size activations are touched only
-by the pooling (into buffers reused across calls, see `_buffer`). That part
+channel, nine-tap patches: a poor convolution) with batch-norm statistics and
+weight gradient in closed form from the Gram matrix of the image patches and
+a fused compiled kernel (`kernels`) for the rest, so that its full-size
+activations are never written to memory. That part
 is written in the TorchScript subset of Python (no `from __future__ import
 annotations`, constants as default arguments), so that `script` can compile
 it, and `reptile` its inner loop around it, to run on lanes without holding
@@ -22,6 +22,8 @@ from typing import Callable, NamedTuple, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
+
+from fedmeta import kernels
 
 T = TypeVar("T")
 Params = dict[str, torch.Tensor]
@@ -103,12 +105,12 @@ def _relu_max_pool_values(h: torch.Tensor) -> torch.Tensor:
 def embed(params: Params, x: torch.Tensor, n_ref: int | None = None, by_hand: bool = False) -> torch.Tensor:
     """f_θ(x): the flattened output of the four conv blocks (the network without its classifier).
 
-    by_hand: the same function through `features_forward` (channels-last kernels, block 0 as one matrix
-    product; 2.5 times faster for a 40-episode prediction on this CPU), for predictions on lanes: no
-    autograd through it, and not under vmap.
+    by_hand: the same function through `features_forward` (channels-last kernels, block 0 fused, see
+    `kernels`; several times faster for a 40-episode prediction on this CPU), for predictions on lanes:
+    no autograd through it, and not under vmap.
     """
     if by_hand:
-        return scripted_features_forward(params, x, None, None, n_ref, False)[0]
+        return scripted_features_forward(params, x, None, n_ref, False)[0]
     h = x
     for i in range(BLOCKS):
         h = F.conv2d(h, params[f"conv{i}.weight"], padding=1)
@@ -156,17 +158,6 @@ def stacked_loss(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
 # ---- The gradient of `loss` by hand, for one episode (reptile.adapt's CPU path) ----
 
 
-def patches(x: torch.Tensor) -> torch.Tensor:
-    """The first convolution's input patches, transposed: [C·9, n·H·W] for x [n, C, H, W].
-
-    Rows are ordered as a conv weight [out, C, 3, 3] flattens, columns pixel by pixel (channels last),
-    so `patches(x).T @ w.flatten(1).T` is conv2d(x, w, padding=1) as [n·H·W, out].
-    """
-    n, c, h, w = x.shape
-    u = F.pad(x, [1, 1, 1, 1]).unfold(2, 3, 1).unfold(3, 3, 1)  # [n, C, H, W, 3, 3]
-    return u.permute(1, 4, 5, 0, 2, 3).reshape(c * 9, n * h * w)
-
-
 def patch_moments(x: torch.Tensor) -> Moments:
     """Per-image patch moments of x [n, C, H, W]: Gram matrices [n, 9C, 9C] and sums [n, 9C], in float64.
 
@@ -175,52 +166,22 @@ def patch_moments(x: torch.Tensor) -> Moments:
     grams: list[torch.Tensor] = []
     sums: list[torch.Tensor] = []
     for part in x.split(16):  # bounded memory for large images
-        cols = patches(part).double().view(x.shape[1] * 9, part.shape[0], -1).transpose(0, 1)  # [n, 9C, H·W]
+        cols = kernels.block0_patches(part).double().view(x.shape[1] * 9, part.shape[0], -1).transpose(0, 1)  # [n, 9C, H·W]
         grams.append(torch.bmm(cols, cols.transpose(1, 2)))
         sums.append(cols.sum(-1))
     return torch.cat(grams), torch.cat(sums)
 
 
-Workspace = dict[str, torch.Tensor]
-
-
-def _buffer(ws: Workspace, name: str, shape: list[int], like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """A reusable channels-last (4-D) or contiguous buffer, kept in `ws` under `name`.
-
-    Fresh multi-megabyte tensors cost page faults on every allocation (glibc gives such blocks back
-    to the system when freed), a large share of block 0's time; `loss_grad` reuses them instead.
-    """
-    kind = like.dtype if dtype is None else dtype
-    if name in ws:
-        t = ws[name]
-        if list(t.shape) == shape and t.dtype == kind and t.device == like.device:
-            return t
-    if len(shape) == 4:
-        t = torch.empty(shape, dtype=kind, device=like.device, memory_format=torch.channels_last)
-    else:
-        t = torch.empty(shape, dtype=kind, device=like.device)
-    ws[name] = t
-    return t
-
-
-def _pool(p: torch.Tensor, ws: Optional[Workspace] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _pool(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ReLU then 2×2 max-pool of p [b, C, H, W]; max commutes with ReLU, so the pooled values are clamped instead."""
-    if ws is None:
-        m, idx = torch.ops.aten.max_pool2d_with_indices(p, [2, 2], [2, 2])
-    else:
-        shape = [p.shape[0], p.shape[1], p.shape[2] // 2, p.shape[3] // 2]
-        out, idx = _buffer(ws, "pool", shape, p), _buffer(ws, "pool_idx", shape, p, torch.int64)
-        m, idx = torch.ops.aten.max_pool2d_with_indices(p, [2, 2], [2, 2], [0, 0], [1, 1], False, out=out, indices=idx)
+    m, idx = torch.ops.aten.max_pool2d_with_indices(p, [2, 2], [2, 2])
     return m.clamp_min(0), idx
 
 
-def _pool_backward(dh: torch.Tensor, h: torch.Tensor, p: torch.Tensor, idx: torch.Tensor, ws: Optional[Workspace] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradient at the pooled pre-ReLU maxima, gradient at p); the first maximum of a window takes it, as in max_pool2d."""
+def _pool_backward(dh: torch.Tensor, h: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The gradient at p; the first maximum of a window takes it, as in max_pool2d."""
     g = torch.ops.aten.threshold_backward(dh, h, 0)
-    if ws is None:
-        return g, torch.ops.aten.max_pool2d_with_indices_backward(g, p, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
-    out = _buffer(ws, "pool_grad", list(p.shape), p)
-    return g, torch.ops.aten.max_pool2d_with_indices_backward(g, p, [2, 2], [2, 2], [0, 0], [1, 1], False, idx, grad_input=out)
+    return torch.ops.aten.max_pool2d_with_indices_backward(g, p, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
 
 
 def _block_batch_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_ref: Optional[int], eps: float
@@ -241,11 +202,11 @@ Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 
 
 class Tape(NamedTuple):
-    """What `features_backward` needs from `features_forward`: block 0's patch algebra, BN output p,
-    pool indices and pooled output, then per later block (block input, BN output p, pool indices,
-    pooled output, conv output z2, BN mean, BN 1/std)."""
+    """What `features_backward` needs from `features_forward`: block 0's input, patch algebra, pooled output
+    and window offsets, then per later block (block input, BN output p, pool indices, pooled output, conv
+    output z2, BN mean, BN 1/std)."""
 
-    cols: torch.Tensor
+    x: torch.Tensor
     gram: torch.Tensor
     colsum: torch.Tensor
     w0d: torch.Tensor
@@ -253,37 +214,31 @@ class Tape(NamedTuple):
     mean: torch.Tensor
     rstd: torch.Tensor
     scale: torch.Tensor
-    p0: torch.Tensor
-    idx0: torch.Tensor
     h0: torch.Tensor
+    arg0: torch.Tensor
     blocks: list[Block]
 
 
-def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments] = None, workspace: Optional[Workspace] = None,
-                     n_ref: Optional[int] = None, with_tape: bool = True, blocks: int = BLOCKS, eps: float = BN_EPS
-                     ) -> tuple[torch.Tensor, Optional[Tape]]:
+def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments] = None, n_ref: Optional[int] = None,
+                     with_tape: bool = True, blocks: int = BLOCKS, eps: float = BN_EPS) -> tuple[torch.Tensor, Optional[Tape]]:
     """f_θ(x) [b, D] (training-mode batch norm over x) and the tape for `features_backward`.
 
     moments: `patch_moments(x)` summed over the batch, if already known (else computed here).
     n_ref: as in `embed`, batch-norm statistics from the first n_ref images only (then `moments` are theirs).
     with_tape=False (predictions): no tape, so each block's tensors are freed as the next one runs, and
     pooling without indices.
-    workspace: a dict this function may keep block 0's large buffers in between calls (one per thread).
-    Block 0 never forms its convolution output z or its gradient: with P the patches and w the weight,
-    z = Pᵀwᵀ, so BN's mean and variance are (wᵀΣP)/M and (w G wᵀ)/M − mean² (G = PPᵀ, in float64),
-    and BN and the convolution fold into one matrix product.
+    Block 0 never forms its convolution output z: with P the patches and w the weight, z = Pᵀwᵀ, so BN's
+    mean and variance are (wᵀΣP)/M and (w G wᵀ)/M − mean² (G = PPᵀ, in float64), BN and the convolution
+    fold into one weight and shift, and the fused kernel `torch.ops.fedmeta.block0_forward` (`kernels`)
+    applies them window by window, pooling as it goes.
     blocks, eps: BLOCKS and BN_EPS, passed as defaults because TorchScript cannot read module globals.
     """
-    b, c_in, height, width = x.shape
-    n_pix = b * height * width
-    n_stat = n_pix if n_ref is None else n_ref * height * width  # the pixels batch norm's statistics come from
-    cols = patches(x)
+    n_stat = (x.shape[0] if n_ref is None else n_ref) * x.shape[2] * x.shape[3]  # the pixels batch norm's statistics come from
     if moments is None:
         grams, colsums = patch_moments(x if n_ref is None else x[:n_ref])
         gram, colsum = grams.sum(0), colsums.sum(0)
     else:
         gram, colsum = moments
-    ws: Workspace = {} if workspace is None else workspace
     w0 = params["conv0.weight"]
     w0d = w0.flatten(1).double()  # [C, 9 c_in]
     gw = w0d @ gram  # row c: (G w_c)ᵀ
@@ -292,17 +247,13 @@ def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments]
     rstd = torch.rsqrt(var + eps)
     scale = params["bn0.weight"].double() * rstd
     shift = params["bn0.bias"].double() - mean * scale
-    out = _buffer(ws, "bn0", [n_pix, w0.shape[0]], w0)
-    p = torch.addmm(shift.to(w0.dtype), cols.T, (w0d * scale[:, None]).to(w0.dtype).T, out=out)
-    p0 = p.view(b, height, width, -1).permute(0, 3, 1, 2)  # BN(conv(x)), channels last
+    h0, arg0 = torch.ops.fedmeta.block0_forward(x, (w0d * scale[:, None]).T.contiguous().to(w0.dtype), shift.to(w0.dtype))
+    h = h0
     if not with_tape:
-        h = _relu_max_pool_values(p0)
         for i in range(1, blocks):
             z = F.conv2d(h, params[f"conv{i}.weight"], padding=1)
             h = _relu_max_pool_values(_block_batch_norm(z, params[f"bn{i}.weight"], params[f"bn{i}.bias"], n_ref, eps)[0])
         return h.flatten(1), None
-    h0, idx0 = _pool(p0, ws)
-    h = h0
     saved: list[Block] = []
     for i in range(1, blocks):
         h_in = h
@@ -310,17 +261,18 @@ def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments]
         p, z2, mu, invstd = _block_batch_norm(z, params[f"bn{i}.weight"], params[f"bn{i}.bias"], n_ref, eps)
         h, idx = _pool(p)
         saved.append((h_in, p, idx, h, z2, mu, invstd))
-    return h.flatten(1), Tape(cols, gram, colsum, w0d, gw, mean, rstd, scale, p0, idx0, h0, saved)
+    return h.flatten(1), Tape(x, gram, colsum, w0d, gw, mean, rstd, scale, h0, arg0, saved)
 
 
-def features_backward(params: Params, tape: Tape, dfeat: torch.Tensor, workspace: Optional[Workspace] = None, eps: float = BN_EPS) -> Params:
-    """Gradients of the conv and batch-norm parameters given ∂loss/∂f_θ(x) [b, D];
-    block 0's weight gradient is ∂w = scale·(P ∂p)ᵀ + k1·(G w − mean ΣP) + k0·ΣP for BN's ∂z = scale·∂p + k1·(z − mean) + k0."""
+def features_backward(params: Params, tape: Tape, dfeat: torch.Tensor, eps: float = BN_EPS) -> Params:
+    """Gradients of the conv and batch-norm parameters given ∂loss/∂f_θ(x) [b, D]; block 0's weight gradient
+    is ∂w = scale·(P ∂p)ᵀ + k1·(G w − mean ΣP) + k0·ΣP for BN's ∂z = scale·∂p + k1·(z − mean) + k0, with
+    P ∂p and Σ∂p from the fused kernel `torch.ops.fedmeta.block0_backward`."""
     grads: Params = {}
     dh = dfeat.view(tape.blocks[-1][3].shape)
     for i in range(len(tape.blocks), 0, -1):
         h_in, p, idx, h, z2, mu, invstd = tape.blocks[i - 1]
-        _, dp = _pool_backward(dh, h, p, idx)
+        dp = _pool_backward(dh, h, p, idx)
         dp2 = dp.permute(0, 2, 3, 1).reshape(z2.shape)
         dz2, grads[f"bn{i}.weight"], grads[f"bn{i}.bias"] = torch.ops.aten.native_batch_norm_backward(
             dp2, z2, params[f"bn{i}.weight"], None, None, mu, invstd, True, eps, [True, True, True]
@@ -329,12 +281,10 @@ def features_backward(params: Params, tape: Tape, dfeat: torch.Tensor, workspace
         dh, grads[f"conv{i}.weight"], _ = torch.ops.aten.convolution_backward(
             dz, h_in, params[f"conv{i}.weight"], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
         )
-    p, idx, h = tape.p0, tape.idx0, tape.h0
-    n_pix = p.shape[0] * p.shape[2] * p.shape[3]
-    ws: Workspace = {} if workspace is None else workspace
-    g, dp = _pool_backward(dh, h, p, idx, ws)
-    dbeta = g.sum([0, 2, 3]).double()  # each pooled gradient lands on exactly one pixel
-    a = (tape.cols @ dp.permute(0, 2, 3, 1).reshape(n_pix, -1)).double().T  # (P ∂p)ᵀ [C, 9 c_in]
+    x = tape.x
+    n_pix = x.shape[0] * x.shape[2] * x.shape[3]
+    pdp, dbeta = torch.ops.fedmeta.block0_backward(x, dh, tape.h0, tape.arg0)
+    a = pdp.T  # (P ∂p)ᵀ [C, 9 c_in]
     dgamma = ((a * tape.w0d).sum(1) - tape.mean * dbeta) * tape.rstd  # Σ ∂p·(z − mean)·rstd with z = P w
     k1 = -tape.scale * tape.rstd * dgamma / n_pix
     k0 = -tape.scale * dbeta / n_pix
@@ -346,17 +296,17 @@ def features_backward(params: Params, tape: Tape, dfeat: torch.Tensor, workspace
     return grads
 
 
-def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Optional[Moments] = None, workspace: Optional[Workspace] = None) -> Params:
+def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Optional[Moments] = None) -> Params:
     """∇_params loss(params, x, y) for one batch x [b, C, H, W], y [b]; equals torch.func.grad(loss) up to round-off.
 
     The classifier and cross-entropy by hand, around `features_forward` / `features_backward`.
     """
-    feat, tape = features_forward(params, x, moments, workspace)
+    feat, tape = features_forward(params, x, moments)
     assert tape is not None
     fc_w = params["fc.weight"]
     dlogits = torch.addmm(params["fc.bias"], feat, fc_w.T).softmax(-1)
     dlogits = (dlogits - F.one_hot(y, dlogits.shape[1]).to(dlogits.dtype)) / x.shape[0]
-    grads = features_backward(params, tape, dlogits @ fc_w, workspace)
+    grads = features_backward(params, tape, dlogits @ fc_w)
     grads["fc.weight"] = dlogits.T @ feat
     grads["fc.bias"] = dlogits.sum(0)
     return grads
@@ -374,6 +324,8 @@ def script(fn: Callable[..., T]) -> Callable[..., T]:
         return torch.jit.script(fn)
 
 
-# the hand-written forward and backward as TorchScript, for callers on lanes (`embed`, the defense)
+# the hand-written forward and backward as TorchScript, for callers on lanes (`embed`, the defense); they call
+# the ops `kernels.load` registers
+kernels.load()
 scripted_features_forward = script(features_forward)
 scripted_features_backward = script(features_backward)

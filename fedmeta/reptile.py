@@ -93,7 +93,7 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.T
 
 def _episode_steps(keys: list[str], p: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                    batches: torch.Tensor, gram: torch.Tensor, colsum: torch.Tensor, first: int, end: int, done: int,
-                   lr: float, beta1: float, beta2: float, eps: float, workspace: model.Workspace) -> list[torch.Tensor]:
+                   lr: float, beta1: float, beta2: float, eps: float) -> list[torch.Tensor]:
     """Steps first..end-1 of one episode (x [n, ...], batches [steps, b], per-image patch moments), Adam in place
     on p and v; returns the first moments. `done` counts the Adam steps taken before this call."""
     for s in range(first, end):
@@ -101,7 +101,7 @@ def _episode_steps(keys: list[str], p: list[torch.Tensor], m: list[torch.Tensor]
         params: model.Params = {}
         for k, t in zip(keys, p):
             params[k] = t
-        grads = model.loss_grad(params, x[idx], y[idx], (gram[idx].sum(0), colsum[idx].sum(0)), workspace)
+        grads = model.loss_grad(params, x[idx], y[idx], (gram[idx].sum(0), colsum[idx].sum(0)))
         m = adam_(p, [grads[k] for k in keys], m, v, done + s + 1, lr, beta1, beta2, eps)
     return m
 
@@ -160,24 +160,19 @@ def _adapt_lanes(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torc
         m = {k: state.m[k].clone() if cfg.beta1 != 0 else torch.empty_like(state.m[k]) for k in keys}
     moments: dict[int, model.Moments] = {}  # per episode, computed by the lane that runs its first steps
 
-    def worker() -> Callable[[int, int, int], None]:
-        workspace: model.Workspace = {}
+    def do(j: int, first: int, end: int) -> None:
+        p_j, v_j = [out[k][j] for k in keys], [v[k][j] for k in keys]
+        m_j = [m[k][j] for k in keys] if cfg.beta1 != 0 else []
+        with torch.no_grad():
+            if j not in moments:  # a cut episode's last steps run after its first (lanes.run_chains)
+                moments[j] = model.patch_moments(x[j])
+            gram, colsum = moments[j]
+            m_j = _compiled_episode_steps(keys, p_j, m_j, v_j, x[j], y[j], batches[j], gram, colsum, first, end, state.step,
+                                          cfg.lr, cfg.beta1, cfg.beta2, cfg.eps)
+            if cfg.beta1 == 0 and end == steps:
+                torch._foreach_copy_([m[k][j] for k in keys], m_j)
 
-        def do(j: int, first: int, end: int) -> None:
-            p_j, v_j = [out[k][j] for k in keys], [v[k][j] for k in keys]
-            m_j = [m[k][j] for k in keys] if cfg.beta1 != 0 else []
-            with torch.no_grad():
-                if j not in moments:  # a cut episode's last steps run after its first (lanes.run_chains)
-                    moments[j] = model.patch_moments(x[j])
-                gram, colsum = moments[j]
-                m_j = _compiled_episode_steps(keys, p_j, m_j, v_j, x[j], y[j], batches[j], gram, colsum, first, end, state.step,
-                                              cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, workspace)
-                if cfg.beta1 == 0 and end == steps:
-                    torch._foreach_copy_([m[k][j] for k in keys], m_j)
-
-        return do
-
-    lanes.run_chains(n_ep, steps, worker)
+    lanes.run_chains(n_ep, steps, do)
     state.m, state.v = m, v
     state.step += steps
     return out, state

@@ -80,13 +80,11 @@ def test_hand_written_gradient_equals_autograd(size: int, channels: int) -> None
     x[:, :, :12, :12] = 1.0
     y = torch.randint(5, (7,), generator=g)
     ref = grad(model.loss)(params, x, y)
-    workspace: model.Workspace = {}
-    for moments, ws in ((None, None), (tuple(t.sum(0) for t in model.patch_moments(x)), workspace), (None, workspace)):
-        got = model.loss_grad(params, x, y, moments, ws)  # the second workspace call reuses the first's buffers
+    for moments in (None, tuple(t.sum(0) for t in model.patch_moments(x))):
+        got = model.loss_grad(params, x, y, moments)
         assert set(got) == set(ref)
         for k in ref:
             assert torch.allclose(got[k], ref[k], atol=1e-11, rtol=0), k
-    assert workspace
 
 
 @pytest.mark.parametrize(("size", "channels"), [(28, 1), (30, 1), (36, 3)])
@@ -103,7 +101,7 @@ def test_embedding_by_hand_equals_embed(size: int, channels: int, n_ref: int | N
         got = model.embed(params, x, n_ref, by_hand=True)
         assert got.shape == ref.shape
         assert torch.allclose(got, ref, atol=1e-11, rtol=0)
-        with_tape, tape = model.features_forward(params, x, None, None, n_ref)
+        with_tape, tape = model.features_forward(params, x, None, n_ref)
         assert tape is not None and torch.equal(with_tape, got)  # pooling without indices: the same maxima
         if n_ref is not None:
             moved = x.clone()
@@ -121,8 +119,8 @@ def test_scripted_forward_and_backward_give_the_eager_bits(one_thread) -> None:
     feat, tape = model.features_forward(params, x)
     grads = model.features_backward(params, tape, dfeat)
     for _ in range(3):
-        feat_s, tape_s = model.scripted_features_forward(params, x, None, {})
-        grads_s = model.scripted_features_backward(params, tape_s, dfeat, {})
+        feat_s, tape_s = model.scripted_features_forward(params, x)
+        grads_s = model.scripted_features_backward(params, tape_s, dfeat)
     assert torch.equal(feat, feat_s) and set(grads) == set(grads_s)
     assert all(torch.equal(grads[k], grads_s[k]) for k in grads)
 
@@ -201,7 +199,7 @@ def test_compiled_inner_loop_gives_the_eager_bits(one_thread, beta1: float) -> N
             p, v = [theta[k].clone() for k in keys], [torch.zeros_like(theta[k]) for k in keys]
             m = [torch.zeros_like(theta[k]) for k in keys] if beta1 else []
             with torch.no_grad():
-                m = steps(keys, p, m, v, x[0], y[0], batches[0], gram, colsum, 0, 5, 0, 0.01, beta1, 0.999, 1e-8, {})
+                m = steps(keys, p, m, v, x[0], y[0], batches[0], gram, colsum, 0, 5, 0, 0.01, beta1, 0.999, 1e-8)
         runs.append(p + v + m)
     eager, compiled = runs
     assert len(eager) == len(compiled) == 3 * len(keys)

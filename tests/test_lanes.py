@@ -59,7 +59,7 @@ def watched(monkeypatch: pytest.MonkeyPatch) -> threading.Semaphore:
 def test_nothing_to_run_gives_an_empty_schedule_and_no_calls(n_chains: int, length: int) -> None:
     assert lanes.schedule(n_chains, length, 2) == []
     calls: list[tuple[int, int, int]] = []
-    lanes.run_chains(n_chains, length, lambda: lambda *piece: calls.append(piece))
+    lanes.run_chains(n_chains, length, lambda *piece: calls.append(piece))
     assert calls == []
 
 
@@ -67,31 +67,27 @@ def test_run_chains_runs_each_chains_steps_in_order_even_when_a_head_is_slow(wat
     """Chain 2 of (5 chains × 10 steps, 2 lanes) is cut; its first steps are held back until the other lane waits for them."""
     done: dict[int, list[int]] = {c: [] for c in range(5)}
 
-    def worker():
-        def do(chain: int, first: int, end: int) -> None:
-            if chain == 2 and first == 0:
-                assert watched.acquire(timeout=10)  # the other lane has reached chain 2's last steps and waits
-            assert done[chain] == list(range(first)), (chain, first, done[chain])
-            done[chain].extend(range(first, end))
-        return do
+    def do(chain: int, first: int, end: int) -> None:
+        if chain == 2 and first == 0:
+            assert watched.acquire(timeout=10)  # the other lane has reached chain 2's last steps and waits
+        assert done[chain] == list(range(first)), (chain, first, done[chain])
+        done[chain].extend(range(first, end))
 
-    lanes.run_chains(5, 10, worker)
+    lanes.run_chains(5, 10, do)
     assert done == {c: list(range(10)) for c in range(5)}
 
 
 def test_run_chains_raises_a_lanes_error_instead_of_leaving_the_other_lane_waiting(watched: threading.Semaphore) -> None:
-    def worker():
-        def do(chain: int, first: int, end: int) -> None:
-            if chain == 2 and first == 0:
-                assert watched.acquire(timeout=10)  # fail only once the other lane waits for these steps
-                raise RuntimeError("head failed")
-        return do
+    def do(chain: int, first: int, end: int) -> None:
+        if chain == 2 and first == 0:
+            assert watched.acquire(timeout=10)  # fail only once the other lane waits for these steps
+            raise RuntimeError("head failed")
 
     raised: list[BaseException] = []
 
     def call() -> None:
         try:
-            lanes.run_chains(5, 10, worker)
+            lanes.run_chains(5, 10, do)
         except BaseException as e:  # noqa: BLE001 - the test inspects it
             raised.append(e)
 
