@@ -98,7 +98,8 @@ def load() -> str:
             backend = "compiled"
             return backend
         except Exception as e:  # no compiler, no ninja, a failed build: the reference ops still give the same results
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = reason if len(reason) <= 120 else reason[:119] + "…"  # a failed build's first line holds the whole compile command
             warnings.warn(f"fedmeta: the compiled block-0 kernels could not be built ({reason}); using the slower torch reference", stacklevel=2)
     _register_reference()
     backend = "reference"
