@@ -12,7 +12,6 @@
 
 namespace {
 
-
 // The 3×3 patches (zero padding 1) of every pooled pixel's four window pixels, for one image x [C_in, H, W]:
 // table[(q·4 + o)·K + k] for pooled pixel q = i·(W/2) + j, window offset o = 2·row + column offset (max_pool2d's
 // scan order) and k = (input channel, 3×3 tap) as a conv weight flattens.
