@@ -551,7 +551,7 @@ def run(s: Settings) -> dict[str, Any]:
 
 
 def table(r: dict[str, Any]) -> str:
-    impl = f"lanes ({r['lanes']}), {r['kernels']} block-0 kernels" if r["implementation"] == "lanes" else r["implementation"]
+    impl = f"lanes ({r['lanes']}), {r['kernels']} CPU kernels" if r["implementation"] == "lanes" else r["implementation"]
     lines = [f"fedmeta bench — {r['device']}, torch {r['torch']}, {r['threads']} threads, {impl}, commit {r['commit'][:12]}"]
     lines.append(f"{'phase':<12}{'naive eps/s':>14}{'fedmeta eps/s':>16}{'ratio':>9}{'FLOP limit':>12}{'faults/ep naive':>17}{'fedmeta':>9}")
     for phase in PHASES:

@@ -5,12 +5,12 @@ many episodes at once under `torch.func.vmap`, and makes batch norm use the
 statistics of each episode's own batch, as Reptile's reference does.
 
 `loss_grad` is the gradient of `loss` written out by hand (no autograd) for
-the CPU inner loops of `reptile.adapt`: channels-last oneDNN convolutions,
-native batch-norm and max-pool kernels, and the first block (one input
-channel, nine-tap patches: a poor convolution) with batch-norm statistics and
-weight gradient in closed form from the Gram matrix of the image patches and
-a fused compiled kernel (`kernels`) for the rest, so that its full-size
-activations are never written to memory. That part
+the CPU inner loops of `reptile.adapt`: channels-last activations, compiled
+Winograd convolutions (`kernels`), native batch-norm and max-pool kernels, and
+the first block (one input channel, nine-tap patches: a poor convolution) with
+batch-norm statistics and weight gradient in closed form from the Gram matrix
+of the image patches and a fused compiled kernel for the rest, so that its
+full-size activations are never written to memory. That part
 is written in the TorchScript subset of Python (no `from __future__ import
 annotations`, constants as default arguments), so that `script` can compile
 it, and `reptile` its inner loop around it, to run on lanes without holding
@@ -230,7 +230,8 @@ def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments]
     Block 0 never forms its convolution output z: with P the patches and w the weight, z = Pᵀwᵀ, so BN's
     mean and variance are (wᵀΣP)/M and (w G wᵀ)/M − mean² (G = PPᵀ, in float64), BN and the convolution
     fold into one weight and shift, and the fused kernel `torch.ops.fedmeta.block0_forward` (`kernels`)
-    applies them window by window, pooling as it goes.
+    applies them window by window, pooling as it goes. The later blocks' convolutions are
+    `torch.ops.fedmeta.conv3x3_forward` (Winograd's algorithm).
     blocks, eps: BLOCKS and BN_EPS, passed as defaults because TorchScript cannot read module globals.
     """
     n_stat = (x.shape[0] if n_ref is None else n_ref) * x.shape[2] * x.shape[3]  # the pixels batch norm's statistics come from
@@ -251,13 +252,13 @@ def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments]
     h = h0
     if not with_tape:
         for i in range(1, blocks):
-            z = F.conv2d(h, params[f"conv{i}.weight"], padding=1)
+            z = torch.ops.fedmeta.conv3x3_forward(h, params[f"conv{i}.weight"])
             h = _relu_max_pool_values(_block_batch_norm(z, params[f"bn{i}.weight"], params[f"bn{i}.bias"], n_ref, eps)[0])
         return h.flatten(1), None
     saved: list[Block] = []
     for i in range(1, blocks):
         h_in = h
-        z = F.conv2d(h_in, params[f"conv{i}.weight"], padding=1)  # channels last, like h_in
+        z = torch.ops.fedmeta.conv3x3_forward(h_in, params[f"conv{i}.weight"])  # channels last, like h_in
         p, z2, mu, invstd = _block_batch_norm(z, params[f"bn{i}.weight"], params[f"bn{i}.bias"], n_ref, eps)
         h, idx = _pool(p)
         saved.append((h_in, p, idx, h, z2, mu, invstd))
@@ -278,9 +279,7 @@ def features_backward(params: Params, tape: Tape, dfeat: torch.Tensor, eps: floa
             dp2, z2, params[f"bn{i}.weight"], None, None, mu, invstd, True, eps, [True, True, True]
         )
         dz = dz2.view(p.shape[0], p.shape[2], p.shape[3], -1).permute(0, 3, 1, 2)
-        dh, grads[f"conv{i}.weight"], _ = torch.ops.aten.convolution_backward(
-            dz, h_in, params[f"conv{i}.weight"], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
-        )
+        dh, grads[f"conv{i}.weight"] = torch.ops.fedmeta.conv3x3_backward(dz, h_in, params[f"conv{i}.weight"])
     x = tape.x
     n_pix = x.shape[0] * x.shape[2] * x.shape[3]
     pdp, dbeta = torch.ops.fedmeta.block0_backward(x, dh, tape.h0, tape.arg0)

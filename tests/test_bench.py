@@ -71,11 +71,12 @@ def test_memory_probe_reports_peak_and_growth_from_a_fresh_process() -> None:
     assert m["fedmeta_meta_train"] > 0 and m["fedmeta_meta_train_growth"] >= 0
 
 
+@pytest.mark.parametrize("width", [6, 16])  # torch's convolutions, and the compiled Winograd ones (`kernels`)
 @pytest.mark.parametrize(("size", "channels"), [(28, 1), (30, 1), (36, 3)])
-def test_hand_written_gradient_equals_autograd(size: int, channels: int) -> None:
+def test_hand_written_gradient_equals_autograd(size: int, channels: int, width: int) -> None:
     """Odd sides (30 → 15 → 7 → 3) and constant patches (max-pool ties) included."""
     g = torch.Generator().manual_seed(0)
-    params = {k: v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in model.init_conv4(channels, 6, size, 5, g).items()}
+    params = {k: v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in model.init_conv4(channels, width, size, 5, g).items()}
     x = torch.rand(7, channels, size, size, generator=g, dtype=torch.float64)
     x[:, :, :12, :12] = 1.0
     y = torch.randint(5, (7,), generator=g)
@@ -93,7 +94,7 @@ def test_embedding_by_hand_equals_embed(size: int, channels: int, n_ref: int | N
     """Predictions on lanes embed through `features_forward`: the same function as `embed`, batch-norm
     statistics from all images or from the first n_ref only (so the other images cannot move them)."""
     g = torch.Generator().manual_seed(3)
-    params = {k: v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in model.init_conv4(channels, 6, size, 5, g).items()}
+    params = {k: v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in model.init_conv4(channels, 16, size, 5, g).items()}
     x = torch.rand(7, channels, size, size, generator=g, dtype=torch.float64)
     x[:, :, :12, :12] = 1.0
     with torch.no_grad():
@@ -113,9 +114,9 @@ def test_scripted_forward_and_backward_give_the_eager_bits(one_thread) -> None:
     """The defense's lanes call `model.scripted_features_forward` / `_backward`; the JIT must not change a bit
     (third call: after it has profiled and optimised them)."""
     g = torch.Generator().manual_seed(4)
-    params = {k: v for k, v in model.init_conv4(1, 6, 28, 5, g).items() if not k.startswith("fc.")}
+    params = {k: v for k, v in model.init_conv4(1, 16, 28, 5, g).items() if not k.startswith("fc.")}
     x = (torch.rand(9, 1, 28, 28, generator=g) < 0.2).float()
-    dfeat = torch.randn(9, 6, generator=g)
+    dfeat = torch.randn(9, 16, generator=g)
     feat, tape = model.features_forward(params, x)
     grads = model.features_backward(params, tape, dfeat)
     for _ in range(3):

@@ -1,4 +1,5 @@
-"""The compiled block-0 kernels against the torch computations they replace, and the fallback to those."""
+"""The compiled CPU kernels (block 0 fused, Winograd convolutions) against the torch computations they replace,
+and the fallback to those."""
 from __future__ import annotations
 
 import os
@@ -66,6 +67,56 @@ def test_block0_rejects_images_it_was_not_built_for() -> None:
         torch.ops.fedmeta.block0_forward(x, weight[:4], shift)
 
 
+def _conv_case(dtype: torch.dtype, n: int, c_in: int, c_out: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(rows * cols + c_out)
+    h = torch.randn(n, c_in, rows, cols, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g, dtype=dtype)
+    dz = torch.randn(n, c_out, rows, cols, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return h, weight, dz
+
+
+# Conv4's later blocks on Omniglot (14, 7, 3) and mini-ImageNet (21: odd, a half-empty last tile), a 1×1 map, unequal
+# channel counts, more tiles than one chunk (48), and a batch of one
+CONV_SHAPES = [(10, 64, 64, 14, 14), (2, 64, 64, 7, 7), (3, 16, 32, 3, 3), (2, 32, 16, 21, 21), (2, 16, 16, 1, 1), (1, 16, 16, 5, 8)]
+
+
+@pytest.mark.parametrize(("n", "c_in", "c_out", "rows", "cols"), CONV_SHAPES)
+def test_compiled_conv3x3_equals_the_reference(n: int, c_in: int, c_out: int, rows: int, cols: int) -> None:
+    """float64: Winograd's algorithm is exact arithmetic rearranged, so only round-off separates it from conv2d."""
+    h, weight, dz = _conv_case(torch.float64, n, c_in, c_out, rows, cols)
+    z = torch.ops.fedmeta.conv3x3_forward(h, weight)
+    assert z.shape == (n, c_out, rows, cols) and z.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(z, kernels.conv3x3_forward_reference(h, weight), atol=1e-12, rtol=0)
+    dh, dw = torch.ops.fedmeta.conv3x3_backward(dz, h, weight)
+    dh_ref, dw_ref = kernels.conv3x3_backward_reference(dz, h, weight)
+    assert dh.shape == h.shape and dw.shape == weight.shape
+    assert torch.allclose(dh, dh_ref, atol=1e-12, rtol=0) and torch.allclose(dw, dw_ref, atol=1e-11, rtol=0)
+    nchw = torch.ops.fedmeta.conv3x3_backward(dz.contiguous(), h.contiguous(), weight)  # any layout in, the same numbers out
+    assert torch.equal(nchw[0], dh) and torch.equal(nchw[1], dw)
+
+
+def test_compiled_conv3x3_in_float32_stays_within_round_off() -> None:
+    h, weight, dz = _conv_case(torch.float32, 10, 64, 64, 14, 14)
+    ref = [t.float() for t in (kernels.conv3x3_forward_reference(h.double(), weight.double()), *kernels.conv3x3_backward_reference(dz.double(), h.double(), weight.double()))]
+    got = [torch.ops.fedmeta.conv3x3_forward(h, weight), *torch.ops.fedmeta.conv3x3_backward(dz, h, weight)]
+    for g, r in zip(got, ref):
+        assert (g - r).abs().max() <= 2e-6 * r.abs().max()
+
+
+def test_conv3x3_shapes_the_kernel_was_not_built_for_go_to_torch() -> None:
+    """Channel counts that are not whole registers (6 here) run torch's own convolution, bit for bit."""
+    h, weight, dz = _conv_case(torch.float32, 2, 6, 6, 7, 7)
+    assert torch.equal(torch.ops.fedmeta.conv3x3_forward(h, weight), kernels.conv3x3_forward_reference(h, weight))
+    for got, ref in zip(torch.ops.fedmeta.conv3x3_backward(dz, h, weight), kernels.conv3x3_backward_reference(dz, h, weight)):
+        assert torch.equal(got, ref)
+
+
+def test_conv3x3_backward_rejects_a_gradient_of_the_wrong_shape() -> None:
+    h, weight, dz = _conv_case(torch.float32, 2, 16, 16, 7, 7)
+    with pytest.raises(RuntimeError, match=r"expected dz \[n, C_out, H, W\]"):
+        torch.ops.fedmeta.conv3x3_backward(dz[:, :, :6], h, weight)
+
+
 CHECK = """
 import warnings
 warnings.simplefilter("error" if {strict} else "always")
@@ -95,7 +146,7 @@ def test_a_failed_build_falls_back_to_the_reference_with_one_warning(tmp_path: P
     out = _run(CHECK.format(strict=False), TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "reference"
-    warned = [line for line in out.stderr.splitlines() if "compiled block-0 kernels could not be built" in line]
+    warned = [line for line in out.stderr.splitlines() if "compiled CPU kernels could not be built" in line]
     assert len(warned) == 1, out.stderr
 
 
