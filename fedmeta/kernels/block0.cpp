@@ -6,9 +6,13 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "vector.h"
+
+using fedmeta::load;
+using fedmeta::store;
 
 namespace {
 
@@ -30,24 +34,6 @@ void patch_table(const T* x, int64_t cin, int64_t H, int64_t W, std::vector<T>& 
         for (int64_t ci = 0; ci < cin; ++ci)
           for (int64_t ky = 0; ky < 3; ++ky)
             for (int64_t kx = 0; kx < 3; ++kx) *t++ = padded[(ci * (H + 2) + 2 * i + o / 2 + ky) * PW + 2 * j + o % 2 + kx];
-}
-
-// A block of channels: a 64-byte vector (16 floats, one AVX-512 register) when the width is a multiple of it, else one.
-template <typename T>
-struct Block {
-  typedef T Wide __attribute__((vector_size(64)));
-};
-
-template <typename V, typename T>
-V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-void store(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
 }
 
 // h = ReLU(max over the window of (patch · w + shift)), arg = the first maximum's offset, per pooled pixel and channel.
@@ -123,9 +109,10 @@ void check_images(const at::Tensor& x) {
 }
 
 // f(channel block, patch length) for 1 or 3 input channels, the block as a type and the length as a compile-time constant.
+// A block of channels is a 64-byte vector (16 floats, one AVX-512 register) when the width is a multiple of it, else one.
 template <typename T, typename F>
 void with_shape(int64_t cin, int64_t C, F&& f) {
-  using Wide = typename Block<T>::Wide;
+  using Wide = typename fedmeta::Wide<T>::V;
   const bool wide = C % int64_t(sizeof(Wide) / sizeof(T)) == 0;
   using K9 = std::integral_constant<int64_t, 9>;
   using K27 = std::integral_constant<int64_t, 27>;

@@ -9,31 +9,18 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "vector.h"
+
+using fedmeta::load;
+using fedmeta::store;
+using fedmeta::Wide;
 
 namespace {
 
 constexpr int64_t XI = 16;     // points of the 4×4 transform domain
 constexpr int64_t CHUNK = 48;  // tiles per pass: 16 × 48 × 64 channels × 4 bytes = 192 KB per transformed tensor
-
-template <typename T>
-struct Wide {
-  typedef T V __attribute__((vector_size(64)));  // one AVX-512 register of channels
-  static constexpr int64_t L = 64 / sizeof(T);
-};
-
-template <typename V, typename T>
-inline V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-inline void store(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
 
 // C[r, 0 : NV·L] (+)= Σ_k A[r·rs + k·ks] · B[k·bs, 0 : NV·L] for r < R: R·NV accumulators held in registers.
 template <typename T, int R, int NV, bool ACC>
@@ -157,137 +144,120 @@ struct Tile {
   int64_t b, y, x;
 };
 
-inline Tile locate(int64_t t, const Shape& s) {
-  const int64_t per = s.th * s.tw, r = t % per;
-  return {t / per, 2 * (r / s.tw) - 1, 2 * (r % s.tw) - 1};
+// body(tile, its row in the chunk, pixel offset, first channel) for every tile t0 ≤ t < t1 and every register of C
+// channels, where pixel(y, x) is the offset of the tile's pixel (y, x) (image coordinates) in a [n, H, W, C] tensor.
+template <typename T, typename F>
+inline void for_tiles(const Shape& s, int64_t C, int64_t t0, int64_t t1, F&& body) {
+  const int64_t per = s.th * s.tw;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t r = t % per;
+    const Tile p{t / per, 2 * (r / s.tw) - 1, 2 * (r % s.tw) - 1};
+    const auto pixel = [=](int64_t y, int64_t x) { return ((p.b * s.H + y) * s.W + x) * C; };
+    for (int64_t c0 = 0; c0 < C; c0 += Wide<T>::L) body(p, t - t0, pixel, c0);
+  }
 }
 
 // V[ξ, t − t0, :] = (Bᵀ d B)[ξ] for the 4×4 patches d of tiles t0 ≤ t < t1 of h (zero outside the image).
 template <typename T>
 void input_transform(const T* h, const Shape& s, int64_t t0, int64_t t1, T* V) {
   using W = typename Wide<T>::V;
-  constexpr int64_t L = Wide<T>::L;
   const int64_t C = s.cin, xs = point_stride<T>(C);
-  for (int64_t t = t0; t < t1; ++t) {
-    const Tile p = locate(t, s);
-    for (int64_t c0 = 0; c0 < C; c0 += L) {
-      W d[4][4], e[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) {
-          const int64_t y = p.y + i, x = p.x + j;
-          d[i][j] = (y >= 0 && y < s.H && x >= 0 && x < s.W) ? load<W>(h + ((p.b * s.H + y) * s.W + x) * C + c0) : W{};
-        }
-      for (int j = 0; j < 4; ++j) {  // Bᵀ d: rows d0 − d2, d1 + d2, d2 − d1, d1 − d3
-        e[0][j] = d[0][j] - d[2][j];
-        e[1][j] = d[1][j] + d[2][j];
-        e[2][j] = d[2][j] - d[1][j];
-        e[3][j] = d[1][j] - d[3][j];
+  for_tiles<T>(s, C, t0, t1, [=](const Tile& p, int64_t row, auto pixel, int64_t c0) {
+    W d[4][4], e[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const bool in = p.y + i >= 0 && p.y + i < s.H && p.x + j >= 0 && p.x + j < s.W;
+        d[i][j] = in ? load<W>(h + pixel(p.y + i, p.x + j) + c0) : W{};
       }
-      for (int i = 0; i < 4; ++i) {  // (Bᵀ d) B
-        T* v = V + 4 * i * xs + (t - t0) * C + c0;
-        store(v, e[i][0] - e[i][2]);
-        store(v + xs, e[i][1] + e[i][2]);
-        store(v + 2 * xs, e[i][2] - e[i][1]);
-        store(v + 3 * xs, e[i][1] - e[i][3]);
-      }
+    for (int j = 0; j < 4; ++j) {  // Bᵀ d: rows d0 − d2, d1 + d2, d2 − d1, d1 − d3
+      e[0][j] = d[0][j] - d[2][j];
+      e[1][j] = d[1][j] + d[2][j];
+      e[2][j] = d[2][j] - d[1][j];
+      e[3][j] = d[1][j] - d[3][j];
     }
-  }
+    for (int i = 0; i < 4; ++i) {  // (Bᵀ d) B
+      T* v = V + 4 * i * xs + row * C + c0;
+      store(v, e[i][0] - e[i][2]);
+      store(v + xs, e[i][1] + e[i][2]);
+      store(v + 2 * xs, e[i][2] - e[i][1]);
+      store(v + 3 * xs, e[i][1] - e[i][3]);
+    }
+  });
 }
 
 // dh[patch of t] += B ∂V[ξ, t − t0] Bᵀ, the adjoint of `input_transform`, dropping what falls outside the image.
 template <typename T>
 void input_transform_adjoint(const T* dV, const Shape& s, int64_t t0, int64_t t1, T* dh) {
   using W = typename Wide<T>::V;
-  constexpr int64_t L = Wide<T>::L;
   const int64_t C = s.cin, xs = point_stride<T>(C);
-  for (int64_t t = t0; t < t1; ++t) {
-    const Tile p = locate(t, s);
-    for (int64_t c0 = 0; c0 < C; c0 += L) {
-      W v[4][4], e[4][4];
-      for (int x = 0; x < XI; ++x) v[x / 4][x % 4] = load<W>(dV + x * xs + (t - t0) * C + c0);
-      for (int i = 0; i < 4; ++i) {  // ∂V B
-        e[i][0] = v[i][0];
-        e[i][1] = v[i][1] - v[i][2] + v[i][3];
-        e[i][2] = v[i][1] + v[i][2] - v[i][0];
-        e[i][3] = -v[i][3];
-      }
-      for (int j = 0; j < 4; ++j) {  // B (∂V B)
-        const W r0 = e[0][j], r1 = e[1][j] - e[2][j] + e[3][j], r2 = e[1][j] + e[2][j] - e[0][j], r3 = -e[3][j];
-        const W col[4] = {r0, r1, r2, r3};
-        const int64_t x = p.x + j;
-        if (x < 0 || x >= s.W) continue;
-        for (int i = 0; i < 4; ++i) {
-          const int64_t y = p.y + i;
-          if (y < 0 || y >= s.H) continue;
-          T* o = dh + ((p.b * s.H + y) * s.W + x) * C + c0;
-          store(o, load<W>(o) + col[i]);
-        }
+  for_tiles<T>(s, C, t0, t1, [=](const Tile& p, int64_t row, auto pixel, int64_t c0) {
+    W v[4][4], e[4][4];
+    for (int x = 0; x < XI; ++x) v[x / 4][x % 4] = load<W>(dV + x * xs + row * C + c0);
+    for (int i = 0; i < 4; ++i) {  // ∂V B
+      e[i][0] = v[i][0];
+      e[i][1] = v[i][1] - v[i][2] + v[i][3];
+      e[i][2] = v[i][1] + v[i][2] - v[i][0];
+      e[i][3] = -v[i][3];
+    }
+    for (int j = 0; j < 4; ++j) {  // B (∂V B), added into the patch
+      if (p.x + j < 0 || p.x + j >= s.W) continue;
+      const W col[4] = {e[0][j], e[1][j] - e[2][j] + e[3][j], e[1][j] + e[2][j] - e[0][j], -e[3][j]};
+      for (int i = 0; i < 4; ++i) {
+        if (p.y + i < 0 || p.y + i >= s.H) continue;
+        T* o = dh + pixel(p.y + i, p.x + j) + c0;
+        store(o, load<W>(o) + col[i]);
       }
     }
-  }
+  });
 }
 
 // z[outputs of t] = Aᵀ M[ξ, t − t0] A, the tiles' 2×2 outputs (those inside the image).
 template <typename T>
 void output_transform(const T* M, const Shape& s, int64_t t0, int64_t t1, T* z) {
   using W = typename Wide<T>::V;
-  constexpr int64_t L = Wide<T>::L;
   const int64_t C = s.cout, xs = point_stride<T>(C);
-  for (int64_t t = t0; t < t1; ++t) {
-    const Tile p = locate(t, s);
-    for (int64_t c0 = 0; c0 < C; c0 += L) {
-      W m[4][4], r[2][4];
-      for (int x = 0; x < XI; ++x) m[x / 4][x % 4] = load<W>(M + x * xs + (t - t0) * C + c0);
-      for (int j = 0; j < 4; ++j) {  // Aᵀ m: rows m0 + m1 + m2, m1 − m2 − m3
-        r[0][j] = m[0][j] + m[1][j] + m[2][j];
-        r[1][j] = m[1][j] - m[2][j] - m[3][j];
-      }
-      for (int i = 0; i < 2; ++i) {
-        const int64_t y = p.y + 1 + i;
-        if (y >= s.H) continue;
-        const W out[2] = {r[i][0] + r[i][1] + r[i][2], r[i][1] - r[i][2] - r[i][3]};
-        for (int j = 0; j < 2; ++j) {
-          const int64_t x = p.x + 1 + j;
-          if (x < s.W) store(z + ((p.b * s.H + y) * s.W + x) * C + c0, out[j]);
-        }
-      }
+  for_tiles<T>(s, C, t0, t1, [=](const Tile& p, int64_t row, auto pixel, int64_t c0) {
+    W m[4][4], r[2][4];
+    for (int x = 0; x < XI; ++x) m[x / 4][x % 4] = load<W>(M + x * xs + row * C + c0);
+    for (int j = 0; j < 4; ++j) {  // Aᵀ m: rows m0 + m1 + m2, m1 − m2 − m3
+      r[0][j] = m[0][j] + m[1][j] + m[2][j];
+      r[1][j] = m[1][j] - m[2][j] - m[3][j];
     }
-  }
+    for (int i = 0; i < 2; ++i) {  // (Aᵀ m) A; outputs start inside the image, so only the far edges can fall outside
+      if (p.y + 1 + i >= s.H) continue;
+      const W out[2] = {r[i][0] + r[i][1] + r[i][2], r[i][1] - r[i][2] - r[i][3]};
+      for (int j = 0; j < 2; ++j)
+        if (p.x + 1 + j < s.W) store(z + pixel(p.y + 1 + i, p.x + 1 + j) + c0, out[j]);
+    }
+  });
 }
 
 // ∂M[ξ, t − t0] = A ∂Y Aᵀ for ∂Y the tile's 2×2 output gradients (zero outside the image), the adjoint of `output_transform`.
 template <typename T>
 void output_transform_adjoint(const T* dz, const Shape& s, int64_t t0, int64_t t1, T* dM) {
   using W = typename Wide<T>::V;
-  constexpr int64_t L = Wide<T>::L;
   const int64_t C = s.cout, xs = point_stride<T>(C);
-  for (int64_t t = t0; t < t1; ++t) {
-    const Tile p = locate(t, s);
-    for (int64_t c0 = 0; c0 < C; c0 += L) {
-      W dy[2][2], e[2][4];
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) {
-          const int64_t y = p.y + 1 + i, x = p.x + 1 + j;
-          dy[i][j] = (y < s.H && x < s.W) ? load<W>(dz + ((p.b * s.H + y) * s.W + x) * C + c0) : W{};
-        }
-      for (int i = 0; i < 2; ++i) {  // ∂Y Aᵀ
-        e[i][0] = dy[i][0];
-        e[i][1] = dy[i][0] + dy[i][1];
-        e[i][2] = dy[i][0] - dy[i][1];
-        e[i][3] = -dy[i][1];
-      }
-      for (int j = 0; j < 4; ++j) {  // A (∂Y Aᵀ)
-        T* o = dM + j * xs + (t - t0) * C + c0;
-        store(o, e[0][j]);
-        store(o + 4 * xs, e[0][j] + e[1][j]);
-        store(o + 8 * xs, e[0][j] - e[1][j]);
-        store(o + 12 * xs, -e[1][j]);
-      }
+  for_tiles<T>(s, C, t0, t1, [=](const Tile& p, int64_t row, auto pixel, int64_t c0) {
+    W dy[2][2], e[2][4];
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j)
+        dy[i][j] = (p.y + 1 + i < s.H && p.x + 1 + j < s.W) ? load<W>(dz + pixel(p.y + 1 + i, p.x + 1 + j) + c0) : W{};
+    for (int i = 0; i < 2; ++i) {  // ∂Y Aᵀ
+      e[i][0] = dy[i][0];
+      e[i][1] = dy[i][0] + dy[i][1];
+      e[i][2] = dy[i][0] - dy[i][1];
+      e[i][3] = -dy[i][1];
     }
-  }
+    for (int j = 0; j < 4; ++j) {  // A (∂Y Aᵀ)
+      T* o = dM + j * xs + row * C + c0;
+      store(o, e[0][j]);
+      store(o + 4 * xs, e[0][j] + e[1][j]);
+      store(o + 8 * xs, e[0][j] - e[1][j]);
+      store(o + 12 * xs, -e[1][j]);
+    }
+  });
 }
 
-// w_io: the weight permuted to [C_in, 3, 3, C_out].
 // This thread's scratch buffer number `i` of at least n elements, uninitialised: kept between calls, since a fresh
 // allocation of these sizes is a fresh mapping, whose page faults and zeroing cost as much as a small layer's products.
 template <typename T>
