@@ -14,8 +14,9 @@ already runs them near this CPU's peak rate; Winograd's algorithm needs 2.25 tim
 (1.6 against 2.5 ms for a step's three convolutions, forward and backward, at batch 10, 28 × 28). It rounds
 differently: float32 results agree with the direct convolution's to a few parts in 10⁷, float64 ones to 1e-15.
 
-The C++ sources are compiled on first use (about 8 s, once per machine: torch's extension cache, keyed by
-the source, the flags and this CPU's features since it is built with -march=native). Where it cannot be
+The C++ sources are compiled on first use (about 10 s, once per machine: torch's extension cache, keyed by
+the sources, the flags, and in the module's name the shared header and this CPU's features, since it is built
+with -march=native). Where it cannot be
 built (no C++ compiler or ninja) or FEDMETA_KERNELS=reference is set, the same ops are registered from
 `block0_forward_reference`, `block0_backward_reference` and `conv3x3_*_reference`, the torch computations the
 kernels replace: slower, and holding the GIL, with the same results up to round-off.
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from fedmeta.errors import FedmetaError
 
 SOURCES = [Path(__file__).with_name(name) for name in ("block0.cpp", "conv3x3.cpp")]
+HEADER = Path(__file__).with_name("vector.h")  # included by both; torch's cache keys on the sources alone
 CHOICES = ("compiled", "reference")
 _library: torch.library.Library | None = None  # the reference ops' registration, kept alive
 backend = ""  # which implementation the ops run: "compiled" or "reference", once `load` has run
@@ -89,7 +91,7 @@ def _build() -> None:
     cpu = ""
     if Path("/proc/cpuinfo").exists():
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    tag = hashlib.sha256(cpu.encode()).hexdigest()[:8]
+    tag = hashlib.sha256(cpu.encode() + HEADER.read_bytes()).hexdigest()[:8]
     cpp_extension.load(f"fedmeta_kernels_{tag}", [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native"], is_python_module=False, verbose=False)
 
 
