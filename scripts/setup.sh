@@ -9,8 +9,8 @@ stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
   .venv/bin/pip install --quiet --upgrade pip
-  .venv/bin/pip install --quiet -e . 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -c "import fedmeta, torch, torchvision, dvc, mlflow, typer, yaml, matplotlib, pytest, pydantic" \
+  .venv/bin/pip install --quiet -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+  .venv/bin/python -c "import fedmeta, torch, torchvision, dvc, mlflow, typer, yaml, matplotlib, pytest, pydantic, flwr, sklearn" \
     || { echo "setup: installation failed" >&2; exit 1; }
   rm -f .venv/.installed-* && touch "$stamp"
 fi
