@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fedmeta import kernels
+from fedmeta.kernels.implementations import block0_patches
 
 T = TypeVar("T")
 Params = dict[str, torch.Tensor]
@@ -166,7 +167,7 @@ def patch_moments(x: torch.Tensor) -> Moments:
     grams: list[torch.Tensor] = []
     sums: list[torch.Tensor] = []
     for part in x.split(16):  # bounded memory for large images
-        cols = kernels.block0_patches(part).double().view(x.shape[1] * 9, part.shape[0], -1).transpose(0, 1)  # [n, 9C, H·W]
+        cols = block0_patches(part).double().view(x.shape[1] * 9, part.shape[0], -1).transpose(0, 1)  # [n, 9C, H·W]
         grams.append(torch.bmm(cols, cols.transpose(1, 2)))
         sums.append(cols.sum(-1))
     return torch.cat(grams), torch.cat(sums)
@@ -229,9 +230,9 @@ def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments]
     pooling without indices.
     Block 0 never forms its convolution output z: with P the patches and w the weight, z = Pᵀwᵀ, so BN's
     mean and variance are (wᵀΣP)/M and (w G wᵀ)/M − mean² (G = PPᵀ, in float64), BN and the convolution
-    fold into one weight and shift, and the fused kernel `torch.ops.fedmeta.block0_forward` (`kernels`)
-    applies them window by window, pooling as it goes. The later blocks' convolutions are
-    `torch.ops.fedmeta.conv3x3_forward` (Winograd's algorithm).
+    fold into one weight and shift, and `kernels`' block-0 forward (fused where compiled) applies them
+    window by window, pooling as it goes. The later blocks' convolutions are `kernels`' conv3x3_forward
+    (Winograd's algorithm where compiled).
     blocks, eps: BLOCKS and BN_EPS, passed as defaults because TorchScript cannot read module globals.
     """
     n_stat = (x.shape[0] if n_ref is None else n_ref) * x.shape[2] * x.shape[3]  # the pixels batch norm's statistics come from
@@ -248,17 +249,17 @@ def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments]
     rstd = torch.rsqrt(var + eps)
     scale = params["bn0.weight"].double() * rstd
     shift = params["bn0.bias"].double() - mean * scale
-    h0, arg0 = torch.ops.fedmeta.block0_forward(x, (w0d * scale[:, None]).T.contiguous().to(w0.dtype), shift.to(w0.dtype))
+    h0, arg0 = _block0_forward(x, (w0d * scale[:, None]).T.contiguous().to(w0.dtype), shift.to(w0.dtype))
     h = h0
     if not with_tape:
         for i in range(1, blocks):
-            z = torch.ops.fedmeta.conv3x3_forward(h, params[f"conv{i}.weight"])
+            z = _conv3x3_forward(h, params[f"conv{i}.weight"])
             h = _relu_max_pool_values(_block_batch_norm(z, params[f"bn{i}.weight"], params[f"bn{i}.bias"], n_ref, eps)[0])
         return h.flatten(1), None
     saved: list[Block] = []
     for i in range(1, blocks):
         h_in = h
-        z = torch.ops.fedmeta.conv3x3_forward(h_in, params[f"conv{i}.weight"])  # channels last, like h_in
+        z = _conv3x3_forward(h_in, params[f"conv{i}.weight"])  # channels last, like h_in
         p, z2, mu, invstd = _block_batch_norm(z, params[f"bn{i}.weight"], params[f"bn{i}.bias"], n_ref, eps)
         h, idx = _pool(p)
         saved.append((h_in, p, idx, h, z2, mu, invstd))
@@ -268,7 +269,7 @@ def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments]
 def features_backward(params: Params, tape: Tape, dfeat: torch.Tensor, eps: float = BN_EPS) -> Params:
     """Gradients of the conv and batch-norm parameters given ∂loss/∂f_θ(x) [b, D]; block 0's weight gradient
     is ∂w = scale·(P ∂p)ᵀ + k1·(G w − mean ΣP) + k0·ΣP for BN's ∂z = scale·∂p + k1·(z − mean) + k0, with
-    P ∂p and Σ∂p from the fused kernel `torch.ops.fedmeta.block0_backward`."""
+    P ∂p and Σ∂p from `kernels`' block-0 backward."""
     grads: Params = {}
     dh = dfeat.view(tape.blocks[-1][3].shape)
     for i in range(len(tape.blocks), 0, -1):
@@ -279,10 +280,10 @@ def features_backward(params: Params, tape: Tape, dfeat: torch.Tensor, eps: floa
             dp2, z2, params[f"bn{i}.weight"], None, None, mu, invstd, True, eps, [True, True, True]
         )
         dz = dz2.view(p.shape[0], p.shape[2], p.shape[3], -1).permute(0, 3, 1, 2)
-        dh, grads[f"conv{i}.weight"] = torch.ops.fedmeta.conv3x3_backward(dz, h_in, params[f"conv{i}.weight"])
+        dh, grads[f"conv{i}.weight"] = _conv3x3_backward(dz, h_in, params[f"conv{i}.weight"])
     x = tape.x
     n_pix = x.shape[0] * x.shape[2] * x.shape[3]
-    pdp, dbeta = torch.ops.fedmeta.block0_backward(x, dh, tape.h0, tape.arg0)
+    pdp, dbeta = _block0_backward(x, dh, tape.h0, tape.arg0)
     a = pdp.T  # (P ∂p)ᵀ [C, 9 c_in]
     dgamma = ((a * tape.w0d).sum(1) - tape.mean * dbeta) * tape.rstd  # Σ ∂p·(z − mean)·rstd with z = P w
     k1 = -tape.scale * tape.rstd * dgamma / n_pix
@@ -323,8 +324,8 @@ def script(fn: Callable[..., T]) -> Callable[..., T]:
         return torch.jit.script(fn)
 
 
-# the hand-written forward and backward as TorchScript, for callers on lanes (`embed`, the defense); they call
-# the ops `kernels.load` registers
-kernels.load()
+# the operations `kernels.select` chose for this CPU, compiled into the scripted step with it
+_block0_forward, _block0_backward, _conv3x3_forward, _conv3x3_backward = kernels.ops()
+# the hand-written forward and backward as TorchScript, for callers on lanes (`embed`, the defense)
 scripted_features_forward = script(features_forward)
 scripted_features_backward = script(features_backward)

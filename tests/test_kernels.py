@@ -1,5 +1,5 @@
 """The compiled CPU kernels (block 0 fused, Winograd convolutions) against the torch computations they replace,
-and the fallback to those."""
+the choice between them, and the fallback to torch's. Tests of the compiled kernels skip where they cannot be built."""
 from __future__ import annotations
 
 import os
@@ -12,16 +12,46 @@ import pytest
 import torch
 
 from fedmeta import kernels, model
+from fedmeta.kernels import implementations as reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_compiled_kernels_are_what_runs_where_a_compiler_is() -> None:
+def _buildable() -> bool:
     from torch.utils.cpp_extension import is_ninja_available
 
-    if shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available():
-        pytest.skip("no C++ compiler or ninja here: the reference ops run (tested below)")
-    assert kernels.backend == "compiled"
+    return shutil.which(os.environ.get("CXX", "c++")) is not None and is_ninja_available()
+
+
+@pytest.fixture(scope="module")
+def compiled() -> None:
+    """torch.ops.fedmeta.* loaded (the build this process selected, else the native one), or the test skipped."""
+    if not _buildable():
+        pytest.skip("no C++ compiler or ninja here: only torch's versions exist")
+    kernels.load_library(kernels.select().build or "native")
+
+
+def test_a_compiler_gives_a_measured_choice_and_its_reason() -> None:
+    if not _buildable():
+        pytest.skip("no C++ compiler or ninja here: torch's versions run (tested below)")
+    chosen = kernels.select()
+    if chosen.choice != "auto":
+        pytest.skip(f"FEDMETA_KERNELS={chosen.choice} is set")
+    assert chosen.build == "native" and set(chosen.families) == set(kernels.FAMILIES)
+    assert set(chosen.families.values()) <= {"compiled", "reference"} and "ms compiled against" in chosen.reason
+
+
+def test_the_faster_implementation_of_each_family_is_chosen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verdict follows the times (with a margin: a tie keeps torch's), and a second call reads it from the cache."""
+    if not _buildable():
+        pytest.skip("no C++ compiler or ninja here: there is nothing to choose between")
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path))
+    times = {"block0": {"compiled": 0.2, "reference": 5.0}, "conv3x3": {"compiled": 3.9, "reference": 4.0}}
+    monkeypatch.setattr(kernels, "measure", lambda: times)
+    first = kernels._verdict("native")
+    assert first.families == {"block0": "compiled", "conv3x3": "reference"} and "0.20 ms compiled against 5.00 ms" in first.reason
+    monkeypatch.setattr(kernels, "measure", lambda: pytest.fail("measured again"))
+    assert kernels._verdict("native") == first
 
 
 def _case(dtype: torch.dtype, channels: int, side: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -33,32 +63,35 @@ def _case(dtype: torch.dtype, channels: int, side: int, width: int, seed: int) -
     return x, weight, shift
 
 
-@pytest.mark.parametrize("width", [64, 6])  # 16-channel vector blocks, and single channels
+@pytest.mark.usefixtures("compiled")
+@pytest.mark.parametrize("width", [64, 6])  # whole vector registers of channels, and single channels
 @pytest.mark.parametrize(("channels", "side"), [(1, 28), (1, 7), (3, 30)])
 def test_compiled_block0_equals_the_reference(channels: int, side: int, width: int) -> None:
     """float64: the same maxima, the same window chosen (the first of ties), the same gradient sums."""
     x, weight, shift = _case(torch.float64, channels, side, width, seed=side + width)
     h, arg = torch.ops.fedmeta.block0_forward(x, weight, shift)
-    h_ref, arg_ref = kernels.block0_forward_reference(x, weight, shift)
+    h_ref, arg_ref = reference.block0_forward_reference(x, weight, shift)
     assert h.shape == (5, width, side // 2, side // 2) and h.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(h, h_ref, atol=1e-12, rtol=0) and torch.equal(arg, arg_ref)
     assert (h == 0).any() and (arg == 0).any() and (arg == 3).any()  # the ReLU and every offset exercised
     dh = torch.randn(h.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    for got, ref in zip(torch.ops.fedmeta.block0_backward(x, dh, h, arg), kernels.block0_backward_reference(x, dh, h_ref, arg_ref)):
+    for got, ref in zip(torch.ops.fedmeta.block0_backward(x, dh, h, arg), reference.block0_backward_reference(x, dh, h_ref, arg_ref)):
         assert got.dtype == torch.float64 and torch.allclose(got, ref, atol=1e-10, rtol=0)
 
 
+@pytest.mark.usefixtures("compiled")
 def test_compiled_block0_in_float32_stays_within_round_off() -> None:
     x, weight, shift = _case(torch.float32, 1, 28, 64, seed=5)
     h, arg = torch.ops.fedmeta.block0_forward(x, weight, shift)
-    h_ref, arg_ref = kernels.block0_forward_reference(x, weight, shift)
+    h_ref, arg_ref = reference.block0_forward_reference(x, weight, shift)
     assert torch.allclose(h, h_ref, atol=1e-5, rtol=0) and (arg == arg_ref).float().mean() > 0.999
     dh = torch.randn(h.shape, generator=torch.Generator().manual_seed(2))
     dw, dbeta = torch.ops.fedmeta.block0_backward(x, dh, h, arg)
-    dw_ref, dbeta_ref = kernels.block0_backward_reference(x.double(), dh.double(), h.double(), arg.double())
+    dw_ref, dbeta_ref = reference.block0_backward_reference(x.double(), dh.double(), h.double(), arg.double())
     assert torch.allclose(dw, dw_ref, atol=1e-4, rtol=1e-5) and torch.allclose(dbeta, dbeta_ref, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.usefixtures("compiled")
 def test_block0_rejects_images_it_was_not_built_for() -> None:
     x, weight, shift = _case(torch.float64, 1, 28, 8, seed=0)
     with pytest.raises(RuntimeError, match="1 or 3 channels"):
@@ -80,37 +113,41 @@ def _conv_case(dtype: torch.dtype, n: int, c_in: int, c_out: int, rows: int, col
 CONV_SHAPES = [(10, 64, 64, 14, 14), (2, 64, 64, 7, 7), (3, 16, 32, 3, 3), (2, 32, 16, 21, 21), (2, 16, 16, 1, 1), (1, 16, 16, 5, 8)]
 
 
+@pytest.mark.usefixtures("compiled")
 @pytest.mark.parametrize(("n", "c_in", "c_out", "rows", "cols"), CONV_SHAPES)
 def test_compiled_conv3x3_equals_the_reference(n: int, c_in: int, c_out: int, rows: int, cols: int) -> None:
     """float64: Winograd's algorithm is exact arithmetic rearranged, so only round-off separates it from conv2d."""
     h, weight, dz = _conv_case(torch.float64, n, c_in, c_out, rows, cols)
     z = torch.ops.fedmeta.conv3x3_forward(h, weight)
     assert z.shape == (n, c_out, rows, cols) and z.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(z, kernels.conv3x3_forward_reference(h, weight), atol=1e-12, rtol=0)
+    assert torch.allclose(z, reference.conv3x3_forward_reference(h, weight), atol=1e-12, rtol=0)
     dh, dw = torch.ops.fedmeta.conv3x3_backward(dz, h, weight)
-    dh_ref, dw_ref = kernels.conv3x3_backward_reference(dz, h, weight)
+    dh_ref, dw_ref = reference.conv3x3_backward_reference(dz, h, weight)
     assert dh.shape == h.shape and dw.shape == weight.shape
     assert torch.allclose(dh, dh_ref, atol=1e-12, rtol=0) and torch.allclose(dw, dw_ref, atol=1e-11, rtol=0)
     nchw = torch.ops.fedmeta.conv3x3_backward(dz.contiguous(), h.contiguous(), weight)  # any layout in, the same numbers out
     assert torch.equal(nchw[0], dh) and torch.equal(nchw[1], dw)
 
 
+@pytest.mark.usefixtures("compiled")
 def test_compiled_conv3x3_in_float32_stays_within_round_off() -> None:
     h, weight, dz = _conv_case(torch.float32, 10, 64, 64, 14, 14)
-    ref = [t.float() for t in (kernels.conv3x3_forward_reference(h.double(), weight.double()), *kernels.conv3x3_backward_reference(dz.double(), h.double(), weight.double()))]
+    ref = [t.float() for t in (reference.conv3x3_forward_reference(h.double(), weight.double()), *reference.conv3x3_backward_reference(dz.double(), h.double(), weight.double()))]
     got = [torch.ops.fedmeta.conv3x3_forward(h, weight), *torch.ops.fedmeta.conv3x3_backward(dz, h, weight)]
     for g, r in zip(got, ref):
         assert (g - r).abs().max() <= 2e-6 * r.abs().max()
 
 
+@pytest.mark.usefixtures("compiled")
 def test_conv3x3_shapes_the_kernel_was_not_built_for_go_to_torch() -> None:
     """Channel counts that are not whole registers (6 here) run torch's own convolution, bit for bit."""
     h, weight, dz = _conv_case(torch.float32, 2, 6, 6, 7, 7)
-    assert torch.equal(torch.ops.fedmeta.conv3x3_forward(h, weight), kernels.conv3x3_forward_reference(h, weight))
-    for got, ref in zip(torch.ops.fedmeta.conv3x3_backward(dz, h, weight), kernels.conv3x3_backward_reference(dz, h, weight)):
+    assert torch.equal(torch.ops.fedmeta.conv3x3_forward(h, weight), reference.conv3x3_forward_reference(h, weight))
+    for got, ref in zip(torch.ops.fedmeta.conv3x3_backward(dz, h, weight), reference.conv3x3_backward_reference(dz, h, weight)):
         assert torch.equal(got, ref)
 
 
+@pytest.mark.usefixtures("compiled")
 def test_conv3x3_backward_rejects_a_gradient_of_the_wrong_shape() -> None:
     h, weight, dz = _conv_case(torch.float32, 2, 16, 16, 7, 7)
     with pytest.raises(RuntimeError, match=r"expected dz \[n, C_out, H, W\]"):
@@ -128,7 +165,7 @@ params = {{k: v.double() for k, v in model.init_conv4(1, 4, 16, 3, g).items()}}
 x, y = torch.rand(6, 1, 16, 16, generator=g, dtype=torch.float64), torch.arange(3).repeat(2)
 ref, got = grad(model.loss)(params, x, y), model.loss_grad(params, x, y)
 assert all(torch.allclose(got[k], ref[k], atol=1e-11, rtol=0) for k in ref)
-print(kernels.backend)
+print(kernels.select().backend)
 """
 
 
@@ -143,7 +180,7 @@ def test_the_reference_ops_run_when_asked_for() -> None:
 
 
 def test_a_failed_build_falls_back_to_the_reference_with_one_warning(tmp_path: Path) -> None:
-    out = _run(CHECK.format(strict=False), TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"))
+    out = _run(CHECK.format(strict=False), FEDMETA_CACHE=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "reference"
     warned = [line for line in out.stderr.splitlines() if "compiled CPU kernels could not be built" in line]
@@ -153,4 +190,38 @@ def test_a_failed_build_falls_back_to_the_reference_with_one_warning(tmp_path: P
 def test_an_unknown_kernel_choice_is_refused() -> None:
     out = _run("import fedmeta.model", FEDMETA_KERNELS="fast")
     assert out.returncode != 0
-    assert "FEDMETA_KERNELS: expected one of compiled, reference, got 'fast'" in out.stderr
+    assert "FEDMETA_KERNELS: expected one of auto, compiled, reference, portable, got 'fast'" in out.stderr
+
+
+PORTABLE = """
+import torch
+from fedmeta import kernels
+from fedmeta.kernels import implementations as reference
+assert kernels.select().build == "portable" and torch.backends.cpu.get_cpu_capability() == "AVX2"
+g = torch.Generator().manual_seed(3)
+h = torch.randn(2, 64, 7, 7, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+w, dz = torch.randn(32, 64, 3, 3, generator=g, dtype=torch.float64), torch.randn(2, 32, 7, 7, generator=g, dtype=torch.float64)
+assert torch.allclose(torch.ops.fedmeta.conv3x3_forward(h, w), reference.conv3x3_forward_reference(h, w), atol=1e-12, rtol=0)
+for got, ref in zip(torch.ops.fedmeta.conv3x3_backward(dz, h, w), reference.conv3x3_backward_reference(dz, h, w)):
+    assert torch.allclose(got, ref, atol=1e-11, rtol=0)
+x, w0, shift = torch.rand(3, 3, 12, 12, generator=g, dtype=torch.float64), torch.randn(27, 16, generator=g, dtype=torch.float64), torch.zeros(16, dtype=torch.float64)
+for got, ref in zip(torch.ops.fedmeta.block0_forward(x, w0, shift), reference.block0_forward_reference(x, w0, shift)):
+    assert torch.allclose(got, ref, atol=1e-12, rtol=0)
+""" + CHECK.format(strict=True)
+
+
+def test_the_portable_build_computes_the_same_function() -> None:
+    """The x86-64-v3 build (AVX2 registers, which an AVX-512 machine runs otherwise never) against torch, in float64."""
+    flags = set(kernels._cpu().split())
+    if not _buildable() or not {"avx2", "fma"} <= flags:
+        pytest.skip("needs a C++ compiler, ninja and an AVX2 + FMA CPU")
+    out = _run(PORTABLE, FEDMETA_KERNELS="portable")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "compiled"
+
+
+def test_portable_mode_is_refused_once_torch_has_chosen_its_isa() -> None:
+    code = "import os, torch; torch.ones(3).sum(); os.environ['FEDMETA_KERNELS'] = 'portable'; import fedmeta.model"
+    out = _run(code, ATEN_CPU_CAPABILITY="default")
+    assert out.returncode != 0
+    assert "FEDMETA_KERNELS=portable:" in out.stderr and "not in force" in out.stderr

@@ -1,129 +1,263 @@
-"""Compiled CPU kernels for the hand-written Conv4 step, as ops that `model.features_forward` /
-`features_backward` call from TorchScript: the first block fused (`block0.cpp`, torch.ops.fedmeta.block0_forward
-and block0_backward) and the later blocks' convolutions by Winograd's F(2×2, 3×3) (`conv3x3.cpp`,
-torch.ops.fedmeta.conv3x3_forward and conv3x3_backward).
+"""Which implementation of the hand-written Conv4 step's four CPU operations runs, and why: the one selection point.
 
-Block 0 (a 3×3 convolution of one or three input channels) does little arithmetic on large tensors: its
-output before pooling is four times the pooled size and larger than a core's L2 cache, and torch's kernels
-write and reread it four times per training step (matrix product, pooling, the pooling's backward pass,
-the weight gradient's product). The fused kernels keep each pooling window in registers instead: 0.14
-against 0.47 ms for a step's forward and backward at batch 10, 28 × 28, on this project's CPU.
+Two families of operations, each compiled in C++ or computed by torch (`implementations`):
+- block 0 (`block0.cpp`): the first 3×3 convolution, batch norm, ReLU and max-pool fused, so its full-size
+  activations (four times the pooled size, larger than a core's L2 cache) are never written to memory;
+- the later blocks' 64 → 64 convolutions (`conv3x3.cpp`) by Winograd's F(2×2, 3×3), 2.25 times fewer
+  multiplications than the direct convolution oneDNN runs. It rounds differently: float32 results agree with the
+  direct convolution's to a few parts in 10⁷.
 
-The later blocks' 64 → 64 convolutions are most of a step's arithmetic, and oneDNN's direct convolution
-already runs them near this CPU's peak rate; Winograd's algorithm needs 2.25 times fewer multiplications
-(1.6 against 2.5 ms for a step's three convolutions, forward and backward, at batch 10, 28 × 28). It rounds
-differently: float32 results agree with the direct convolution's to a few parts in 10⁷, float64 ones to 1e-15.
-
-The C++ sources are compiled on first use (about 10 s, once per machine: torch's extension cache, keyed by
-the sources, the flags, and in the module's name the shared header and this CPU's features, since it is built
-with -march=native). Where it cannot be
-built (no C++ compiler or ninja) or FEDMETA_KERNELS=reference is set, the same ops are registered from
-`block0_forward_reference`, `block0_backward_reference` and `conv3x3_*_reference`, the torch computations the
-kernels replace: slower, and holding the GIL, with the same results up to round-off.
+What is faster depends on the CPU: the C++ is register-blocked for the vector registers of the ISA it is built for
+(32 of 64 bytes with AVX-512, 16 of 32 bytes with AVX2, `vector.h`), and oneDNN's own kernels differ by ISA as
+well. So FEDMETA_KERNELS chooses:
+- `auto` (default): each family's compiled and torch versions are timed against each other on Conv4's Omniglot
+  shapes (batch 10, one thread, as a lane runs them) the first time a CPU meets this code, and the faster runs; the
+  verdict is cached beside the compiled library, keyed by the CPU, the sources, torch's version and the ISA limits
+  set in the environment, and printed when it is made;
+- `compiled` / `reference`: both families one way, unmeasured;
+- `portable`: both families compiled for x86-64-v3 (AVX2 + FMA) whatever the CPU, with oneDNN, MKL and ATen's own
+  kernels held to AVX2 as well (`PORTABLE_ENV`, set by `fedmeta/__init__.py` before torch is imported), so that an
+  AVX-512 machine computes the same bytes as an AVX2 one.
+Without a C++ compiler (or when the build fails) `auto` and `compiled` run torch's versions, with one warning.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
+from fedmeta import PORTABLE_ENV
+from fedmeta.atomic import write_text
 from fedmeta.errors import FedmetaError
+from fedmeta.kernels import implementations
 
-SOURCES = [Path(__file__).with_name(name) for name in ("block0.cpp", "conv3x3.cpp")]
-HEADER = Path(__file__).with_name("vector.h")  # included by both; torch's cache keys on the sources alone
-CHOICES = ("compiled", "reference")
-_library: torch.library.Library | None = None  # the reference ops' registration, kept alive
-backend = ""  # which implementation the ops run: "compiled" or "reference", once `load` has run
-
-
-def block0_patches(x: torch.Tensor) -> torch.Tensor:
-    """The first convolution's input patches [C·9, n·H·W] for x [n, C, H, W]: rows ordered as a conv weight
-    [out, C, 3, 3] flattens, columns pixel by pixel, so patches(x).T @ w.flatten(1).T is conv2d(x, w, padding=1)."""
-    n, c, h, w = x.shape
-    u = F.pad(x, [1, 1, 1, 1]).unfold(2, 3, 1).unfold(3, 3, 1)  # [n, C, H, W, 3, 3]
-    return u.permute(1, 4, 5, 0, 2, 3).reshape(c * 9, n * h * w)
+FOLDER = Path(__file__).parent
+SOURCES = [FOLDER / "block0.cpp", FOLDER / "conv3x3.cpp"]
+HEADER = FOLDER / "vector.h"  # included by both
+CHOICES = ("auto", "compiled", "reference", "portable")
+FAMILIES = ("block0", "conv3x3")
+BUILDS = {"native": ["-O3", "-march=native"], "portable": ["-O3", "-march=x86-64-v3"]}
+MARGIN = 0.95  # compiled runs only where it took at most this share of torch's time: a tie is not a gain
 
 
-def block0_forward_reference(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ReLU(max-pool(x's patches · weight + shift)), the window offset 0..3 of each maximum, the first of ties),
-    both [n, C, H/2, W/2] channels last in x's dtype; weight [9·C_in, C] is block 0's conv weight times BN's scale."""
-    n, _, height, width = x.shape
-    p = torch.addmm(shift, block0_patches(x).T, weight).view(n, height, width, -1).permute(0, 3, 1, 2)
-    m, idx = torch.ops.aten.max_pool2d_with_indices(p, [2, 2], [2, 2])
-    offset = (idx // width % 2 * 2 + idx % width % 2).to(x.dtype)
-    return m.clamp_min(0).contiguous(memory_format=torch.channels_last), offset.contiguous(memory_format=torch.channels_last)
+class Ops(NamedTuple):
+    """The functions `model.features_forward` / `features_backward` call (TorchScript-compilable)."""
+
+    block0_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    block0_backward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    conv3x3_forward: Callable[..., torch.Tensor]
+    conv3x3_backward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def block0_backward_reference(x: torch.Tensor, dh: torch.Tensor, h: torch.Tensor, arg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Given ∂loss/∂h: (Σ over pixels of patch ⊗ ∂(BN output) [9·C_in, C], Σ ∂(BN output) [C]), in float64."""
-    g = torch.ops.aten.threshold_backward(dh, h, 0)
-    k, (n, _, height, width) = x.shape[1] * 9, x.shape
-    cols = block0_patches(x).view(k, n, height, width)
-    rows, side = 2 * h.shape[2], 2 * h.shape[3]
-    dw = torch.zeros(k, h.shape[1], dtype=torch.float64)
-    for o in range(4):  # the pixels at window offset o, and the gradient of the maxima found there
-        cols_o = cols[:, :, o // 2 : rows : 2, o % 2 : side : 2].reshape(k, -1)
-        dw += cols_o.double() @ (g * (arg == o)).permute(0, 2, 3, 1).reshape(-1, h.shape[1]).double()
-    return dw, g.sum((0, 2, 3)).double()
+class Selection(NamedTuple):
+    choice: str  # FEDMETA_KERNELS
+    families: dict[str, str]  # family → "compiled" or "reference"
+    build: str  # the compiled library's build ("native", "portable"), "" when none is loaded
+    reason: str
+
+    @property
+    def backend(self) -> str:
+        """"compiled", "reference", or "mixed" (one family each way)."""
+        kinds = set(self.families.values())
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def ops(self) -> Ops:
+        def pick(family: str, op: str) -> Callable[..., object]:
+            return getattr(implementations, f"{family}_{op}_{self.families[family]}")
+
+        return Ops(pick("block0", "forward"), pick("block0", "backward"), pick("conv3x3", "forward"), pick("conv3x3", "backward"))
+
+    def tags(self) -> dict[str, str]:
+        """What a run records of it (MLflow tags, the bench's JSON)."""
+        return {
+            "kernels": " ".join(f"{f}={k}" for f, k in self.families.items()),
+            "kernels_choice": self.choice,
+            "kernels_build": self.build or "none",
+            "kernels_reason": self.reason,
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **{k.lower(): os.environ[k] for k in PORTABLE_ENV if k in os.environ},
+        }
 
 
-def conv3x3_forward_reference(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """conv2d(h, weight, padding=1): a 3×3 convolution, stride 1, no bias."""
-    return F.conv2d(h, weight, padding=1)
+_selection: Selection | None = None
+_loaded: str = ""  # the build whose library this process loaded: two builds register the same op names
 
 
-def conv3x3_backward_reference(dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(∂h, ∂weight) of `conv3x3_forward_reference` given ∂z."""
-    dh, dw, _ = torch.ops.aten.convolution_backward(dz, h, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
-    return dh, dw
+def cache_dir() -> Path:
+    """FEDMETA_CACHE, else $XDG_CACHE_HOME/fedmeta, else ~/.cache/fedmeta."""
+    if os.environ.get("FEDMETA_CACHE"):
+        return Path(os.environ["FEDMETA_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedmeta"
 
 
-def _build() -> None:
-    """Compile and load the C++ sources, which register the ops; raises whatever the build raises."""
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its import warns that CUDA is absent
-    from torch.utils import cpp_extension
-
-    cpu = ""
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    tag = hashlib.sha256(cpu.encode() + HEADER.read_bytes()).hexdigest()[:8]
-    cpp_extension.load(f"fedmeta_kernels_{tag}", [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native"], is_python_module=False, verbose=False)
+def _cpu() -> str:
+    """The CPU's model name and feature flags: a native build and a verdict hold for this CPU only."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return "\n".join(next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags"))
 
 
-def _register_reference() -> None:
-    global _library
-    _library = torch.library.Library("fedmeta", "DEF")
-    _library.define("block0_forward(Tensor x, Tensor weight, Tensor shift) -> (Tensor, Tensor)")
-    _library.define("block0_backward(Tensor x, Tensor dh, Tensor h, Tensor arg) -> (Tensor, Tensor)")
-    _library.define("conv3x3_forward(Tensor h, Tensor weight) -> Tensor")
-    _library.define("conv3x3_backward(Tensor dz, Tensor h, Tensor weight) -> (Tensor, Tensor)")
-    for name, fn in (("block0_forward", block0_forward_reference), ("block0_backward", block0_backward_reference),
-                     ("conv3x3_forward", conv3x3_forward_reference), ("conv3x3_backward", conv3x3_backward_reference)):
-        _library.impl(name, fn, "CPU")
+def _digest(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:12]
 
 
-def load() -> str:
-    """Register torch.ops.fedmeta.block0_* and conv3x3_*, compiled if possible (see the module docstring); returns `backend`."""
-    global backend
-    if backend:
-        return backend
-    choice = os.environ.get("FEDMETA_KERNELS", "compiled")
+def library_name(build: str) -> str:
+    sources = b"".join(p.read_bytes() for p in (*SOURCES, HEADER))
+    return f"fedmeta_kernels_{build}_{_digest(sources, ' '.join(BUILDS[build]), torch.__version__, _cpu() if build == 'native' else '')}"
+
+
+def load_library(build: str) -> None:
+    """Compile `build` once per machine (cached under `cache_dir`) and load it, registering torch.ops.fedmeta.*;
+    raises whatever the build raises. A later process loads the cached library without the build check."""
+    global _loaded
+    if _loaded:
+        if _loaded != build:
+            raise FedmetaError(f"FEDMETA_KERNELS: the {_loaded} kernels are loaded in this process; the {build} build cannot be added")
+        return
+    name = library_name(build)
+    folder = cache_dir() / "kernels" / name
+    built = folder / "built"
+    if built.exists():
+        torch.ops.load_library(str(folder / f"{name}.so"))
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its import warns that CUDA is absent
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=BUILDS[build], build_directory=str(folder), is_python_module=False, verbose=False)
+        built.touch()
+    _loaded = build
+
+
+def _calibration_inputs() -> dict[str, list[tuple[torch.Tensor, ...]]]:
+    """Each family's work in one Conv4-64 training step on Omniglot (batch 10, 28 × 28): block 0 forward and
+    backward, and the three later convolutions (14², 7², 3²) forward and backward."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(10, 1, 28, 28, generator=g)
+    w0, shift = torch.randn(9, 64, generator=g), torch.randn(64, generator=g)
+    h0, arg0 = implementations.block0_forward_reference(x, w0, shift)
+    convs = []
+    for side in (14, 7, 3):
+        h = torch.randn(10, 64, side, side, generator=g).contiguous(memory_format=torch.channels_last)
+        convs.append((h, torch.randn(64, 64, 3, 3, generator=g) * 0.05, torch.randn_like(h)))
+    return {"block0": [(x, w0, shift, torch.randn_like(h0), h0, arg0)], "conv3x3": convs}
+
+
+def _work(family: str, kind: str, inputs: list[tuple[torch.Tensor, ...]]) -> Callable[[], None]:
+    fwd = getattr(implementations, f"{family}_forward_{kind}")
+    bwd = getattr(implementations, f"{family}_backward_{kind}")
+
+    def run() -> None:
+        for t in inputs:
+            if family == "block0":
+                x, w, shift, dh, h, arg = t
+                fwd(x, w, shift)
+                bwd(x, dh, h, arg)
+            else:
+                h, w, dz = t
+                fwd(h, w)
+                bwd(dz, h, w)
+
+    return run
+
+
+def measure(rounds: int = 7, calls: int = 5) -> dict[str, dict[str, float]]:
+    """ms per step of each family, compiled and reference, on one thread: the best of `rounds` rounds that
+    alternate the two, so that a slow moment of the machine does not fall on one side only."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inputs = _calibration_inputs()
+        best: dict[str, dict[str, float]] = {f: {"compiled": float("inf"), "reference": float("inf")} for f in FAMILIES}
+        with torch.no_grad():
+            for family in FAMILIES:
+                work = {kind: _work(family, kind, inputs[family]) for kind in ("compiled", "reference")}
+                for fn in work.values():
+                    fn()  # warm-up: first-call allocations, oneDNN's primitive cache
+                for _ in range(rounds):
+                    for kind, fn in work.items():
+                        start = time.perf_counter()
+                        for _ in range(calls):
+                            fn()
+                        best[family][kind] = min(best[family][kind], (time.perf_counter() - start) / calls * 1e3)
+        return best
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _verdict(build: str) -> Selection:
+    """The cached verdict for this CPU and build, or a new measurement (printed once, then cached)."""
+    pins = " ".join(f"{k}={os.environ.get(k, '')}" for k in PORTABLE_ENV)
+    path = cache_dir() / "kernels" / f"verdict-{_digest(library_name(build), pins, _cpu())}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return Selection("auto", saved["families"], build, saved["reason"])
+    times = measure()
+    families = {f: "compiled" if t["compiled"] <= MARGIN * t["reference"] else "reference" for f, t in times.items()}
+    shown = ", ".join(f"{f} {t['compiled']:.2f} ms compiled against {t['reference']:.2f} ms torch → {families[f]}" for f, t in times.items())
+    reason = f"measured on this CPU ({build} build, one thread, a Conv4-64 step of batch 10): {shown}"
+    write_text(path, json.dumps({"families": families, "reason": reason, "ms": times}, indent=2) + "\n")
+    print(f"fedmeta: CPU kernels {reason}; cached in {path.parent}", file=sys.stderr)
+    return Selection("auto", families, build, reason)
+
+
+def _check_portable() -> None:
+    """Portable bytes need the pinned ISA levels in force and a CPU that runs the x86-64-v3 build."""
+    wrong = [f"{k}={v}" for k, v in PORTABLE_ENV.items() if os.environ.get(k) != v]
+    if wrong or torch.backends.cpu.get_cpu_capability() != "AVX2":
+        raise FedmetaError(
+            f"FEDMETA_KERNELS=portable: {' '.join(wrong) or 'ATEN_CPU_CAPABILITY=avx2'} not in force "
+            "(torch was imported before fedmeta; set them in the environment)"
+        )
+    flags = set(_cpu().split())
+    if flags and not {"avx2", "fma"} <= flags:
+        raise FedmetaError("FEDMETA_KERNELS=portable: this CPU lacks AVX2 or FMA, which the x86-64-v3 build needs")
+
+
+def select() -> Selection:
+    """The kernels this process runs (decided once per process; see the module docstring)."""
+    global _selection
+    if _selection is not None:
+        return _selection
+    choice = os.environ.get("FEDMETA_KERNELS", "auto")
     if choice not in CHOICES:
         raise FedmetaError(f"FEDMETA_KERNELS: expected one of {', '.join(CHOICES)}, got {choice!r}")
-    if choice == "compiled":
+    reference = Selection(choice, dict.fromkeys(FAMILIES, "reference"), "", "FEDMETA_KERNELS=reference")
+    if choice == "reference":
+        _selection = reference
+    elif choice == "portable":
+        _check_portable()
+        load_library("portable")  # a failed build is an error here: the fallback would not give the portable bytes
+        _selection = Selection(choice, dict.fromkeys(FAMILIES, "compiled"), "portable", "FEDMETA_KERNELS=portable")
+    else:
         try:
-            _build()
-            backend = "compiled"
-            return backend
-        except Exception as e:  # no compiler, no ninja, a failed build: the reference ops still give the same results
+            load_library("native")
+        except Exception as e:  # no compiler, no ninja, a failed build: torch's versions give the same results
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             reason = reason if len(reason) <= 120 else reason[:119] + "…"  # a failed build's first line holds the whole compile command
             warnings.warn(f"fedmeta: the compiled CPU kernels could not be built ({reason}); using the slower torch reference", stacklevel=2)
-    _register_reference()
-    backend = "reference"
-    return backend
+            _selection = reference._replace(reason=f"the compiled kernels could not be built: {reason}")
+            return _selection
+        if choice == "compiled":
+            _selection = Selection(choice, dict.fromkeys(FAMILIES, "compiled"), "native", "FEDMETA_KERNELS=compiled")
+        else:
+            _selection = _verdict("native")
+    return _selection
+
+
+def ops() -> Ops:
+    """The chosen implementation of each operation."""
+    return select().ops()

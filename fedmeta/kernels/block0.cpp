@@ -109,7 +109,7 @@ void check_images(const at::Tensor& x) {
 }
 
 // f(channel block, patch length) for 1 or 3 input channels, the block as a type and the length as a compile-time constant.
-// A block of channels is a 64-byte vector (16 floats, one AVX-512 register) when the width is a multiple of it, else one.
+// A block of channels is one vector register (`Wide`) when the width is a multiple of its lanes, else one channel.
 template <typename T, typename F>
 void with_shape(int64_t cin, int64_t C, F&& f) {
   using Wide = typename fedmeta::Wide<T>::V;

@@ -54,12 +54,16 @@ inline void rows(int64_t r, const T* A, int64_t rs, int64_t ks, int64_t K, const
   }
 }
 
+// Vectors per row of the micro-kernel's 6-row block: its 6·NV_MAX accumulators, NV_MAX loads of B and a broadcast fit the registers
+// (24 + 5 of 32 with AVX-512, 12 + 3 of 16 with AVX2).
+constexpr int64_t NV_MAX = fedmeta::REGISTERS == 32 ? 4 : 2;
+
 // C [M × N] (+)= Σ_k A(m, k) B[k, :], A(m, k) = A[m·rs + k·ks], B rows bs apart, C rows cs apart; N a multiple of L.
 template <typename T, bool ACC>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs, int64_t ks, const T* B, int64_t bs, T* C, int64_t cs) {
   constexpr int64_t L = Wide<T>::L;
-  for (int64_t n0 = 0; n0 < N; n0 += 4 * L) {
-    const int64_t nv = std::min<int64_t>(4, (N - n0) / L);
+  for (int64_t n0 = 0; n0 < N; n0 += NV_MAX * L) {
+    const int64_t nv = std::min<int64_t>(NV_MAX, (N - n0) / L);
     for (int64_t m0 = 0; m0 < M; m0 += 6) {
       const int64_t r = std::min<int64_t>(6, M - m0);
       const T* a = A + m0 * rs;
@@ -68,7 +72,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs, int64_t ks, c
         case 1: rows<T, 1, ACC>(r, a, rs, ks, K, B + n0, bs, c, cs); break;
         case 2: rows<T, 2, ACC>(r, a, rs, ks, K, B + n0, bs, c, cs); break;
         case 3: rows<T, 3, ACC>(r, a, rs, ks, K, B + n0, bs, c, cs); break;
-        default: rows<T, 4, ACC>(r, a, rs, ks, K, B + n0, bs, c, cs); break;
+        default: rows<T, NV_MAX, ACC>(r, a, rs, ks, K, B + n0, bs, c, cs); break;
       }
     }
   }
@@ -308,7 +312,7 @@ void backward_kernel(const T* dz, const T* h, const T* w_oi, const Shape& s, T* 
 
 // The kernels' shapes: a 3×3 weight [C_out, C_in, 3, 3] of the input's dtype, both channel counts whole registers.
 bool supported(const at::Tensor& h, const at::Tensor& w) {
-  const int64_t lanes = 64 / int64_t(h.element_size());
+  const int64_t lanes = fedmeta::VECTOR_BYTES / int64_t(h.element_size());
   return h.dim() == 4 && h.device().is_cpu() && w.dim() == 4 && w.size(1) == h.size(1) && w.size(2) == 3 && w.size(3) == 3 &&
          w.scalar_type() == h.scalar_type() && (h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble) &&
          h.size(1) % lanes == 0 && w.size(0) % lanes == 0;

@@ -1,5 +1,7 @@
-// What the kernels share: a 64-byte vector of T (one AVX-512 register, or two or four narrower ones, through GCC's
-// vector extensions), and unaligned loads and stores of it, or of a plain T, which lets a kernel take either.
+// What the kernels share: a vector of T as wide as one register of the ISA the build targets (64 bytes with
+// AVX-512, else 32: AVX2) through GCC's vector extensions, the number of such registers, and unaligned loads and
+// stores of a vector, or of a plain T, which lets a kernel take either. A vector wider than the registers would be
+// split into several and spill the register-blocked kernels' accumulators.
 #pragma once
 
 #include <cstdint>
@@ -7,10 +9,18 @@
 
 namespace fedmeta {
 
+#if defined(__AVX512F__)
+constexpr int64_t VECTOR_BYTES = 64;
+constexpr int64_t REGISTERS = 32;
+#else
+constexpr int64_t VECTOR_BYTES = 32;
+constexpr int64_t REGISTERS = 16;
+#endif
+
 template <typename T>
 struct Wide {
-  typedef T V __attribute__((vector_size(64)));
-  static constexpr int64_t L = 64 / sizeof(T);  // lanes
+  typedef T V __attribute__((vector_size(VECTOR_BYTES)));
+  static constexpr int64_t L = VECTOR_BYTES / sizeof(T);  // lanes
 };
 
 template <typename V, typename T>
