@@ -86,12 +86,21 @@ class Reptile(Strict):
     adam_state: Literal["episode", "carry"] = "episode"
 
 
+class FlowerEngine(Strict):
+    """Flower's deployment runtime on 127.0.0.1 (federation.engine: flower); see docs/flower.md."""
+
+    port: Annotated[int, Field(ge=1024, le=65000)] = 9200  # SuperLink's; SuperNode i listens on port + 1 + i
+    round_timeout: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 3600.0  # seconds a round may take before it fails
+
+
 class Federation(Strict):
     users: PosInt = 4  # M
     per_round: PosInt = 3  # M_r
     min_updates: PosInt = 3  # M_min
     weighting: Literal["uniform", "size"] = "uniform"
     attacker: NonNegInt = 0  # index of the attacker (the paper's user 1)
+    engine: Literal["local", "flower"] = "local"  # where rounds run: in this process, or through Flower in real processes
+    flower: FlowerEngine = FlowerEngine()
 
 
 class Attack(Strict):

@@ -12,6 +12,8 @@ import torch
 from fedmeta import episodes, evaluation, federation, reptile, seeding
 from fedmeta.checkpoint import Resume
 from fedmeta.config import Params, backdoor_shots
+from fedmeta.engine import plan
+from fedmeta.engine.deployment import FlowerEngine
 from fedmeta.evaluation import Learner, Summary
 from fedmeta.model import Params as Theta
 from fedmeta.splits import FederatedData
@@ -45,6 +47,7 @@ class Lab:
         self.attacker = fed.attacker
         self.benign = [u for u in range(fed.users) if u != fed.attacker]
         self.adam = reptile.AdamConfig(lr=params.budget.inner_lr, beta2=params.reptile.beta2)
+        self.flower: FlowerEngine | None = None  # started at the first round when federation.engine is flower
 
     def gen(self, *path: object) -> torch.Generator:
         return seeding.generator(self.p.seed, *path)
@@ -92,6 +95,12 @@ class Lab:
 
         return reptile.meta_train(local, self.images, sample, b.attack_episodes, r, steps, b.outer_step, adam, g, start, state, save)
 
+    def local_update(self, theta: Theta, user: int, rnd: int, key: str, include_backdoor: bool, resume: Resume | None = None) -> Theta:
+        """User `user`'s δ for round `rnd` (`key`: its seed path): boosted for the attacker. Flower's ClientApp runs this too."""
+        if user == self.attacker:
+            return federation.update(self._attacker_local(theta, rnd, resume), theta, self.p.attack.boost)
+        return federation.update(self._benign_local(theta, user, key, include_backdoor), theta)
+
     def round(
         self, theta: Theta, rnd: int, include_backdoor: bool, with_attacker: bool = False, resume: Resume | None = None, pretraining: bool = False
     ) -> Theta:
@@ -100,18 +109,13 @@ class Lab:
         Pretraining rounds draw from their own seeds, so round r of pretraining and round r after
         the attack never share episodes."""
         fed = self.p.federation
-        key = f"pretrain-{rnd}" if pretraining else str(rnd)
-        g = self.gen("select", key)
-        if with_attacker:
-            users = federation.select(self.benign, fed.per_round - 1, fed.min_updates - 1, g) + [self.attacker]
-        else:
-            users = federation.select(self.benign, fed.per_round, fed.min_updates, g)
-        deltas = []
-        for u in users:
-            if u == self.attacker:
-                deltas.append(federation.update(self._attacker_local(theta, rnd, resume), theta, self.p.attack.boost))
-            else:
-                deltas.append(federation.update(self._benign_local(theta, u, key, include_backdoor), theta))
+        key = plan.round_key(rnd, pretraining)
+        if fed.engine == "flower":  # the same selection, local training and aggregation, in Flower's processes
+            if self.flower is None:
+                self.flower = FlowerEngine(self.p, self.data)
+            return self.flower.round(theta, rnd, key, include_backdoor, with_attacker, resume)
+        users = plan.select(self.p, key, with_attacker).applied
+        deltas = [self.local_update(theta, u, rnd, key, include_backdoor, resume) for u in users]
         alphas = federation.weights([self._size(u, include_backdoor) for u in users], fed.weighting)
         return federation.aggregate(theta, deltas, alphas)
 

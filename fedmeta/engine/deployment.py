@@ -1,0 +1,153 @@
+"""Flower's deployment runtime on this machine: one SuperLink, M SuperNodes, one `flwr run` per round.
+
+Started at the first round and stopped by `close` (on success, on error, on
+Ctrl-C or SIGTERM through atexit): no process outlives the stage. Each
+SuperNode gets a dataset file holding only its own user's images, so a
+client cannot train on anyone else's data even by mistake.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fedmeta import checkpoint
+from fedmeta.checkpoint import Resume
+from fedmeta.config import Params
+from fedmeta.engine import processes
+from fedmeta.errors import FedmetaError
+from fedmeta.model import Params as Theta
+from fedmeta.splits import FederatedData
+
+APP_TOML = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedmeta-round"
+version = "1.0.0"
+description = "One federated round of fedmeta (fedmeta.engine.flower)"
+license = "MIT"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedmeta"
+
+[tool.flwr.app.components]
+serverapp = "fedmeta.engine.flower:server"
+clientapp = "fedmeta.engine.flower:client"
+
+[tool.flwr.app.config]
+exchange = ""
+"""
+START_TIMEOUT_S = 60.0
+EXIT_MARGIN_S = 60.0  # beyond round_timeout: the ServerApp's own deadline fires first
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """CI-safe: no telemetry, no `uv sync` of the app's dependencies, a private FLWR_HOME, this venv's CLIs."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    return env
+
+
+def private_copy(data: FederatedData, user: int, attacker: int) -> FederatedData:
+    """The dataset as user `user` holds it: every image it does not own zeroed (indices stay valid)."""
+    if user == attacker:
+        idx = [*(data.train_idx[c] for c in data.user_classes[user]), data.attack_train_idx, data.attacker_target_idx]
+    else:
+        idx = [data.train_idx[c] for c in data.user_data(user, include_backdoor=True)]
+    own = torch.cat(idx)
+    images = torch.zeros_like(data.images)
+    images[own] = data.images[own]
+    fields = {k: v for k, v in vars(data).items() if k != "images"}
+    return FederatedData(images=images, **fields)
+
+
+class FlowerEngine:
+    def __init__(self, params: Params, data: FederatedData) -> None:
+        self.p, self.data = params, data
+        self.sup: processes.Supervisor | None = None
+        self.dir: Path | None = None
+
+    @property
+    def ports(self) -> list[int]:
+        base = self.p.federation.flower.port
+        return [base, *(base + 1 + u for u in range(self.p.federation.users))]
+
+    def start(self) -> None:
+        for i, port in enumerate(self.ports):
+            processes.check_port(port, "SuperLink" if i == 0 else f"SuperNode {i - 1}")
+        self.dir = Path(tempfile.mkdtemp(prefix="fedmeta-flower-"))
+        atexit.register(self.close)
+        processes.terminate_on_sigterm()
+        home, app, exchange = self.dir / "home", self.dir / "app", self.dir / "exchange"
+        for d in (home, app, exchange):
+            d.mkdir()
+        port = self.ports[0]
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "fedmeta"\n\n[superlink.fedmeta]\naddress = "{processes.HOST}:{port}"\ninsecure = true\n')
+        (app / "pyproject.toml").write_text(APP_TOML)
+        (exchange / "params.json").write_text(self.p.model_dump_json())
+        self.sup = processes.Supervisor(self.dir / "logs", flower_env(home))
+        self.sup.start("superlink", ["flower-superlink", "--insecure", "--host", processes.HOST, "--port", str(port), "--disable-runtime-dependency-installation"])
+        self.sup.wait_listening("superlink", port, START_TIMEOUT_S)
+        fed = self.p.federation
+        for user in range(fed.users):
+            data_path = self.dir / f"user{user}.pt"
+            private_copy(self.data, user, fed.attacker).save(data_path)
+            node_config = f"user={user} params='{exchange / 'params.json'}' data='{data_path}'"
+            argv = ["flower-supernode", "--insecure", "--superlink", f"{processes.HOST}:{port}", "--host", processes.HOST, "--port", str(self.ports[1 + user])]
+            self.sup.start(f"supernode{user}", [*argv, "--node-config", node_config])
+        for user in range(fed.users):
+            self.sup.wait_listening(f"supernode{user}", self.ports[1 + user], START_TIMEOUT_S)
+
+    def round(self, theta: Theta, rnd: int, key: str, include_backdoor: bool, with_attacker: bool, resume: Resume | None) -> Theta:
+        """One `flwr run`; θ' read back from the exchange folder, on θ's device."""
+        if self.sup is None:
+            self.start()
+        assert self.dir is not None and self.sup is not None
+        exchange, timeout = self.dir / "exchange", self.p.federation.flower.round_timeout
+        for name in ("result.pt", "error.txt"):
+            (exchange / name).unlink(missing_ok=True)
+        device = next(iter(theta.values())).device
+        job = {"theta": {k: v.cpu() for k, v in theta.items()}, "round": rnd, "key": key, "include_backdoor": include_backdoor,
+               "with_attacker": with_attacker, "timeout": timeout}
+        if resume is not None:
+            job["resume"] = {"path": str(resume.path.resolve()), "every": resume.every, "fingerprint": resume.fingerprint}
+        checkpoint.save(exchange / "round.pt", job)
+        argv = ["flwr", "run", str(self.dir / "app"), "fedmeta", "--stream", "--run-config", f"exchange='{exchange}'"]
+        started = time.monotonic()
+        code = processes.run_bounded(argv, self.sup.env, timeout + EXIT_MARGIN_S, self.dir / "logs" / f"run-{key}.log")
+        if (exchange / "result.pt").is_file():
+            return checkpoint.load_theta(exchange / "result.pt", device)
+        where = f"federated round {key} on Flower"
+        if (exchange / "error.txt").is_file():
+            reason = (exchange / "error.txt").read_text().splitlines()[0]
+            hint = " (federation.flower.round_timeout); resumable state is kept: rerun to resume" if reason.startswith("TimeoutError") else ""
+            raise FedmetaError(f"{where} failed after {time.monotonic() - started:.0f} s: {reason}{hint}")
+        if code is None:
+            raise FedmetaError(f"{where} timed out after {timeout + EXIT_MARGIN_S:.0f} s (federation.flower.round_timeout); resumable state is kept: rerun to resume")
+        raise FedmetaError(f"{where}: `flwr run` exited with code {code} without a result; see {self.dir / 'logs'}")
+
+    def pids(self) -> list[int]:
+        """Every process this federation runs now, descendants included (tests check they all go)."""
+        return [pid for proc in (self.sup.procs.values() if self.sup else []) for pid in processes.pid_tree(proc.pid)]
+
+    def close(self) -> None:
+        if self.sup is not None:
+            self.sup.stop_all()
+            self.sup = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        atexit.unregister(self.close)

@@ -1,0 +1,149 @@
+"""Supervision of the Flower processes a federation starts: none may outlive it.
+
+Every child starts in its own session (so a terminal's Ctrl-C reaches only
+fedmeta, which then stops them in order) and asks the kernel to send it
+SIGTERM if fedmeta dies without cleaning up. Flower's own helpers
+(SuperExec, flwr-serverapp, flwr-clientapp) may start further sessions, so
+stopping kills every descendant found under each child, not just its group.
+"""
+from __future__ import annotations
+
+import ctypes
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+from fedmeta.errors import FedmetaError
+
+HOST = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM when the parent exits (Linux), whatever the reason."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not glibc Linux: the explicit stop still runs
+        pass
+
+
+def check_port(port: int, what: str) -> None:
+    """Refuse, in one line, a port that another process holds, before any child starts."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError as exc:
+            raise FedmetaError(f"federation.flower.port: {what} port {port} on {HOST} cannot be bound ({exc.strerror}); free it or choose another port") from None
+
+
+class Supervisor:
+    """Starts named processes, logs each to its own file, and stops all of them."""
+
+    def __init__(self, logs: Path, env: dict[str, str]) -> None:
+        self.logs, self.env = logs, env
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        with (self.logs / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def log_tail(self, name: str) -> str:
+        """The last non-empty line a process logged: what a one-line error can quote."""
+        path = self.logs / f"{name}.log"
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.exists() else []
+        return lines[-1] if lines else "no output"
+
+    def wait_listening(self, name: str, port: int, timeout: float) -> None:
+        """Until `port` accepts connections; a child that exits or never listens is an error naming it."""
+        proc, deadline = self.procs[name], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise FedmetaError(f"{name} exited with code {proc.returncode} before listening on {HOST}:{port}: {self.log_tail(name)}")
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                if s.connect_ex((HOST, port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise FedmetaError(f"{name} did not listen on {HOST}:{port} within {timeout:.0f} s: {self.log_tail(name)}")
+
+    def stop(self, name: str, sig: signal.Signals = signal.SIGTERM, grace: float = 10.0) -> None:
+        """Signal a child and all its descendants, then SIGKILL whatever is left after `grace` seconds."""
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        family = [psutil.Process(proc.pid)] if proc.poll() is None else []
+        try:
+            family += psutil.Process(proc.pid).children(recursive=True) if family else []
+        except psutil.NoSuchProcess:
+            pass
+        for p in family:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(family, timeout=grace)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=grace)
+        proc.wait()
+
+    def stop_all(self) -> None:
+        """Newest first: SuperNodes leave before the SuperLink they report to."""
+        for name in reversed(list(self.procs)):
+            self.stop(name)
+
+
+def run_bounded(argv: Sequence[str], env: dict[str, str], timeout: float, log: Path) -> int | None:
+    """A short-lived command (`flwr run`) in its own session, killed with its descendants at `timeout`;
+    its exit code, or None when it timed out."""
+    sup = Supervisor(log.parent, env)
+    proc = sup.start(log.stem, argv)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        sup.stop(log.stem, grace=2.0)
+
+
+def pids_alive(pids: Sequence[int]) -> list[int]:
+    """Which of `pids` still run (zombies count as gone): what tests check after a federation stops."""
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def pid_tree(pid: int) -> list[int]:
+    try:
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def terminate_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `kill`, DVC) as SystemExit, so the `finally` that stops children runs;
+    only when nobody installed a handler of their own."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit)
+
+
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
