@@ -8,7 +8,7 @@ once while `-S attack.boost=5` still reaches the one knob it names.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -93,19 +93,86 @@ class FlowerEngine(Strict):
     round_timeout: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 3600.0  # seconds a round may take before it fails
 
 
+Aggregator = Literal["mean", "norm_clip", "median", "trimmed_mean", "multi_krum", "flame"]
+AGGREGATORS: tuple[str, ...] = get_args(Aggregator)
+NEEDS_EACH_UPDATE = ("median", "trimmed_mean", "multi_krum", "flame")  # what secure aggregation hides from the server
+NonNegFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+
+class NormClip(Strict):
+    """Sun et al. 2019: norm bound and weak differential privacy."""
+
+    clip_norm: PosFloat = 1.0  # L2 bound on each δ_i
+    noise: NonNegFloat = 0.0  # std of the Gaussian noise added to the aggregate step; 0: none
+
+
+class TrimmedMean(Strict):
+    beta: Annotated[float, Field(ge=0.0, lt=0.5, allow_inf_nan=False)] = 0.34  # fraction cut at each end (Yin et al. 2018)
+
+
+class MultiKrum(Strict):
+    f: NonNegInt = 0  # Byzantine users tolerated (Blanchard et al. 2017): needs min_updates > 2f + 2
+    m: PosInt = 1  # updates kept and averaged; 1 is Krum
+
+
+class Flame(Strict):
+    noise: NonNegFloat = 0.001  # λ: the noise's std is λ·S, S the median update norm (Nguyen et al. 2022: 0.001 for images)
+
+
 class Federation(Strict):
     users: PosInt = 4  # M
     per_round: PosInt = 3  # M_r
     min_updates: PosInt = 3  # M_min
     weighting: Literal["uniform", "size"] = "uniform"
     attacker: NonNegInt = 0  # index of the attacker (the paper's user 1)
+    aggregator: Aggregator = "mean"  # the server's rule (docs/experiment4.md)
+    secure_aggregation: bool = False  # the server receives only pairwise-masked updates (Bonawitz et al. 2017)
+    norm_clip: NormClip = NormClip()
+    trimmed_mean: TrimmedMean = TrimmedMean()
+    multi_krum: MultiKrum = MultiKrum()
+    flame: Flame = Flame()
     engine: Literal["local", "flower"] = "local"  # where rounds run: in this process, or through Flower in real processes
     flower: FlowerEngine = FlowerEngine()
+
+
+def aggregation_problem(fed: Federation) -> str | None:
+    """Why the aggregator cannot run on this federation, naming the keys; None when it can."""
+    agg, n = fed.aggregator, fed.min_updates
+    if fed.secure_aggregation and agg in NEEDS_EACH_UPDATE:
+        return (
+            f"federation.aggregator: {agg!r} needs each user's update, but federation.secure_aggregation: true gives the server "
+            "only their masked sum; allowed with secure aggregation: mean, norm_clip (each client clips its own update)"
+        )
+    if agg in NEEDS_EACH_UPDATE and n < 3:
+        return f"federation.aggregator: {agg!r} needs at least 3 updates a round to outvote one, but federation.min_updates = {n}; allowed: min_updates >= 3"
+    if agg == "trimmed_mean" and int(fed.trimmed_mean.beta * n) == 0:
+        return (
+            f"federation.trimmed_mean.beta: {fed.trimmed_mean.beta} of federation.min_updates = {n} updates trims none; "
+            f"allowed: at least 1/{n} (and below 0.5)"
+        )
+    k = fed.multi_krum
+    if agg == "multi_krum" and n <= 2 * k.f + 2:
+        return f"federation.multi_krum.f: {k.f} needs federation.min_updates > 2f + 2 = {2 * k.f + 2}, but it is {n}; allowed: f <= {(n - 3) // 2}"
+    if agg == "multi_krum" and k.m > n - k.f:
+        return f"federation.multi_krum.m: {k.m} exceeds federation.min_updates - f = {n - k.f}; allowed: 1 to {n - k.f}"
+    return None
 
 
 class Attack(Strict):
     boost: PosFloat = 3.0  # λ
     lr: PosFloat = 0.001
+    norm_bound: PosFloat | None = None  # adaptive attacker: its update rescaled to just under this L2 norm; null: naive
+
+
+class Override(Strict):
+    """Experiment 4's changes to one federation: keys of `federation` and `attack`, as in params.yaml."""
+
+    federation: dict[str, Any] = {}
+    attack: dict[str, Any] = {}
+
+
+class Experiment4(Strict):
+    federations: dict[str, Override] = {}  # name: overrides; every aggregator runs on each
 
 
 class Evaluation(Strict):
@@ -140,6 +207,7 @@ class Params(Strict):
     evaluation: Evaluation
     defense: Defense
     profiles: dict[str, Budget]
+    experiment4: Experiment4 = Experiment4()
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Params":
@@ -156,6 +224,15 @@ class Params(Strict):
             )
         if fed.attacker >= fed.users:
             raise ValueError(f"federation.attacker: {fed.attacker} is not a user index; allowed: 0 to users - 1 = {fed.users - 1}")
+        problem = aggregation_problem(fed)
+        if problem is not None:
+            raise ValueError(problem)
+        for name in self.experiment4.federations:
+            for agg in AGGREGATORS:
+                try:
+                    with_overrides(self, name, aggregator=agg, secure_aggregation=False)  # as Experiment 4 runs them
+                except FedmetaError as err:
+                    raise ValueError(f"experiment4.federations.{name} with aggregator {agg}: {str(err).removeprefix('params.yaml: ')}") from None
         if self.profile not in self.profiles:
             raise ValueError(f"profile: unknown profile {self.profile!r}; allowed: one of {sorted(self.profiles)}")
         if self.dataset not in self.datasets:
@@ -215,6 +292,24 @@ def load(path: Path = Path("params.yaml")) -> Params:
         raise FedmetaError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(raw, dict):
         raise FedmetaError(f"{path}: expected a mapping of parameters at the top level")
+    return parse(raw)
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def with_overrides(params: Params, federation: str, attack: dict[str, Any] | None = None, **changes: Any) -> Params:
+    """The parameters of one Experiment-4 run: experiment4.federations.<federation>'s overrides, then
+    `changes` to `federation` (e.g. aggregator=...) and `attack`, validated like params.yaml itself."""
+    if federation not in params.experiment4.federations:
+        raise FedmetaError(f"params.yaml: experiment4.federations: no federation {federation!r}; allowed: one of {sorted(params.experiment4.federations)}")
+    o = params.experiment4.federations[federation]
+    raw = params.model_dump(mode="json") | {"experiment4": {"federations": {}}}
+    raw = _merge(raw, {"federation": _merge(o.federation, changes), "attack": _merge(o.attack, attack or {})})
     return parse(raw)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from fedmeta import episodes, evaluation, federation, reptile, seeding
+from fedmeta import episodes, evaluation, federation, reptile, secure, seeding
 from fedmeta.checkpoint import Resume
 from fedmeta.config import Params, backdoor_shots
 from fedmeta.engine import plan
@@ -98,7 +98,9 @@ class Lab:
     def local_update(self, theta: Theta, user: int, rnd: int, key: str, include_backdoor: bool, resume: Resume | None = None) -> Theta:
         """User `user`'s δ for round `rnd` (`key`: its seed path): boosted for the attacker. Flower's ClientApp runs this too."""
         if user == self.attacker:
-            return federation.update(self._attacker_local(theta, rnd, resume), theta, self.p.attack.boost)
+            delta = federation.update(self._attacker_local(theta, rnd, resume), theta, self.p.attack.boost)
+            bound = self.p.attack.norm_bound  # an adaptive attacker: constrain-and-scale to the server's clipping bound
+            return delta if bound is None else federation.constrain(delta, bound)
         return federation.update(self._benign_local(theta, user, key, include_backdoor), theta)
 
     def round(
@@ -117,7 +119,11 @@ class Lab:
         users = plan.select(self.p, key, with_attacker).applied
         deltas = [self.local_update(theta, u, rnd, key, include_backdoor, resume) for u in users]
         alphas = federation.weights([self._size(u, include_backdoor) for u in users], fed.weighting)
-        return federation.aggregate(theta, deltas, alphas)
+        sent = deltas
+        if fed.secure_aggregation:  # honest clients clip their own update if the rule asks; the attacker's client need not
+            clipped = [d if u == self.attacker else federation.client_side(d, fed) for u, d in zip(users, deltas)]
+            sent = secure.mask(clipped, alphas, lambda i, j: self.gen("secagg", key, users[i], users[j]))
+        return federation.aggregate(theta, sent, alphas, fed, self.gen("aggregate", key))
 
     def finetuner(self) -> evaluation.FineTune:
         e = self.p.evaluation

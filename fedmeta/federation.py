@@ -1,9 +1,22 @@
-"""The server: user selection and θ_G ← θ_G + Σ α_i δ_i, with boosted updates."""
+"""The server: user selection, boosted updates, and how θ_G ← θ_G + aggregate(δ_1, …, δ_n) combines them.
+
+`mean` is the paper's rule, Σ α_i δ_i. The other aggregators are Experiment 4's server-side defenses
+(docs/experiment4.md names each one's source and hyperparameters); Flower's strategy helpers and
+scikit-learn's HDBSCAN do their arithmetic. `aggregate` takes plain δ_i (or, under secure aggregation,
+masked uploads), so any engine that collects updates can call it.
+"""
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
+from fedmeta import secure
+from fedmeta.config import Federation
 from fedmeta.model import Params
+
+NORM_MARGIN = 0.99  # an adaptive attacker's update ends this fraction of the bound below it: "just under"
 
 
 def select(candidates: list[int], per_round: int, min_updates: int, g: torch.Generator) -> list[int]:
@@ -25,5 +38,128 @@ def weights(sizes: list[int], weighting: str) -> list[float]:
     return [s / total for s in sizes]
 
 
-def aggregate(theta: Params, deltas: list[Params], alphas: list[float]) -> Params:
-    return {k: theta[k] + sum(a * d[k] for a, d in zip(alphas, deltas)) for k in theta}
+def norm(delta: Params) -> float:
+    """‖δ‖₂ over all of the model's tensors, in float64 so a large model's sum of squares stays exact enough."""
+    return float(torch.sqrt(sum(v.double().square().sum() for v in delta.values())))
+
+
+def clip(delta: Params, bound: float) -> Params:
+    """δ · min(1, bound / ‖δ‖): an update inside the ball is left as it is (the same tensors)."""
+    n = norm(delta)
+    if n <= bound:
+        return delta
+    return {k: v * (bound / n) for k, v in delta.items()}
+
+
+def constrain(delta: Params, bound: float) -> Params:
+    """Constrain-and-scale (Bagdasaryan et al. 2020): the attacker rescales its update to just under the
+    server's norm bound, the largest update that clipping lets through unchanged, whatever the boost was."""
+    return {k: v * (NORM_MARGIN * bound / norm(delta)) for k, v in delta.items()}
+
+
+def client_side(delta: Params, rule: Federation) -> Params:
+    """What an honest client does to its own δ before uploading under secure aggregation: the server
+    cannot clip a masked update, so clipping, when the rule asks for it, moves to the client."""
+    return clip(delta, rule.norm_clip.clip_norm) if rule.aggregator == "norm_clip" else delta
+
+
+def _weighted(deltas: list[Params], alphas: list[float]) -> Params:
+    return {k: sum(a * d[k] for a, d in zip(alphas, deltas)) for k in deltas[0]}
+
+
+# --- the rules: each returns the step Σ and the std of the Gaussian noise added to it --------------
+
+def _norm_clip(deltas: list[Params], alphas: list[float], rule: Federation) -> tuple[Params, float]:
+    """Sun et al. 2019: every δ_i clipped to L2 norm clip_norm, the weighted mean, optional noise (weak DP)."""
+    c = rule.norm_clip
+    return _weighted([clip(d, c.clip_norm) for d in deltas], alphas), c.noise
+
+
+def _arrays(deltas: list[Params], alphas: list[float]) -> list[tuple[list[np.ndarray], float]]:
+    """Flower's `results`: (NDArrays, weight) per client; its weighted helpers divide by the weights' sum,
+    so α_i serve as the weight where Flower expects a number of examples."""
+    return [([v.detach().cpu().numpy() for v in d.values()], a) for d, a in zip(deltas, alphas)]
+
+
+def _tensors(arrays: list[np.ndarray], like: Params) -> Params:
+    return {k: torch.from_numpy(np.asarray(a)).to(like[k]) for k, a in zip(like, arrays)}
+
+
+def _median(deltas: list[Params], alphas: list[float], rule: Federation) -> tuple[Params, float]:
+    """Yin et al. 2018: the coordinate-wise median (weights ignored)."""
+    from flwr.server.strategy.aggregate import aggregate_median
+
+    return _tensors(aggregate_median(_arrays(deltas, alphas)), deltas[0]), 0.0
+
+
+def _trimmed_mean(deltas: list[Params], alphas: list[float], rule: Federation) -> tuple[Params, float]:
+    """Yin et al. 2018: per coordinate, drop the ⌊βn⌋ largest and smallest values and average the rest."""
+    from flwr.server.strategy.aggregate import aggregate_trimmed_avg
+
+    return _tensors(aggregate_trimmed_avg(_arrays(deltas, alphas), rule.trimmed_mean.beta), deltas[0]), 0.0
+
+
+def _multi_krum(deltas: list[Params], alphas: list[float], rule: Federation) -> tuple[Params, float]:
+    """Blanchard et al. 2017: score each δ_i by the squared distances to its n − f − 2 nearest others,
+    keep the m best and take their α-weighted mean (m = 1: Krum)."""
+    from flwr.server.strategy.aggregate import aggregate_krum
+
+    k = rule.multi_krum
+    return _tensors(aggregate_krum(_arrays(deltas, alphas), k.f, k.m), deltas[0]), 0.0
+
+
+def flame_admitted(deltas: list[Params]) -> list[int]:
+    """FLAME's filter: HDBSCAN over pairwise cosine distances with min_cluster_size = ⌊n/2⌋ + 1, so at most
+    one cluster can form, the majority; the updates outside it are rejected. Cosine ignores length, so a
+    boosted update is judged by its direction."""
+    from sklearn.cluster import HDBSCAN
+
+    flat = torch.stack([torch.cat([v.detach().double().flatten().cpu() for v in d.values()]) for d in deltas])
+    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    dist = (1.0 - unit @ unit.T).clamp_min(0.0)
+    dist = ((dist + dist.T) / 2).fill_diagonal_(0.0)
+    labels = HDBSCAN(min_cluster_size=len(deltas) // 2 + 1, min_samples=1, metric="precomputed", allow_single_cluster=True, copy=True).fit(dist.numpy()).labels_
+    return [i for i, label in enumerate(labels) if label != -1]
+
+
+def _flame(deltas: list[Params], alphas: list[float], rule: Federation) -> tuple[Params, float]:
+    """Nguyen et al. 2022: the majority cluster's updates (flame_admitted), each clipped at S, the median norm
+    of all updates, their α-weighted mean (α renormalised over them), and Gaussian noise of std λS.
+    No cluster at all rejects every update: the step is the noise alone."""
+    admitted = flame_admitted(deltas)
+    s = float(np.median([norm(d) for d in deltas]))
+    if not admitted:
+        return {k: torch.zeros_like(v) for k, v in deltas[0].items()}, rule.flame.noise * s
+    total = sum(alphas[i] for i in admitted)
+    return _weighted([clip(deltas[i], s) for i in admitted], [alphas[i] / total for i in admitted]), rule.flame.noise * s
+
+
+RULES: dict[str, Callable[[list[Params], list[float], Federation], tuple[Params, float]]] = {
+    "norm_clip": _norm_clip,
+    "median": _median,
+    "trimmed_mean": _trimmed_mean,
+    "multi_krum": _multi_krum,
+    "flame": _flame,
+}
+
+
+def _noise(like: Params, std: float, g: torch.Generator | None) -> Params:
+    if g is None:
+        raise ValueError("aggregate: a rule with noise needs a generator (seeding.generator)")
+    return {k: (std * torch.randn(v.shape, generator=g, dtype=torch.float64)).to(v) for k, v in like.items()}
+
+
+def aggregate(theta: Params, deltas: list[Params], alphas: list[float], rule: Federation = Federation(), g: torch.Generator | None = None) -> Params:
+    """θ_G + the rule's step. `rule` is the `federation` configuration (aggregator and its hyperparameters);
+    `g` draws the rule's noise, if any, on the CPU. Under secure aggregation `deltas` are the masked
+    uploads of `secure.mask` (each client's α_i δ_i, α_i being public): the server can only add them up."""
+    if rule.secure_aggregation:
+        step, std = secure.unmask_sum(deltas, theta), rule.norm_clip.noise if rule.aggregator == "norm_clip" else 0.0
+    elif rule.aggregator == "mean":
+        return {k: theta[k] + sum(a * d[k] for a, d in zip(alphas, deltas)) for k in theta}
+    else:
+        step, std = RULES[rule.aggregator](deltas, alphas, rule)
+    if std > 0:
+        noise = _noise(theta, std, g)
+        step = {k: step[k] + noise[k] for k in theta}
+    return {k: theta[k] + step[k] for k in theta}
