@@ -109,3 +109,30 @@ def pretraining(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
+
+
+def server_defenses(curves: dict[tuple[str, str, bool, str, str], list[dict[str, Any]]], path: Path) -> Path:
+    """Experiment 4: per federation, backdoor accuracy (attack training) and meta-test accuracy against
+    rounds, one line per rule; the adaptive attacker's runs dashed. Secure-aggregation runs are left out."""
+    feds = sorted({k[3] for k in curves})
+    scen = sorted({k[4] for k in curves})
+    rules = sorted({k[1] for k in curves})
+    colours = dict(zip(rules, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(2 * len(feds), len(scen), figsize=(4.2 * len(scen), 2.9 * 2 * len(feds)), squeeze=False)
+    for (attacker, rule, secure, fed, s), rows in sorted(curves.items()):
+        if secure:
+            continue
+        i, j = 2 * feds.index(fed), scen.index(s)
+        for row, key in ((i, "attack_train"), (i + 1, "meta_test")):
+            ax = axes[row][j]
+            ax.plot([r["round"] for r in rows], [100 * r[key] for r in rows], color=colours[rule], ls="--" if attacker == "adaptive" else "-",
+                    marker=".", label=f"{rule}{' (adaptive)' if attacker == 'adaptive' else ''}")
+            ax.set_title(f"{fed}: {SERIES[key][0]}, {SCENARIO_TITLES[s][:3]}", fontsize=9)
+            ax.set_ylim(-2, 102)
+            ax.grid(alpha=0.3)
+    for row in axes:
+        row[0].set_ylabel("accuracy (%)")
+    for ax in axes[-1]:
+        ax.set_xlabel("round (attack in round 1)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    return _save(fig, path)

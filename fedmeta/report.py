@@ -74,3 +74,87 @@ def ablation_table(rows: list[dict[str, Any]]) -> str:
             f"| {pct(float(r['main']))} | {pct(float(r['meta_test']))} | {r['steps']} |"
         )
     return "\n".join(lines)
+
+
+# --- Experiment 4: server-side rules ------------------------------------------------------------
+
+Exp4Key = tuple[str, str, bool, str, str]  # attacker, aggregator, secure aggregation, federation, scenario
+
+
+def ci(row: dict[str, Any], key: str) -> str:
+    return f"{pct(row[key])} ± {pct(row[f'{key}_ci95'])}"
+
+
+def overlaps(a: dict[str, Any], b: dict[str, Any], key: str) -> bool:
+    """Whether the two 95 % intervals of `key` overlap: no evidence that the two models differ."""
+    return abs(a[key] - b[key]) <= a[f"{key}_ci95"] + b[f"{key}_ci95"]
+
+
+def exp4_stopped(curves: dict[Exp4Key, list[dict[str, Any]]], key: Exp4Key) -> bool:
+    """A rule stops the attack when backdoor accuracy after the attack round stays within the intervals
+    of θ_0's, the pretrained model before any attack (recorded by the mean rule's run)."""
+    attacker, _, _, fed, scenario = key
+    before = curves[("naive", "mean", False, fed, scenario)][0]
+    after = next(r for r in curves[key] if r["round"] == 1)
+    return overlaps(before, after, "attack_train") and overlaps(before, after, "attack_val")
+
+
+def exp4_table(curves: dict[Exp4Key, list[dict[str, Any]]]) -> str:
+    """Per federation, attacker, rule and scenario: the attack round and the last benign round."""
+    lines = [
+        "| M | attacker | rule | scenario | backdoor after attack: train | val | meta-test after attack | backdoor at last round: train | meta-test at last round | stopped |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(k for k in curves if not k[2]):
+        attacker, rule, _, fed, scenario = key
+        after, last = next(r for r in curves[key] if r["round"] == 1), curves[key][-1]
+        lines.append(
+            f"| {fed} | {attacker} | {rule} | {scenario} | {ci(after, 'attack_train')} | {ci(after, 'attack_val')} | {ci(after, 'meta_test')} "
+            f"| round {last['round']}: {ci(last, 'attack_train')} | {ci(last, 'meta_test')} | {'yes' if exp4_stopped(curves, key) else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def exp4_price_table(price: dict[tuple[str, str], dict[str, Any]]) -> str:
+    """Benign-only rounds from the same pretrained model: each rule's meta-test accuracy beside the mean rule's."""
+    lines = ["| M | rule | meta-test after the benign rounds | change against mean (points) | within mean's interval |", "|---|---|---|---|---|"]
+    for (fed, rule), row in sorted(price.items()):
+        base = price[(fed, "mean")]
+        lines.append(
+            f"| {fed} | {rule} | round {row['round']}: {ci(row, 'meta_test')} | {100 * (row['meta_test'] - base['meta_test']):+.1f} "
+            f"| {'yes' if overlaps(row, base, 'meta_test') else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def exp4_secure_table(user: dict[tuple[str, str], dict[str, Any]]) -> str:
+    """Under secure aggregation: the attacked model as the server produced it, then each user's own choice."""
+    lines = [
+        "| rule under secure aggregation | scenario | backdoor after attack (train / val) | user fine-tunes: backdoor train / val, meta-test | user's matching defense: backdoor train / val, meta-test | steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (rule, scenario), s in sorted(user.items()):
+        a, f, d = s["attack_round"], s["user_finetune"], s["user_defense"]
+        lines.append(
+            f"| {rule} | {scenario} | {ci(a, 'attack_train')} / {ci(a, 'attack_val')} | {ci(f, 'attack_train')} / {ci(f, 'attack_val')}, {ci(f, 'meta_test')} "
+            f"| {ci(d, 'attack_train')} / {ci(d, 'attack_val')}, {ci(d, 'meta_test')} | {d['step']} |"
+        )
+    return "\n".join(lines)
+
+
+def exp4_answers(curves: dict[Exp4Key, list[dict[str, Any]]], price: dict[tuple[str, str], dict[str, Any]]) -> str:
+    """The section's answer in sentences, read off the tables: which rules stop the attack in every scenario."""
+    out = []
+    for fed in sorted({k[3] for k in curves}):
+        for attacker in ("naive", "adaptive"):
+            keys = [k for k in curves if k[0] == attacker and k[3] == fed and not k[2]]
+            if not keys:
+                continue
+            rules = sorted({k[1] for k in keys})
+            stop = [r for r in rules if all(exp4_stopped(curves, k) for k in keys if k[1] == r)]
+            costs = ", ".join(f"{r} {100 * (price[(fed, r)]['meta_test'] - price[(fed, 'mean')]['meta_test']):+.1f}" for r in stop if (fed, r) in price)
+            out.append(
+                f"- {fed}, {attacker} attacker: {', '.join(stop) if stop else 'no rule'} of {', '.join(rules)} keep(s) backdoor accuracy after the attack "
+                f"within θ_0's intervals in every scenario" + (f"; benign meta-test change against mean (points): {costs}" if costs else "") + "."
+            )
+    return "\n".join(out)
