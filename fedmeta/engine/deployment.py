@@ -86,6 +86,8 @@ class FlowerEngine:
         return [base, *(base + 1 + u for u in range(self.p.federation.users))]
 
     def start(self) -> None:
+        if self.p.federation.secure_aggregation:
+            raise FedmetaError("federation.secure_aggregation: true is not supported with federation.engine: flower yet (SecAgg+ is not wired in); use engine: local")
         for i, port in enumerate(self.ports):
             processes.check_port(port, "SuperLink" if i == 0 else f"SuperNode {i - 1}")
         self.dir = Path(tempfile.mkdtemp(prefix="fedmeta-flower-"))

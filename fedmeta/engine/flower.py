@@ -89,6 +89,9 @@ def _users_of_nodes(grid: Grid, exchange: Path, expected: int, deadline: float) 
     for reply in grid.send_and_receive(ask, timeout=max(1.0, deadline - time.monotonic())):
         if not reply.has_error():
             known[reply.metadata.src_node_id] = int(reply.content["node"]["user"])
+    missing = sorted(set(range(expected)) - set(known.values()))
+    if missing:
+        raise TimeoutError(f"the SuperNodes of users {missing} did not identify themselves in time")
     known_path.write_text(json.dumps(known))
     return known
 
@@ -149,5 +152,5 @@ def _serve(grid: Grid, exchange: Path) -> None:
     applied, replies = _collect(grid, {i: u for i, u in zip(ids, sent) if i}, selection, deadline)
     deltas = [from_record(replies[u].content["delta"]) for u in applied]
     sizes = [int(replies[u].content["meta"]["size"]) for u in applied]
-    checkpoint.save(exchange / "result.pt", {"theta": plan.combine(params, theta, deltas, sizes), "users": applied})
+    checkpoint.save(exchange / "result.pt", {"theta": plan.combine(params, theta, deltas, sizes, job["key"]), "users": applied})
 

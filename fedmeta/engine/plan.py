@@ -48,6 +48,9 @@ def select(params: Params, key: str, with_attacker: bool) -> Selection:
     return Selection(order, fed.min_updates - extra, [fed.attacker] if with_attacker else [])
 
 
-def combine(params: Params, theta: Theta, deltas: list[Theta], sizes: list[int]) -> Theta:
-    """θ_G + Σ α_i δ_i over the applied users' updates, in the order of `Selection.applied`."""
-    return federation.aggregate(theta, deltas, federation.weights(sizes, params.federation.weighting))
+def combine(params: Params, theta: Theta, deltas: list[Theta], sizes: list[int], key: str) -> Theta:
+    """fedmeta's aggregator over the applied users' updates, in the order of `Selection.applied`, with
+    the generator Lab.round gives it (a randomised rule draws the same noise on either engine)."""
+    fed = params.federation
+    alphas = federation.weights(sizes, fed.weighting)
+    return federation.aggregate(theta, deltas, alphas, fed, seeding.generator(params.seed, "aggregate", key))
