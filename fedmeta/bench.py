@@ -518,6 +518,21 @@ def _device_name(dev: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def onednn_isa() -> str:
+    """The ISA oneDNN dispatches to in this environment (its verbose `isa:` line) and the kernel it runs for
+    Conv4's 64 → 64 convolution, from a fresh process: oneDNN prints them only when it starts verbose."""
+    code = ("import torch, torch.nn.functional as F; F.conv2d(torch.randn(10, 64, 14, 14).contiguous(memory_format=torch.channels_last), "
+            "torch.randn(64, 64, 3, 3), padding=1)")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ONEDNN_VERBOSE": "1"}, capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    lines = out.splitlines()
+    isa = next((line.split("isa:", 1)[1] for line in lines if ",isa:" in line), "unknown")
+    conv = next((line.split(",")[6] for line in lines if ",exec,cpu,convolution," in line), "unknown")
+    return f"{isa}; 3×3 64 → 64 convolution: {conv}"
+
+
 def run(s: Settings) -> dict[str, Any]:
     _configure(s)
     setup = Setup.make(s)
@@ -529,7 +544,8 @@ def run(s: Settings) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "implementation": reptile.implementation(setup.theta, torch.empty(1, 1, s.channels, s.image_size, s.image_size, device=setup.device)),
         "lanes": lanes.count(s.meta_batch),
-        "kernels": kernels.backend,
+        "kernels": kernels.select().tags(),
+        "onednn": onednn_isa(),
         "settings": asdict(s),
     }
     result["matmul_gflops"] = round(matmul_gflops(setup.device), 1)
@@ -553,8 +569,10 @@ def run(s: Settings) -> dict[str, Any]:
 
 
 def table(r: dict[str, Any]) -> str:
-    impl = f"lanes ({r['lanes']}), {r['kernels']} CPU kernels" if r["implementation"] == "lanes" else r["implementation"]
-    lines = [f"fedmeta bench — {r['device']}, torch {r['torch']}, {r['threads']} threads, {impl}, commit {r['commit'][:12]}"]
+    k = r["kernels"]
+    impl = f"lanes ({r['lanes']}), CPU kernels {k['kernels']} ({k['kernels_build']} build)" if r["implementation"] == "lanes" else r["implementation"]
+    lines = [f"fedmeta bench — {r['device']}, torch {r['torch']}, {r['threads']} threads, {impl}, commit {r['commit'][:12]}",
+             f"kernels: {k['kernels_reason']}", f"ATen: {k['aten_cpu_capability']}; oneDNN: {r['onednn']}"]
     lines.append(f"{'phase':<12}{'naive eps/s':>14}{'fedmeta eps/s':>16}{'ratio':>9}{'FLOP limit':>12}{'faults/ep naive':>17}{'fedmeta':>9}")
     for phase in PHASES:
         p = r[phase]

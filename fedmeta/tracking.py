@@ -16,6 +16,9 @@ from typing import Any
 from fedmeta.errors import FedmetaError, first_line
 
 EXPERIMENT = "fedmeta"
+# Tags every run of this process gets, set by the code that knows them: `kernels.select` records which CPU kernels
+# it chose and why (here rather than asked for, so that stages which never run Conv4 do not depend on the kernels).
+PROCESS_TAGS: dict[str, str] = {}
 
 
 def repo_root() -> Path:
@@ -90,7 +93,7 @@ def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str]) -> Itera
         mlflow.set_experiment(EXPERIMENT)
     except Exception as exc:  # MLflow raises many types for an unusable store
         raise FedmetaError(f"{uri}: cannot open the MLflow store ({type(exc).__name__}: {first_line(exc)})") from None
-    all_tags = {"stage": stage, "git_commit": _git_commit(), "dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"), **tags}
+    all_tags = {"stage": stage, "git_commit": _git_commit(), "dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"), **PROCESS_TAGS, **tags}
     name = "-".join([stage, *(v for k, v in tags.items() if k == "variant")])
     with mlflow.start_run(run_name=name, tags=all_tags):
         flat = _flatten(params)

@@ -15,9 +15,9 @@ well. So FEDMETA_KERNELS chooses:
   verdict is cached beside the compiled library, keyed by the CPU, the sources, torch's version and the ISA limits
   set in the environment, and printed when it is made;
 - `compiled` / `reference`: both families one way, unmeasured;
-- `portable`: both families compiled for x86-64-v3 (AVX2 + FMA) whatever the CPU, with oneDNN, MKL and ATen's own
-  kernels held to AVX2 as well (`PORTABLE_ENV`, set by `fedmeta/__init__.py` before torch is imported), so that an
-  AVX-512 machine computes the same bytes as an AVX2 one.
+- `portable`: both families compiled for x86-64-v3 (AVX2 + FMA) whatever the CPU, MKL and ATen's own kernels held
+  to AVX2 as well (`PORTABLE_ENV`, set by `fedmeta/__init__.py` before torch is imported) and oneDNN off, so that an
+  AVX-512 machine computes the same bytes as an AVX2 one (with the same torch build and C++ compiler).
 Without a C++ compiler (or when the build fails) `auto` and `compiled` run torch's versions, with one warning.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from fedmeta import PORTABLE_ENV
+from fedmeta import PORTABLE_ENV, tracking
 from fedmeta.atomic import write_text
 from fedmeta.errors import FedmetaError
 from fedmeta.kernels import implementations
@@ -84,7 +84,7 @@ class Selection(NamedTuple):
             "kernels_build": self.build or "none",
             "kernels_reason": self.reason,
             "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            **{k.lower(): os.environ[k] for k in PORTABLE_ENV if k in os.environ},
+            **{f"env.{k}": os.environ[k] for k in PORTABLE_ENV if k in os.environ},
         }
 
 
@@ -228,34 +228,39 @@ def _check_portable() -> None:
 
 
 def select() -> Selection:
-    """The kernels this process runs (decided once per process; see the module docstring)."""
+    """The kernels this process runs (decided once per process; see the module docstring), also recorded as
+    tags of the process's MLflow runs."""
     global _selection
-    if _selection is not None:
-        return _selection
+    if _selection is None:
+        _selection = _decide()
+        tracking.PROCESS_TAGS.update(_selection.tags())
+    return _selection
+
+
+def _decide() -> Selection:
     choice = os.environ.get("FEDMETA_KERNELS", "auto")
     if choice not in CHOICES:
         raise FedmetaError(f"FEDMETA_KERNELS: expected one of {', '.join(CHOICES)}, got {choice!r}")
     reference = Selection(choice, dict.fromkeys(FAMILIES, "reference"), "", "FEDMETA_KERNELS=reference")
     if choice == "reference":
-        _selection = reference
-    elif choice == "portable":
+        return reference
+    if choice == "portable":
         _check_portable()
         load_library("portable")  # a failed build is an error here: the fallback would not give the portable bytes
-        _selection = Selection(choice, dict.fromkeys(FAMILIES, "compiled"), "portable", "FEDMETA_KERNELS=portable")
-    else:
-        try:
-            load_library("native")
-        except Exception as e:  # no compiler, no ninja, a failed build: torch's versions give the same results
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            reason = reason if len(reason) <= 120 else reason[:119] + "…"  # a failed build's first line holds the whole compile command
-            warnings.warn(f"fedmeta: the compiled CPU kernels could not be built ({reason}); using the slower torch reference", stacklevel=2)
-            _selection = reference._replace(reason=f"the compiled kernels could not be built: {reason}")
-            return _selection
-        if choice == "compiled":
-            _selection = Selection(choice, dict.fromkeys(FAMILIES, "compiled"), "native", "FEDMETA_KERNELS=compiled")
-        else:
-            _selection = _verdict("native")
-    return _selection
+        # oneDNN blocks its convolutions by the CPU's cache sizes, so their sums run in another order on another
+        # CPU of the same ISA; ATen's own convolution (patches times an MKL product, which MKL_CBWR pins) does not
+        torch.backends.mkldnn.enabled = False
+        return Selection(choice, dict.fromkeys(FAMILIES, "compiled"), "portable", "FEDMETA_KERNELS=portable")
+    try:
+        load_library("native")
+    except Exception as e:  # no compiler, no ninja, a failed build: torch's versions give the same results
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = reason if len(reason) <= 120 else reason[:119] + "…"  # a failed build's first line holds the whole compile command
+        warnings.warn(f"fedmeta: the compiled CPU kernels could not be built ({reason}); using the slower torch reference", stacklevel=3)
+        return reference._replace(reason=f"the compiled kernels could not be built: {reason}")
+    if choice == "compiled":
+        return Selection(choice, dict.fromkeys(FAMILIES, "compiled"), "native", "FEDMETA_KERNELS=compiled")
+    return _verdict("native")
 
 
 def ops() -> Ops:
