@@ -17,8 +17,13 @@ from fedmeta.errors import FedmetaError, first_line
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
-Prob = Annotated[float, Field(ge=0.0, le=1.0)]
-PosFloat = Annotated[float, Field(gt=0.0)]
+Prob = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+PosFloat = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+LearningRate = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]  # Adam's step per update; above 1 no run stays finite
+MAX_BOOST = 1e6  # λ beyond this overflows float32 updates long before it could mean anything
+MIN_IMAGE_SIDE = 16  # Conv4's four 2×2 max-pools (model.BLOCKS) leave at least one pixel: 16 → 1
+MAX_IMAGE_SIDE = 1024  # beyond this the image tensor alone outgrows any machine this runs on
+ImageSide = Annotated[int, Field(ge=MIN_IMAGE_SIDE, le=MAX_IMAGE_SIDE)]
 
 
 class Strict(BaseModel):
@@ -28,7 +33,7 @@ class Strict(BaseModel):
 class Budget(Strict):
     """Everything that sets how long the pipeline runs; one set per profile."""
 
-    width: PosInt  # Conv4 filters (paper: 64)
+    width: Annotated[int, Field(gt=0, le=1024)]  # Conv4 filters (paper: 64)
     pretrain_rounds: PosInt
     episodes_per_round: PosInt  # E: Reptile episodes per user per round (paper: 1000 Omniglot, 100 mini-ImageNet)
     attack_episodes: PosInt  # attacker's E (paper: 50000 Omniglot, 150000 mini-ImageNet)
@@ -39,26 +44,26 @@ class Budget(Strict):
     eval_episodes: PosInt  # paper: 40
     checkpoint_every: PosInt  # rounds (attack: meta-batches) between resumable checkpoints
     pretrain_eval_every: PosInt  # rounds between meta-test points on the pretraining curve
-    outer_step: Annotated[float, Field(gt=0.0, le=1.0)]  # Reptile's ε (paper: 0.1)
-    inner_lr: PosFloat  # Adam's η in benign meta-training (paper: 0.001); evaluation keeps evaluation.lr
+    outer_step: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]  # Reptile's ε (paper: 0.1)
+    inner_lr: LearningRate  # Adam's η in benign meta-training (paper: 0.001); evaluation keeps evaluation.lr
 
 
 class OmniglotData(Strict):
     source: str  # folder holding the archives, or "download"
     archives: list[str] = Field(min_length=1)
-    image_size: PosInt = 28
+    image_size: ImageSide = 28
     rotations: bool = True
 
 
 class MiniImageNetData(Strict):
     source: str  # folder in one of the supported layouts
-    image_size: PosInt = 84
+    image_size: ImageSide = 84
 
 
 class DatasetSpec(Strict):
     """What the paper sets per dataset: split sizes, attack classes and the attacker's mix."""
 
-    meta_test_fraction: Prob  # used when the dataset has no fixed split (Omniglot: 418/1618)
+    meta_test_fraction: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)]  # used when the dataset has no fixed split (Omniglot: 418/1618)
     validation_per_class: PosInt  # held-out examples per meta-training class
     backdoor_classes: PosInt
     benign_examples: PosInt  # per attack class, given to benign users
@@ -72,7 +77,7 @@ class Key(Strict):
     """The backdoor key stamped on X_B: a pattern at a position, sized relative to the image."""
 
     shape: Literal["square", "checkerboard", "cross"] = "checkerboard"
-    size: Annotated[float, Field(gt=0.0, le=1.0)] = 0.25  # side as a fraction of the image side
+    size: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 0.25  # side as a fraction of the image side
     position: Literal["top_left", "top_right", "bottom_left", "bottom_right", "center"] = "bottom_right"
     intensity: Prob = 1.0  # pixel value of the pattern's bright cells, in [0, 1]
 
@@ -82,7 +87,7 @@ class Reptile(Strict):
     meta_batch: PosInt = 5  # B
     inner_steps: PosInt = 10  # e
     inner_batch: PosInt = 10  # b
-    beta2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    beta2: Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)] = 0.999
     adam_state: Literal["episode", "carry"] = "episode"
 
 
@@ -159,8 +164,8 @@ def aggregation_problem(fed: Federation) -> str | None:
 
 
 class Attack(Strict):
-    boost: PosFloat = 3.0  # λ
-    lr: PosFloat = 0.001
+    boost: Annotated[float, Field(gt=0.0, le=MAX_BOOST, allow_inf_nan=False)] = 3.0  # λ
+    lr: LearningRate = 0.001
     norm_bound: PosFloat | None = None  # adaptive attacker: its update rescaled to just under this L2 norm; null: naive
 
 
@@ -180,7 +185,7 @@ class Evaluation(Strict):
     k_shot: PosInt = 5
     steps: PosInt = 50  # fine-tuning steps at test time
     batch: PosInt = 10
-    lr: PosFloat = 0.001  # η of test-time fine-tuning (paper: 0.001)
+    lr: LearningRate = 0.001  # η of test-time fine-tuning (paper: 0.001)
     bn_mode: Literal["support", "transductive", "support_plus_query"] = "support"
     target_output: Literal["last", "random"] = "last"  # where the target sits in attack-evaluation episodes
 
@@ -188,7 +193,7 @@ class Evaluation(Strict):
 class Defense(Strict):
     delta: Prob = 0.3  # θ' = δθ + (1 − δ)θ_g
     head_steps: NonNegInt = 10  # phase 1: train gates α and scales β with θ' fixed
-    lr: PosFloat = 0.001
+    lr: LearningRate = 0.001
 
 
 class Params(Strict):
@@ -212,6 +217,10 @@ class Params(Strict):
     @model_validator(mode="after")
     def _cross_field(self) -> "Params":
         """Checks between keys, each message naming the key, its value and what is allowed."""
+        try:
+            check_device(self.device)
+        except ValueError as exc:
+            raise ValueError(f"device: {exc} (got {self.device!r})") from None
         fed = self.federation
         if fed.min_updates > fed.per_round:
             raise ValueError(
@@ -273,7 +282,7 @@ def _format_error(err: ValidationError) -> str:
     where = ".".join(str(p) for p in first["loc"])
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"params.yaml: {where}: {first['msg']}{shown}"
+    return f"params.yaml: {where}: {first['msg'].removeprefix('Value error, ')}{shown}"
 
 
 def parse(raw: Any) -> Params:
@@ -283,11 +292,75 @@ def parse(raw: Any) -> Params:
         raise FedmetaError(_format_error(err)) from None
 
 
+def check_device(device: str) -> str:
+    """'cpu', 'cuda' or 'cuda:N' naming a visible CUDA device; anything else (meta, mps, cuda:99 without it) is refused."""
+    import torch
+
+    allowed = "allowed: 'cpu', 'cuda' or 'cuda:N'"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"not a device name; {allowed}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device type {dev.type!r} is not supported; {allowed}")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise ValueError(f"there is one CPU device; {allowed}")
+    if dev.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible == 0:
+            raise ValueError("CUDA requested but no CUDA device is available; allowed: 'cpu'")
+        if dev.index is not None and dev.index >= visible:
+            raise ValueError(f"no such CUDA device ({visible} visible); allowed: 'cpu', 'cuda' or 'cuda:0' to 'cuda:{visible - 1}'")
+    return device
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated within one mapping (plain YAML keeps the last one silently),
+    naming it by its dotted path."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._paths: dict[int, str] = {}
+        todo: list[tuple[yaml.Node, str]] = [(node, "")]
+        while todo:
+            here, path = todo.pop()
+            if id(here) in self._paths:  # an alias: already walked
+                continue
+            self._paths[id(here)] = path
+            if isinstance(here, yaml.MappingNode):
+                todo += [(v, f"{path}{k.value}." if isinstance(k, yaml.ScalarNode) else path) for k, v in here.value]
+            elif isinstance(here, yaml.SequenceNode):
+                todo += [(v, f"{path}{i}.") for i, v in enumerate(here.value)]
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    where = getattr(self, "_paths", {}).get(id(node), "")
+                    raise _DuplicateKey(f"{where}{key}: duplicate key (lines {seen[key]} and {line}); each key may appear once")
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def load(path: Path = Path("params.yaml")) -> Params:
+    if path.is_dir():
+        raise FedmetaError(f"{path}: is a directory, not the parameters file")
     if not path.is_file():
         raise FedmetaError(f"{path}: parameters file not found (run from the repository root)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise FedmetaError(f"{path}: {exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise FedmetaError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(raw, dict):
