@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import pickle
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from fedmeta.data.imageset import ImageSet
-from fedmeta.errors import FedmetaError
+from fedmeta.errors import FedmetaError, first_line
 
 SPLITS = ("train", "val", "test")
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -164,11 +165,16 @@ def _latin1_encode(text: str, encoding: str) -> bytes:
 
 
 def _open_image(path: Path) -> Image.Image:
-    """Decode fully while the file is open, so corrupt data fails here with its path."""
+    """Decode fully while the file is open, so corrupt data fails here with its path. A header claiming more
+    than PIL's MAX_IMAGE_PIXELS (a decompression bomb) is refused before anything is decoded."""
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise FedmetaError(f"{path}: refused as a decompression bomb ({first_line(exc)})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise FedmetaError(f"{path}: unreadable image ({exc})") from exc
 
 

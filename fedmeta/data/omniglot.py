@@ -7,6 +7,7 @@ several archives (Greek and Latin in both small archives) are read once.
 from __future__ import annotations
 
 import io
+import warnings
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -26,6 +27,12 @@ ARCHIVE_MD5 = {
 }
 ROTATIONS = 4
 SOURCE_SIDE = 105
+# Bounds on what an archive may make us read: the real archives hold ≤ 20 k drawings of ≤ 4 KB each
+# (≈ 10 MB in all), so these leave two orders of magnitude and still keep a zip bomb far from memory.
+MAX_ENTRY_BYTES = 1 << 20  # one drawing, uncompressed
+MAX_ARCHIVE_BYTES = 1 << 30  # every drawing of one archive, uncompressed
+MAX_ENTRIES = 200_000  # drawings in one archive
+CHUNK_BYTES = 1 << 16
 
 
 def fetch_archives(source: str, archives: list[str], download_dir: Path) -> list[Path]:
@@ -35,6 +42,11 @@ def fetch_archives(source: str, archives: list[str], download_dir: Path) -> list
         raise FedmetaError(f"params.yaml: omniglot.archives: unknown archive {unknown[0]!r}; allowed: some of {sorted(ARCHIVE_MD5)}")
     if source != "download":
         folder = Path(source)
+        if folder.exists() and not folder.is_dir():
+            raise FedmetaError(
+                f"params.yaml: omniglot.source: {folder} is a file, not a folder; point it at a folder holding "
+                f"{', '.join(archives)} or set it to 'download'"
+            )
         if not folder.is_dir():
             raise FedmetaError(
                 f"params.yaml: omniglot.source: folder {folder} does not exist; point it at a folder holding "
@@ -60,11 +72,39 @@ def fetch_archives(source: str, archives: list[str], download_dir: Path) -> list
     return paths
 
 
+def _check_sizes(path: Path, infos: list[zipfile.ZipInfo]) -> None:
+    """Refuse an archive whose headers declare more than the caps, before any entry is read."""
+    if len(infos) > MAX_ENTRIES:
+        raise FedmetaError(f"{path}: holds {len(infos)} drawings, more than the {MAX_ENTRIES} allowed; refusing the archive")
+    total = 0
+    for info in infos:
+        if info.file_size > MAX_ENTRY_BYTES:
+            raise FedmetaError(
+                f"{path}: entry {info.filename!r} declares {info.file_size} bytes uncompressed, more than the {MAX_ENTRY_BYTES} "
+                "a drawing may take (a zip bomb?); refusing the archive"
+            )
+        total += info.file_size
+    if total > MAX_ARCHIVE_BYTES:
+        raise FedmetaError(f"{path}: its drawings declare {total} bytes uncompressed, more than the {MAX_ARCHIVE_BYTES} allowed; refusing the archive")
+
+
+def _read_capped(stream: io.BufferedIOBase, cap: int, where: str) -> bytes:
+    """An entry's bytes, read in chunks and refused once they pass `cap`, whatever its header said."""
+    parts, size = [], 0
+    while chunk := stream.read(CHUNK_BYTES):
+        size += len(chunk)
+        if size > cap:
+            raise FedmetaError(f"{where}: decompresses to more than {cap} bytes, more than its header declares or a drawing may take; refusing the archive")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 def _characters(path: Path) -> dict[str, list[tuple[str, bytes]]]:
-    """Map 'alphabet/character' to its (drawing name, PNG bytes), validating every entry name."""
+    """Map 'alphabet/character' to its (drawing name, PNG bytes), validating every entry name and size."""
     chars: dict[str, list[tuple[str, bytes]]] = {}
     try:
         with zipfile.ZipFile(path) as zf:
+            drawings = []
             for info in zf.infolist():
                 name = PurePosixPath(info.filename)
                 if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
@@ -73,8 +113,15 @@ def _characters(path: Path) -> dict[str, list[tuple[str, bytes]]]:
                     continue
                 if len(name.parts) != 4:
                     raise FedmetaError(f"{path}: entry {info.filename!r} is not <root>/<alphabet>/<character>/<drawing>.png")
-                _, alphabet, character, drawing = name.parts
-                chars.setdefault(f"{alphabet}/{character}", []).append((drawing, zf.read(info)))
+                drawings.append(info)
+            _check_sizes(path, drawings)
+            budget = MAX_ARCHIVE_BYTES
+            for info in drawings:
+                _, alphabet, character, drawing = PurePosixPath(info.filename).parts
+                with zf.open(info) as stream:
+                    data = _read_capped(stream, min(MAX_ENTRY_BYTES, budget), f"{path}: entry {info.filename!r}")
+                budget -= len(data)
+                chars.setdefault(f"{alphabet}/{character}", []).append((drawing, data))
     except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
         # RuntimeError: an encrypted entry; NotImplementedError: an unknown compression method
         raise FedmetaError(f"{path}: not a readable zip archive ({first_line(exc)})") from None
@@ -86,13 +133,17 @@ def _characters(path: Path) -> dict[str, list[tuple[str, bytes]]]:
 def _decode(data: bytes, where: str, image_size: int) -> torch.Tensor:
     """105×105 grey drawing → image_size² uint8 with ink bright (255) on a dark background."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            if img.size != (SOURCE_SIDE, SOURCE_SIDE) or img.mode not in ("1", "L"):  # checked before decoding: no bomb is ever expanded
+                raise FedmetaError(f"{where}: expected a {SOURCE_SIDE}×{SOURCE_SIDE} grey-scale image, got {img.size[0]}×{img.size[1]} mode {img.mode}")
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise FedmetaError(f"{where}: refused as a decompression bomb ({first_line(exc)})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         why = "unknown image format" if isinstance(exc, UnidentifiedImageError) else first_line(exc)
         raise FedmetaError(f"{where}: not a readable PNG ({why})") from None
-    if img.size != (SOURCE_SIDE, SOURCE_SIDE) or img.mode not in ("1", "L"):
-        raise FedmetaError(f"{where}: expected a {SOURCE_SIDE}×{SOURCE_SIDE} grey-scale image, got {img.size[0]}×{img.size[1]} mode {img.mode}")
     img = img.convert("L").resize((image_size, image_size), Image.Resampling.LANCZOS)
     pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, image_size, image_size)
     return 255 - pixels
