@@ -9,11 +9,13 @@ import hashlib
 import pickle
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedmeta import model
 from fedmeta.atomic import atomic_path
 from fedmeta.errors import FedmetaError, first_line
 from fedmeta.model import Params
@@ -45,11 +47,55 @@ def load(path: Path, required: tuple[str, ...] = ("theta",), device: torch.devic
     return payload
 
 
-def load_theta(path: Path, device: torch.device | str = "cpu") -> Params:
+def load_theta(path: Path, device: torch.device | str = "cpu", expect: ThetaSpec | None = None) -> Params:
+    """The model of a checkpoint; with `expect`, checked to be exactly the configured Conv4 (one line per problem)."""
     theta = load(path, device=device)["theta"]
     if not isinstance(theta, dict) or not all(isinstance(v, torch.Tensor) for v in theta.values()):
         raise FedmetaError(f"{path}: 'theta' is not a dict of tensors")
+    if expect is not None:
+        expect.check(theta, path)
     return theta
+
+
+@dataclass(frozen=True)
+class ThetaSpec:
+    """What a stage's model must be: Conv4 of `width` filters over `channels` × `image_size`² images with `n_way` outputs.
+    `source` says where each number comes from, for messages."""
+
+    width: int
+    channels: int
+    image_size: int
+    n_way: int
+    source: str = ""
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Derived from the model's own initialiser, so they never drift from it."""
+        theta = model.init_conv4(self.channels, self.width, self.image_size, self.n_way, torch.Generator().manual_seed(0))
+        return {k: tuple(v.shape) for k, v in theta.items()}
+
+    def check(self, theta: Params, path: Path | str, what: str = "theta") -> None:
+        """Key set, then dtype, shape and finiteness of each tensor (one isfinite pass per tensor, at load only)."""
+        shapes = self.shapes()
+        missing, extra = sorted(shapes.keys() - theta.keys()), sorted(theta.keys() - shapes.keys())
+        if missing:
+            raise FedmetaError(f"{path}: {what} lacks {missing[0]!r} (expected Conv4's keys {', '.join(sorted(shapes))})")
+        if extra:
+            raise FedmetaError(f"{path}: {what} holds unexpected key {extra[0]!r} (not a Conv4 parameter; expected {', '.join(sorted(shapes))})")
+        config = f"width {self.width}, {self.channels} channel{'s' if self.channels != 1 else ''}, image_size {self.image_size}, n_way {self.n_way}"
+        for key in sorted(shapes):
+            t = theta[key]
+            if t.dtype != torch.float32:
+                raise FedmetaError(f"{path}: {what}[{key!r}] is {str(t.dtype).removeprefix('torch.')}; expected float32")
+            if tuple(t.shape) != shapes[key]:
+                raise FedmetaError(
+                    f"{path}: {what}[{key!r}] has shape {tuple(t.shape)}; expected {shapes[key]} for the configured model "
+                    f"({config}{self.source}); a checkpoint of another profile or dataset?"
+                )
+            if t.layout != torch.strided:
+                raise FedmetaError(f"{path}: {what}[{key!r}] is a {t.layout} tensor; expected a dense one")
+        for key in sorted(shapes):
+            if not bool(torch.isfinite(theta[key]).all()):
+                raise FedmetaError(f"{path}: {what}[{key!r}] holds NaN or infinite values (the run that wrote it diverged)")
 
 
 def fingerprint(params_json: str, *inputs: Path) -> str:

@@ -6,6 +6,7 @@ run of 500 steps yields the whole curve of Experiments 2 and 3.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from torch.func import vmap
 from fedmeta import lanes, model, reptile
 from fedmeta.config import Evaluation
 from fedmeta.episodes import Episodes, inner_batches
+from fedmeta.errors import Diverged
 from fedmeta.model import Params
 
 Z95 = 1.959963984540054
@@ -139,4 +141,34 @@ def run(
             truth = episodes.query_y if name == "main" else episodes.target_label[:, None]
             point[name] = Summary.of((pred == truth).float().mean(1))
         results.append(point)
+    if done and not _weights_finite(state):  # one check per fine-tuning run, after its last step
+        lr = _LR_KEY.get(type(learner).__name__, "evaluation.lr")
+        raise Diverged(f"fine-tuning of {n_ep} evaluation episodes diverged by step {done} (NaN or infinite weights); likely cause: {lr} too large")
     return results
+
+
+_LR_KEY = {"MatchingDefense": "defense.lr"}  # the learning rate each learner trains with (FineTune: evaluation.lr)
+
+
+def _weights_finite(state: object) -> bool:
+    """Whether every float tensor of a learner's state is finite, optimiser moments aside."""
+    found: list[torch.Tensor] = []
+
+    def walk(obj: object) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point():
+                found.append(torch.isfinite(obj).all())
+        elif isinstance(obj, reptile.AdamState):
+            return
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name))
+
+    walk(state)
+    return not found or bool(torch.stack(found).all())

@@ -10,10 +10,11 @@ from dataclasses import dataclass, fields
 import torch
 
 from fedmeta import episodes, evaluation, federation, reptile, secure, seeding
-from fedmeta.checkpoint import Resume
+from fedmeta.checkpoint import Resume, ThetaSpec
 from fedmeta.config import Params, backdoor_shots
 from fedmeta.engine import plan
 from fedmeta.engine.deployment import FlowerEngine
+from fedmeta.errors import Diverged
 from fedmeta.evaluation import Learner, Summary
 from fedmeta.model import Params as Theta
 from fedmeta.splits import FederatedData
@@ -48,6 +49,12 @@ class Lab:
         self.benign = [u for u in range(fed.users) if u != fed.attacker]
         self.adam = reptile.AdamConfig(lr=params.budget.inner_lr, beta2=params.reptile.beta2)
         self.flower: FlowerEngine | None = None  # started at the first round when federation.engine is flower
+
+    def theta_spec(self) -> ThetaSpec:
+        """The model every checkpoint this lab reads must be: the profile's width, the prepared images, reptile.n_way."""
+        p = self.p
+        source = f"; from profiles.{p.profile}.width, the prepared {p.dataset} images and reptile.n_way"
+        return ThetaSpec(p.budget.width, self.images.shape[1], self.images.shape[-1], p.reptile.n_way, source)
 
     def gen(self, *path: object) -> torch.Generator:
         return seeding.generator(self.p.seed, *path)
@@ -90,6 +97,11 @@ class Lab:
 
         def save(done: int, now: Theta, state: reptile.AdamState) -> None:
             if resume is not None:
+                if done % resume.every == 0 and not finite(now):  # never save a diverged state over the last good one
+                    raise Diverged(
+                        f"round {rnd}: the attacker's local training diverged by episode {done} (NaN or infinite weights); "
+                        f"likely cause: attack.lr = {self.p.attack.lr} too large, or extreme weights in the model it started from"
+                    )
                 adam_state = {f.name: getattr(state, f.name) for f in fields(state)}
                 resume.save(done, {"theta": now, "adam": adam_state, "rng": g.get_state()})
 
@@ -115,7 +127,11 @@ class Lab:
         if fed.engine == "flower":  # the same selection, local training and aggregation, in Flower's processes
             if self.flower is None:
                 self.flower = FlowerEngine(self.p, self.data)
-            return self.flower.round(theta, rnd, key, include_backdoor, with_attacker, resume)
+            new = self.flower.round(theta, rnd, key, include_backdoor, with_attacker, resume)
+            if not finite(new):
+                raise Diverged(f"{'pretraining ' if pretraining else ''}round {rnd} diverged: the aggregated model holds NaN or infinite weights; "
+                               f"likely cause: profiles.{self.p.profile}.inner_lr, attack.lr or attack.boost too large")
+            return new
         users = plan.select(self.p, key, with_attacker).applied
         deltas = [self.local_update(theta, u, rnd, key, include_backdoor, resume) for u in users]
         alphas = federation.weights([self._size(u, include_backdoor) for u in users], fed.weighting)
@@ -123,7 +139,23 @@ class Lab:
         if fed.secure_aggregation:  # honest clients clip their own update if the rule asks; the attacker's client need not
             clipped = [d if u == self.attacker else federation.client_side(d, fed) for u, d in zip(users, deltas)]
             sent = secure.mask(clipped, alphas, lambda i, j: self.gen("secagg", key, users[i], users[j]))
-        return federation.aggregate(theta, sent, alphas, fed, self.gen("aggregate", key))
+        new = federation.aggregate(theta, sent, alphas, fed, self.gen("aggregate", key))
+        if not finite(new):  # one check per round; finding the culprit costs only when it fails
+            raise Diverged(self._divergence(f"{'pretraining ' if pretraining else ''}round {rnd}", users, deltas))
+        return new
+
+    def _divergence(self, where: str, users: list[int], deltas: list[Theta]) -> str:
+        b, a, prof = self.p.budget, self.p.attack, f"profiles.{self.p.profile}"
+        for u, d in zip(users, deltas):
+            if finite(d):
+                continue
+            if u == self.attacker:
+                return f"{where} diverged: the attacker's boosted update holds NaN or infinite weights; likely cause: attack.lr = {a.lr} or attack.boost = {a.boost} too large"
+            return (
+                f"{where} diverged: user {u + 1}'s update holds NaN or infinite weights; likely cause: {prof}.inner_lr = {b.inner_lr} "
+                f"or {prof}.outer_step = {b.outer_step} too large"
+            )
+        return f"{where} diverged: the aggregated model overflowed to NaN or infinite weights; likely cause: attack.boost = {a.boost} too large"
 
     def finetuner(self) -> evaluation.FineTune:
         e = self.p.evaluation
@@ -158,6 +190,11 @@ class Lab:
         eps = episodes.evaluation(d, pool, e.n_way, e.k_shot, self.p.budget.eval_episodes, g, must, e.target_output == "last")
         probes = {"attack_train": d.attack_train_idx.to(self.device), "attack_val": d.attack_val_idx.to(self.device)}
         return evaluation.run(learner, theta, self.images, eps, e, record_at, self.gen("attack-eval-batches", scenario.name, tag, user), probes)
+
+
+def finite(theta: Theta) -> bool:
+    """Whether every weight is finite: one reduction per tensor, one synchronisation in all."""
+    return bool(torch.stack([torch.isfinite(v).all() for v in theta.values()]).all())
 
 
 def flat(point: dict[str, Summary]) -> dict[str, float]:

@@ -28,8 +28,8 @@ LEARNERS: dict[str, Callable[[Lab], Learner]] = {"finetune": lambda lab: lab.fin
 def main(ckpt: Path, learner: str, episodes: int, out: Path | None, params_path: Path = Path("params.yaml")) -> dict[str, Any]:
     params = load(params_path)
     runtime.configure(params)
-    lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
-    theta = checkpoint.load_theta(ckpt, lab.device)
+    lab = Lab(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+    theta = checkpoint.load_theta(ckpt, lab.device, lab.theta_spec())
     chosen = LEARNERS[learner](lab)
     steps = record_points(params.budget.finetune_steps, params.budget.record_every)
     points = lab.meta_test(theta, chosen, steps, USERS_TAG, episodes)

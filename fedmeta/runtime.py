@@ -13,7 +13,7 @@ import torch
 
 from fedmeta import config, tracking
 from fedmeta.atomic import write_text
-from fedmeta.errors import FedmetaError
+from fedmeta.errors import Diverged, FedmetaError
 
 T = TypeVar("T")
 
@@ -83,4 +83,7 @@ def stage(name: str, params_path: Path = Path("params.yaml"), **tags: str) -> It
     raw = params.model_dump(mode="json")
     logged = {k: v for k, v in raw.items() if k != "profiles"} | {"budget": raw["profiles"][params.profile]}
     with tracking.stage_run(name, logged, {"profile": params.profile, "dataset": params.dataset, **tags}) as run:
-        yield params, run
+        try:
+            yield params, run
+        except Diverged as err:  # name the stage; nothing was written (outputs come after the loops, atomically)
+            raise Diverged(" ".join([name, *tags.values()]) + f": {err}") from None

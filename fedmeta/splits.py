@@ -6,6 +6,7 @@ so no rotation of a target or backdoor character reaches anyone else.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -37,10 +38,15 @@ class FederatedData:
         checkpoint.save(path, asdict(self))
 
     @classmethod
-    def load(cls, path: Path) -> "FederatedData":
+    def load(cls, path: Path, params: Params | None = None) -> "FederatedData":
+        """The prepared dataset, its fields checked by type and range; with `params`, also against them
+        (image size and channels, users, attack classes), so a dataset prepared for other settings is refused."""
         if not path.is_file():
             raise FedmetaError(f"{path}: prepared dataset not found; run `fedmeta prepare` (or `dvc repro prepare`) first")
         raw = checkpoint.load(path, tuple(f.name for f in fields(cls)), what="prepared dataset")
+        _check_fields(raw, path)
+        if params is not None:
+            _check_against(raw, path, params)
         return cls(**{f.name: raw[f.name] for f in fields(cls)})
 
     def user_data(self, user: int, include_backdoor: bool) -> list[int]:
@@ -48,6 +54,89 @@ class FederatedData:
         attack = [self.target, *self.backdoor]
         extra = [c for c, owner in zip(attack, self.attack_owner) if owner == user and (include_backdoor or c == self.target)]
         return self.user_classes[user] + extra
+
+
+_INDEX_TENSORS = ("attacker_target_idx", "attack_train_idx", "attack_val_idx")
+_INT_LISTS = ("meta_test", "backdoor", "attack_owner")
+REPREPARE = "re-run `fedmeta prepare` (or `dvc repro prepare`)"
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _index_tensor(v: object) -> bool:
+    return isinstance(v, torch.Tensor) and v.dtype == torch.int64 and v.dim() == 1
+
+
+def _check_fields(raw: dict, path: Path) -> None:
+    """Each field's type, and every index inside what it indexes: one line naming the field, never an IndexError later."""
+    def bad(field: str, expected: str) -> FedmetaError:
+        value = raw[field]
+        got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        return FedmetaError(f"{path}: prepared dataset field {field!r} is {got}; expected {expected}")
+
+    images, labels, names = raw["images"], raw["labels"], raw["class_names"]
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4 and images.shape[0] > 0):
+        raise bad("images", "a non-empty uint8 tensor [n, C, H, W]")
+    n = images.shape[0]
+    if not (_index_tensor(labels) and labels.shape[0] == n):
+        raise bad("labels", f"an int64 tensor [{n}], one label per image")
+    if not (isinstance(names, list) and names and all(isinstance(c, str) for c in names)):
+        raise bad("class_names", "a non-empty list of strings")
+    n_classes = len(names)
+    for field in ("train_idx", "val_idx"):
+        v = raw[field]
+        if not (isinstance(v, list) and len(v) == n_classes and all(_index_tensor(t) for t in v)):
+            raise bad(field, f"a list of {n_classes} int64 index tensors, one per class")
+    for field in _INDEX_TENSORS:
+        if not _index_tensor(raw[field]):
+            raise bad(field, "an int64 index tensor")
+    users = raw["user_classes"]
+    if not (isinstance(users, list) and users and all(isinstance(u, list) and all(_is_int(c) for c in u) for u in users)):
+        raise bad("user_classes", "a non-empty list of lists of class indices, one per user")
+    for field in _INT_LISTS:
+        if not (isinstance(raw[field], list) and all(_is_int(c) for c in raw[field])):
+            raise bad(field, "a list of integers")
+    if not _is_int(raw["target"]):
+        raise bad("target", "a class index (an integer)")
+    tensors = [("labels", labels, n_classes)] + [(f, t, n) for f in ("train_idx", "val_idx") for t in raw[f]] + [(f, raw[f], n) for f in _INDEX_TENSORS]
+    for field, t, bound in tensors:
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
+            raise FedmetaError(f"{path}: prepared dataset field {field!r} holds an index outside 0..{bound - 1}")
+    classes = [("target", [raw["target"]]), ("meta_test", raw["meta_test"]), ("backdoor", raw["backdoor"])] + [("user_classes", u) for u in users]
+    for field, values in classes:
+        if any(not 0 <= c < n_classes for c in values):
+            raise FedmetaError(f"{path}: prepared dataset field {field!r} holds a class index outside 0..{n_classes - 1}")
+    if len(raw["attack_owner"]) != 1 + len(raw["backdoor"]) or any(not 0 <= u < len(users) for u in raw["attack_owner"]):
+        raise FedmetaError(f"{path}: prepared dataset field 'attack_owner' must name one of the {len(users)} users for the target and each backdoor class")
+
+
+def _check_against(raw: dict, path: Path, params: Params) -> None:
+    """The dataset was prepared for these parameters: image shape, users and attack classes as params.yaml sets them."""
+    ds = params.dataset
+    side = params.omniglot.image_size if ds == "omniglot" else params.miniimagenet.image_size
+    channels = 1 if ds == "omniglot" else 3
+    got = tuple(raw["images"].shape[1:])
+    if got != (channels, side, side):
+        raise FedmetaError(
+            f"{path}: prepared images are {got[1]}×{got[2]} with {got[0]} channel(s); params.yaml expects {side}×{side} with {channels} "
+            f"({ds}.image_size = {side}, dataset = {ds}); {REPREPARE}"
+        )
+    users, spec = len(raw["user_classes"]), params.spec
+    if users != params.federation.users:
+        raise FedmetaError(f"{path}: prepared for {users} users; params.yaml federation.users = {params.federation.users}; {REPREPARE}")
+    if len(raw["backdoor"]) != spec.backdoor_classes:
+        raise FedmetaError(
+            f"{path}: prepared with {len(raw['backdoor'])} backdoor classes; params.yaml datasets.{ds}.backdoor_classes = {spec.backdoor_classes}; {REPREPARE}"
+        )
+    fewest = min(len(u) for u in raw["user_classes"])
+    if fewest < params.reptile.n_way:
+        raise FedmetaError(f"{path}: a user holds {fewest} classes, fewer than params.yaml reptile.n_way = {params.reptile.n_way}; {REPREPARE}")
+    if len(raw["meta_test"]) < params.evaluation.n_way:
+        raise FedmetaError(
+            f"{path}: {len(raw['meta_test'])} meta-test classes, fewer than params.yaml evaluation.n_way = {params.evaluation.n_way}; {REPREPARE}"
+        )
 
 
 def _take(perm: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
@@ -75,6 +164,27 @@ def split(data: ImageSet, params: Params) -> FederatedData:
         meta_test = sorted(c for k in order[:n_test] for c in group_classes[k])
         train_groups = [group_classes[k] for k in order[n_test:]]
     ds, n_attack, n_way = params.dataset, 1 + spec.backdoor_classes, params.reptile.n_way
+    if data.fixed_split is None and len(train_groups) < 3:  # the target, a backdoor class and a benign class: 3 groups at least
+        def most(groups_left: int) -> str:  # the largest fraction that leaves `groups_left` groups to meta-training
+            return f"{math.floor((n_groups - groups_left) / n_groups * 1e4) / 1e4:g}"
+
+        if n_groups < 4:
+            allowed = f"none: the data holds {n_groups} class groups, and a meta-test group, the target, a backdoor and a benign group need 4"
+        elif n_groups - n_attack - 1 < 1:
+            allowed = f"at most {most(3)} with fewer datasets.{ds}.backdoor_classes"
+        else:
+            allowed = f"at most {most(n_attack + 1)} (leaving the target, {spec.backdoor_classes} backdoor and a benign group)"
+        raise FedmetaError(
+            f"params.yaml: datasets.{ds}.meta_test_fraction: {spec.meta_test_fraction} puts {n_groups - len(train_groups)} of the {n_groups} class groups "
+            f"in meta-test, leaving {len(train_groups)} for meta-training; allowed: {allowed}"
+        )
+    if data.fixed_split is None and not meta_test:
+        needed = -(-params.evaluation.n_way // max(len(grp) for grp in group_classes))  # groups giving evaluation.n_way classes
+        least = math.ceil(min(n_groups, needed) / n_groups * 1e4) / 1e4
+        raise FedmetaError(
+            f"params.yaml: datasets.{ds}.meta_test_fraction: {spec.meta_test_fraction} of {n_groups} class groups puts none in meta-test; "
+            f"allowed: at least {least:g}"
+        )
     if n_attack >= len(train_groups):
         raise FedmetaError(
             f"params.yaml: datasets.{ds}.backdoor_classes: {spec.backdoor_classes} plus the target take all {len(train_groups)} "

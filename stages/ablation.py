@@ -23,12 +23,12 @@ KEYS = ("meta_test", "main", "attack_train", "attack_val")
 
 def main() -> None:
     with runtime.stage("ablation") as (params, run):
-        lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
+        lab = Lab(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
         user, steps = lab.benign[0], params.budget.finetune_steps
         full = MatchingDefense.from_params(params)
         learners = {"attention": (replace(full, use_attention=False), steps), "reinit": (replace(full, reinit=False), steps), "finetune": (full, 0), "attack": (full, steps)}
         models = {
-            (v, m): checkpoint.load_theta(runtime.CHECKPOINTS / f"{m}_{v}.pt", lab.device) for v in VARIANTS for m in ("attacked", "pretrain")
+            (v, m): checkpoint.load_theta(runtime.CHECKPOINTS / f"{m}_{v}.pt", lab.device, lab.theta_spec()) for v in VARIANTS for m in ("attacked", "pretrain")
         }
         by_removed: dict[str, list[dict]] = {removed: [] for removed in ("none", *COMPUTED, "defense")}
         for removed, stage in READ.items():

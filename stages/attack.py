@@ -8,9 +8,9 @@ from fedmeta.splits import FederatedData
 
 def main(variant: str) -> None:
     with runtime.stage("attack", variant=variant) as (params, run):
-        lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
+        lab = Lab(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
         pretrained = runtime.CHECKPOINTS / f"pretrain_{variant}.pt"
-        theta0 = checkpoint.load_theta(pretrained, lab.device)
+        theta0 = checkpoint.load_theta(pretrained, lab.device, lab.theta_spec())
         # The attacker's training is the long part: saved every checkpoint_every meta-batches (of B episodes).
         every = params.budget.checkpoint_every * params.reptile.meta_batch
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, pretrained)

@@ -11,8 +11,8 @@ from fedmeta.splits import FederatedData
 
 def user_curves_stage(stage: str, variant: str, make_learner: Callable[[Lab], Learner]) -> None:
     with runtime.stage(stage, variant=variant) as (params, run):
-        lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
-        theta = checkpoint.load_theta(runtime.CHECKPOINTS / f"attacked_{variant}.pt", lab.device)
+        lab = Lab(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+        theta = checkpoint.load_theta(runtime.CHECKPOINTS / f"attacked_{variant}.pt", lab.device, lab.theta_spec())
         curves = user_curves(lab, theta, make_learner(lab), variant)
         out = runtime.METRICS / f"{stage}_{variant}"
         final = {}

@@ -10,10 +10,10 @@ from fedmeta.splits import FederatedData
 
 def main(variant: str) -> None:
     with runtime.stage("continue", variant=variant) as (params, run):
-        lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
+        lab = Lab(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
         b, include = params.budget, variant == "include"
         attacked = runtime.CHECKPOINTS / f"attacked_{variant}.pt"
-        theta = checkpoint.load_theta(attacked, lab.device)
+        theta = checkpoint.load_theta(attacked, lab.device, lab.theta_spec())
         attack_rows = json.loads((runtime.METRICS / f"attack_{variant}.json").read_text())
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, attacked)
         resume = checkpoint.Resume(runtime.STATE / f"continue_{variant}.pt", b.checkpoint_every, fingerprint)

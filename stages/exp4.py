@@ -29,10 +29,10 @@ def main(aggregator: str, variant: str, federation: str, attacker: str, secure: 
             bound = {"norm_bound": params.federation.norm_clip.clip_norm}
             params = config.with_overrides(base, federation, attack=bound, aggregator=aggregator, secure_aggregation=secure)
         fed, b = params.federation, params.budget
-        data = robust.regroup(FederatedData.load(runtime.PREPARED), fed.users, fed.attacker)
+        data = robust.regroup(FederatedData.load(runtime.PREPARED, base), fed.users, fed.attacker)
         lab = Lab(params, data, runtime.device_of(params))
         pretrained = runtime.CHECKPOINTS / f"pretrain_{variant}.pt"
-        theta = checkpoint.load_theta(pretrained, lab.device)
+        theta = checkpoint.load_theta(pretrained, lab.device, lab.theta_spec())
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, pretrained)
         resume = checkpoint.Resume(runtime.STATE / f"exp4_{name}.pt", b.checkpoint_every * params.reptile.meta_batch, fingerprint)
         learner, steps, include, last = lab.finetuner(), params.evaluation.steps, variant == "include", b.continuation_rounds + 1

@@ -12,7 +12,7 @@ from fedmeta.splits import FederatedData
 
 def main(variant: str) -> None:
     with runtime.stage("pretrain", variant=variant) as (params, run):
-        lab = Lab(params, FederatedData.load(runtime.PREPARED), runtime.device_of(params))
+        lab = Lab(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
         b, include = params.budget, variant == "include"
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED)
         resume = checkpoint.Resume(runtime.STATE / f"pretrain_{variant}.pt", b.checkpoint_every, fingerprint)
