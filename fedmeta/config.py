@@ -96,6 +96,9 @@ class FlowerEngine(Strict):
 
     port: Annotated[int, Field(ge=1024, le=65000)] = 9200  # SuperLink's; SuperNode i listens on port + 1 + i
     round_timeout: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 3600.0  # seconds a round may take before it fails
+    # SecAgg+ (secure_aggregation: true) clips each coordinate of every upload to ±clipping_range before quantizing;
+    # null: 8 × max(1, attack.boost), Flower's default range for a plain update times the boost (docs/flower.md)
+    clipping_range: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
 
 
 Aggregator = Literal["mean", "norm_clip", "median", "trimmed_mean", "multi_krum", "flame"]

@@ -42,7 +42,7 @@ publisher = "fedmeta"
 
 [tool.flwr.app.components]
 serverapp = "fedmeta.engine.flower:server"
-clientapp = "fedmeta.engine.flower:client"
+clientapp = "fedmeta.engine.flower:{clientapp}"
 
 [tool.flwr.app.config]
 exchange = ""
@@ -74,11 +74,18 @@ def private_copy(data: FederatedData, user: int, attacker: int) -> FederatedData
     return FederatedData(images=images, **fields)
 
 
+def _mlflow_run():  # type: ignore[no-untyped-def]
+    """The MLflow module when a stage's run is active (fedmeta.tracking opened it), else None: no import otherwise."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow if mlflow is not None and mlflow.active_run() is not None else None
+
+
 class FlowerEngine:
     def __init__(self, params: Params, data: FederatedData) -> None:
         self.p, self.data = params, data
         self.sup: processes.Supervisor | None = None
         self.dir: Path | None = None
+        self.secagg: list[dict] = []  # per round under SecAgg+: clipping range, share clipped, per user
 
     @property
     def ports(self) -> list[int]:
@@ -86,8 +93,6 @@ class FlowerEngine:
         return [base, *(base + 1 + u for u in range(self.p.federation.users))]
 
     def start(self) -> None:
-        if self.p.federation.secure_aggregation:
-            raise FedmetaError("federation.secure_aggregation: true is not supported with federation.engine: flower yet (SecAgg+ is not wired in); use engine: local")
         for i, port in enumerate(self.ports):
             processes.check_port(port, "SuperLink" if i == 0 else f"SuperNode {i - 1}")
         self.dir = Path(tempfile.mkdtemp(prefix="fedmeta-flower-"))
@@ -98,8 +103,11 @@ class FlowerEngine:
             d.mkdir()
         port = self.ports[0]
         (home / "config.toml").write_text(f'[superlink]\ndefault = "fedmeta"\n\n[superlink.fedmeta]\naddress = "{processes.HOST}:{port}"\ninsecure = true\n')
-        (app / "pyproject.toml").write_text(APP_TOML)
+        (app / "pyproject.toml").write_text(APP_TOML.replace("{clientapp}", "secure_client" if self.p.federation.secure_aggregation else "client"))
         (exchange / "params.json").write_text(self.p.model_dump_json())
+        run = _mlflow_run()
+        if run is not None:
+            run.set_tag("engine", "flower")
         self.sup = processes.Supervisor(self.dir / "logs", flower_env(home))
         self.sup.start("superlink", ["flower-superlink", "--insecure", "--host", processes.HOST, "--port", str(port), "--disable-runtime-dependency-installation"])
         self.sup.wait_listening("superlink", port, START_TIMEOUT_S)
@@ -123,7 +131,7 @@ class FlowerEngine:
             (exchange / name).unlink(missing_ok=True)
         device = next(iter(theta.values())).device
         job = {"theta": {k: v.cpu() for k, v in theta.items()}, "round": rnd, "key": key, "include_backdoor": include_backdoor,
-               "with_attacker": with_attacker, "timeout": timeout}
+               "with_attacker": with_attacker, "timeout": timeout, "max_weight": float(len(self.data.images))}
         if resume is not None:
             job["resume"] = {"path": str(resume.path.resolve()), "every": resume.every, "fingerprint": resume.fingerprint}
         checkpoint.save(exchange / "round.pt", job)
@@ -131,6 +139,7 @@ class FlowerEngine:
         started = time.monotonic()
         code = processes.run_bounded(argv, self.sup.env, timeout + EXIT_MARGIN_S, self.dir / "logs" / f"run-{key}.log")
         if (exchange / "result.pt").is_file():
+            self._report(exchange / "result.pt", rnd, key)
             return checkpoint.load_theta(exchange / "result.pt", device)
         where = f"federated round {key} on Flower"
         if (exchange / "error.txt").is_file():
@@ -140,6 +149,22 @@ class FlowerEngine:
         if code is None:
             raise FedmetaError(f"{where} timed out after {timeout + EXIT_MARGIN_S:.0f} s (federation.flower.round_timeout); resumable state is kept: rerun to resume")
         raise FedmetaError(f"{where}: `flwr run` exited with code {code} without a result; see {self.dir / 'logs'}")
+
+    def _report(self, result: Path, rnd: int, key: str) -> None:
+        """Under SecAgg+, the share of uploaded coordinates its ±clipping_range clipped: kept in `secagg`,
+        an MLflow metric of the stage's run (secagg_clipped_share, step = round), and a warning when any was."""
+        stats = checkpoint.load(result, ("theta", "users")).get("secagg")
+        self.secagg.append({"key": key, **stats} if stats else {})
+        if not stats:
+            return
+        run = _mlflow_run()
+        if run is not None:
+            run.log_metric("secagg_clipped_share", stats["clipped_share"], step=rnd)
+        if stats["clipped_share"] > 0:
+            worst = max(stats["per_user"].items(), key=lambda kv: kv[1]["clipped"])
+            print(f"warning: federated round {key}: SecAgg+ clipped {stats['clipped_share']:.2%} of the uploaded coordinates to "
+                  f"±{stats['clipping_range']:g} (user {worst[0] + 1}: {worst[1]['clipped']}, max |coordinate| {worst[1]['max_abs']:.3g}); "
+                  "raise federation.flower.clipping_range", file=sys.stderr)
 
     def pids(self) -> list[int]:
         """Every process this federation runs now, descendants included (tests check they all go)."""

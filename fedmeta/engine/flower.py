@@ -5,6 +5,8 @@ from the exchange folder the engine wrote (θ, round, variant), asks the
 selected users' SuperNodes, and writes θ' back. Clients send δ_i, never
 weights, so the boost λ and the aggregator act on updates as in `local`.
 Tensors travel as float32 numpy arrays (np.save, exact), so θ stays bit-identical.
+With federation.secure_aggregation the ClientApp is `secure_client` (secaggplus_mod)
+and the round runs Flower's SecAggPlusWorkflow (`_serve_secure`): the server sees only the mean.
 """
 from __future__ import annotations
 
@@ -12,19 +14,24 @@ import json
 import time
 import traceback
 from pathlib import Path
+
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedmeta import checkpoint, config, runtime
+from fedmeta import checkpoint, config, runtime, secure, seeding
 from fedmeta.engine import plan
 from fedmeta.model import Params as Theta
 
 server = ServerApp()
 client = ClientApp()
+secure_client = ClientApp(mods=[secaggplus_mod])  # federation.secure_aggregation: Flower's SecAgg+ masks each upload
 
 POLL_S = 0.05
+LIVENESS_S = 0.5  # how often the ServerApp asks which SuperNodes are still online
 
 
 def to_record(theta: Theta) -> ArrayRecord:
@@ -48,9 +55,11 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"node": ConfigRecord({"user": int(context.node_config["user"])})}), reply_to=msg)
 
 
-@client.train()
-def train(msg: Message, context: Context) -> Message:
-    """One user's local Reptile from the θ received: benign, or the attacker's boosted training."""
+secure_client.query()(identify)
+
+
+def _local(context: Context, theta_record: ArrayRecord, cfg: ConfigRecord) -> tuple[Theta, int, int]:
+    """One user's local Reptile from the θ received: benign, or the attacker's boosted training; (δ, user, size)."""
     from fedmeta.checkpoint import Resume
     from fedmeta.experiment import Lab
     from fedmeta.splits import FederatedData
@@ -59,14 +68,55 @@ def train(msg: Message, context: Context) -> Message:
     params = load_params(str(node["params"]))
     runtime.configure(params)
     user = int(node["user"])
-    cfg = msg.content["round"]
     lab = Lab(params, FederatedData.load(Path(str(node["data"]))), runtime.device_of(params))
-    theta = {k: v.to(lab.device) for k, v in from_record(msg.content["theta"]).items()}
+    theta = {k: v.to(lab.device) for k, v in from_record(theta_record).items()}
     resume = Resume(Path(str(cfg["resume_path"])), int(cfg["resume_every"]), str(cfg["resume_fingerprint"])) if cfg["resume_path"] else None
     include = bool(cfg["include_backdoor"])
     delta = lab.local_update(theta, user, int(cfg["round"]), str(cfg["key"]), include, resume)
-    reply = RecordDict({"delta": to_record(delta), "meta": ConfigRecord({"user": user, "size": lab._size(user, include)})})
+    return delta, user, lab._size(user, include)
+
+
+@client.train()
+def train(msg: Message, context: Context) -> Message:
+    delta, user, size = _local(context, msg.content["theta"], msg.content["round"])
+    reply = RecordDict({"delta": to_record(delta), "meta": ConfigRecord({"user": user, "size": size})})
     return Message(reply, reply_to=msg)
+
+
+@secure_client.train()
+def train_secure(msg: Message, context: Context) -> Message:
+    """SecAgg+'s 'collect masked vectors' stage calls this inside secaggplus_mod: δ goes back as the legacy
+    FitRes the mod quantizes and masks; an honest client first clips its own δ when the rule asks (as in
+    `local`). The metrics (in the clear) say how many of its coordinates SecAgg+'s ±clipping_range will clip."""
+    from flwr.common import (
+        Code,
+        FitRes,
+        Status,
+        ndarrays_to_parameters,
+        parameters_to_ndarrays,
+    )
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fedmeta import federation
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    keys = json.loads(str(fitins.config["keys"]))
+    theta_record = ArrayRecord({k: Array(a) for k, a in zip(keys, parameters_to_ndarrays(fitins.parameters))})
+    delta, user, size = _local(context, theta_record, ConfigRecord(dict(fitins.config)))
+    params = load_params(str(context.node_config["params"]))
+    if user != params.federation.attacker:
+        delta = federation.client_side(delta, params.federation)
+    weight = 1 if params.federation.weighting == "uniform" else size
+    sa = context.state.config_records[RECORD_KEY_STATE]  # what the mod will apply: ±c on (weight/max_weight)·δ, quantized
+    q = int(sa["target_range"])
+    ratio = round(weight / float(sa["max_weight"]) * q) / q
+    arrays = [v.detach().cpu().contiguous().numpy() for v in delta.values()]
+    clipped = sum(int((np.abs(a * ratio) > float(sa["clipping_range"])).sum()) for a in arrays)
+    metrics = {"user": user, "clipped": clipped, "coordinates": sum(a.size for a in arrays),
+               "max_abs": float(max(np.abs(a).max() for a in arrays))}
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
 # ---------------------------------------------------------------- server side
@@ -96,12 +146,17 @@ def _users_of_nodes(grid: Grid, exchange: Path, expected: int, deadline: float) 
     return known
 
 
-def _collect(grid: Grid, sent: dict[str, int], selection: plan.Selection, deadline: float) -> tuple[list[int], dict[int, Message]]:
-    """Replies until the first M_min users in fedmeta's order that do answer have all answered; an error
-    reply (a SuperNode gone: the SuperLink answers for it) moves the next user up."""
+def _collect(grid: Grid, sent: dict[str, int], refused: list[int], selection: plan.Selection, node_of: dict[int, int], deadline: float) -> tuple[list[int], dict[int, Message]]:
+    """Replies until the first M_min users in fedmeta's order that do answer have all answered.
+
+    A user fails, and the next one moves up, when the SuperLink refused its message (its node was removed),
+    answers for it with an error, or its node left the federation (a SuperNode stopped deactivates itself:
+    `get_node_ids` drops it at once, without waiting for Flower's 2 × 30 s heartbeat patience). The round
+    ends as soon as the applied users have answered: nobody waits for the others."""
     replies: dict[int, Message] = {}
-    failed: dict[int, str] = {}
+    failed: dict[int, str] = {u: "the SuperLink refused the message (SuperNode not registered)" for u in refused}
     pending = dict(sent)
+    checked = 0.0
     while True:
         applied = selection.applied_given(set(failed))
         if applied is None:
@@ -118,6 +173,12 @@ def _collect(grid: Grid, sent: dict[str, int], selection: plan.Selection, deadli
                 failed[user] = reply.error.reason.strip().splitlines()[-1][:300]
             else:
                 replies[user] = reply
+        if time.monotonic() - checked > LIVENESS_S and pending:
+            online, checked = set(grid.get_node_ids()), time.monotonic()
+            for mid, user in list(pending.items()):
+                if node_of[user] not in online:
+                    pending.pop(mid)
+                    failed[user] = "its SuperNode left the federation"
         time.sleep(POLL_S)
 
 
@@ -125,13 +186,13 @@ def _collect(grid: Grid, sent: dict[str, int], selection: plan.Selection, deadli
 def main(grid: Grid, context: Context) -> None:
     exchange = Path(str(context.run_config["exchange"]))
     try:
-        _serve(grid, exchange)
+        _serve(grid, exchange, context)
     except Exception as exc:  # the engine reads the reason; Flower's own log keeps the traceback
         (exchange / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         raise
 
 
-def _serve(grid: Grid, exchange: Path) -> None:
+def _serve(grid: Grid, exchange: Path, context: Context) -> None:
     job = checkpoint.load(exchange / "round.pt", ("theta", "round", "key", "include_backdoor", "with_attacker", "timeout"))
     params = load_params(str(exchange / "params.json"))
     deadline = time.monotonic() + float(job["timeout"])
@@ -140,17 +201,93 @@ def _serve(grid: Grid, exchange: Path) -> None:
     selection = plan.select(params, job["key"], job["with_attacker"])
     theta: Theta = job["theta"]
     resume = job.get("resume") or {"path": "", "every": 1, "fingerprint": ""}
+
+    def cfg_of(user: int) -> dict:
+        mine = user in selection.always
+        return {"round": int(job["round"]), "key": job["key"], "include_backdoor": bool(job["include_backdoor"]),
+                "resume_path": resume["path"] if mine else "", "resume_every": int(resume["every"]), "resume_fingerprint": resume["fingerprint"]}
+
+    if params.federation.secure_aggregation:
+        _serve_secure(grid, exchange, context, params, job, theta, selection.applied, {u: node_of[u] for u in selection.applied}, cfg_of, deadline)
+        return
     messages, sent = [], []
     for user in selection.order + selection.always:
-        cfg = {"round": int(job["round"]), "key": job["key"], "include_backdoor": bool(job["include_backdoor"])}
-        mine = user in selection.always
-        cfg |= {"resume_path": resume["path"] if mine else "", "resume_every": int(resume["every"]), "resume_fingerprint": resume["fingerprint"]}
-        content = RecordDict({"theta": to_record(theta), "round": ConfigRecord(cfg)})
+        content = RecordDict({"theta": to_record(theta), "round": ConfigRecord(cfg_of(user))})
         messages.append(Message(content, node_of[user], "train", group_id=job["key"]))
         sent.append(user)
     ids = list(grid.push_messages(messages))
-    applied, replies = _collect(grid, {i: u for i, u in zip(ids, sent) if i}, selection, deadline)
+    refused = [u for i, u in zip(ids, sent) if not i]
+    applied, replies = _collect(grid, {i: u for i, u in zip(ids, sent) if i}, refused, selection, node_of, deadline)
     deltas = [from_record(replies[u].content["delta"]) for u in applied]
     sizes = [int(replies[u].content["meta"]["size"]) for u in applied]
     checkpoint.save(exchange / "result.pt", {"theta": plan.combine(params, theta, deltas, sizes, job["key"]), "users": applied})
 
+
+
+def _serve_secure(grid: Grid, exchange: Path, context: Context, params: config.Params, job: dict, theta: Theta, users: list[int],
+                  node_of: dict[int, int], cfg_of, deadline: float) -> None:
+    """The round under Flower's SecAgg+ (SecAggPlusWorkflow on the legacy-strategy path): the M_min users the
+    local engine's secure aggregation applies get θ, and the server learns only Σ w_i δ_i / Σ w_i (w_i = 1, or
+    the user's size). That step goes through fedmeta's own aggregator as the single "upload" of the secure
+    rule (federation.aggregate: θ + step, plus norm_clip's noise if set), so both engines apply one rule."""
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import (
+        MAIN_CONFIGS_RECORD,
+        MAIN_PARAMS_RECORD,
+        Key,
+    )
+
+    from fedmeta import federation
+
+    keys = list(theta)
+    arrays = [v.detach().cpu().contiguous().numpy() for v in theta.values()]
+    proxies = {node_of[u]: GridClientProxy(node_of[u], grid, context.run_id) for u in users}
+    outcome: dict = {}
+
+    class Round(FedAvg):  # only the two calls SecAggPlusWorkflow makes
+        def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+            return [(proxies[node_of[u]], FitIns(parameters, {**cfg_of(u), "keys": json.dumps(keys)})) for u in users]
+
+        def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+            outcome["mean"] = parameters_to_ndarrays(results[0][1].parameters) if results else None
+            outcome["metrics"] = [dict(r.metrics) for _, r in results]
+            outcome["failures"] = [str(f)[:300] for f in failures]
+            return None, {}
+
+    c = clipping_range(params)
+    max_weight = 1.0 if params.federation.weighting == "uniform" else float(job["max_weight"])
+    manager = SimpleClientManager()
+    for proxy in proxies.values():
+        manager.register(proxy)
+    legacy = LegacyContext(context, strategy=Round(), client_manager=manager)
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: int(job["round"]) + 1})
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(ndarrays_to_parameters(arrays), True)
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.5, clipping_range=c, max_weight=max_weight,
+                                  timeout=max(1.0, deadline - time.monotonic()))
+    workflow(grid, legacy)
+    if outcome.get("mean") is None:
+        raise RuntimeError(f"SecAgg+ halted before aggregating (too few users answered: {outcome.get('failures') or 'see the ServerApp log'})")
+    step = {k: torch.from_numpy(np.asarray(a, dtype=np.float64)).to(theta[k].dtype) for k, a in zip(keys, outcome["mean"])}
+    fed = params.federation
+    new = federation.aggregate(theta, secure.mask([step], [1.0], lambda i, j: None), [1.0], fed, seeding.generator(params.seed, "aggregate", job["key"]))
+    metrics = outcome["metrics"]
+    clipped, coords = sum(int(m["clipped"]) for m in metrics), sum(int(m["coordinates"]) for m in metrics)
+    stats = {"clipping_range": c, "clipped_share": clipped / max(coords, 1),
+             "per_user": {int(m["user"]): {"clipped": int(m["clipped"]), "max_abs": float(m["max_abs"])} for m in metrics}}
+    checkpoint.save(exchange / "result.pt", {"theta": new, "users": sorted(int(m["user"]) for m in metrics), "secagg": stats})
+
+
+def clipping_range(params: config.Params) -> float:
+    """SecAgg+'s ±c per coordinate: federation.flower.clipping_range, or by default c = λ · 8 (λ = attack.boost,
+    at least 1): Flower's default 8 bounds a plain update's |coordinate|, and the boosted update is λ times one."""
+    fl = params.federation.flower
+    return float(fl.clipping_range) if fl.clipping_range is not None else DEFAULT_RANGE * max(1.0, params.attack.boost)
+
+
+DEFAULT_RANGE = 8.0  # SecAggPlusWorkflow's own default clipping_range

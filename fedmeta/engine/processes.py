@@ -22,6 +22,7 @@ from fedmeta.errors import FedmetaError
 
 HOST = "127.0.0.1"
 _PR_SET_PDEATHSIG = 1
+GRACE_S = 3.0  # seconds a stopped process may take to leave cleanly before SIGKILL
 
 
 def _die_with_parent() -> None:
@@ -76,16 +77,23 @@ class Supervisor:
             time.sleep(0.1)
         raise FedmetaError(f"{name} did not listen on {HOST}:{port} within {timeout:.0f} s: {self.log_tail(name)}")
 
-    def stop(self, name: str, sig: signal.Signals = signal.SIGTERM, grace: float = 10.0) -> None:
+    def stop(self, name: str, sig: signal.Signals = signal.SIGTERM, grace: float = GRACE_S) -> None:
         """Signal a child and all its descendants, then SIGKILL whatever is left after `grace` seconds."""
-        proc = self.procs.pop(name, None)
-        if proc is None:
-            return
-        family = [psutil.Process(proc.pid)] if proc.poll() is None else []
-        try:
-            family += psutil.Process(proc.pid).children(recursive=True) if family else []
-        except psutil.NoSuchProcess:
-            pass
+        self._stop([name], sig, grace)
+
+    def stop_all(self, grace: float = GRACE_S) -> None:
+        """Every child at once (SuperNodes first, then the SuperLink they report to), one grace period for all."""
+        self._stop(list(reversed(list(self.procs))), signal.SIGTERM, grace)
+
+    def _stop(self, names: list[str], sig: signal.Signals, grace: float) -> None:
+        procs = [p for p in (self.procs.pop(n, None) for n in names) if p is not None]
+        family: list[psutil.Process] = []
+        for proc in procs:  # descendants are listed before any is signalled: a dying parent orphans them
+            try:
+                root = psutil.Process(proc.pid)
+                family += [root, *root.children(recursive=True)] if proc.poll() is None else []
+            except psutil.NoSuchProcess:
+                pass
         for p in family:
             try:
                 p.send_signal(sig)
@@ -97,13 +105,9 @@ class Supervisor:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(alive, timeout=grace)
-        proc.wait()
-
-    def stop_all(self) -> None:
-        """Newest first: SuperNodes leave before the SuperLink they report to."""
-        for name in reversed(list(self.procs)):
-            self.stop(name)
+        psutil.wait_procs(alive, timeout=5.0)
+        for proc in procs:
+            proc.wait()
 
 
 def run_bounded(argv: Sequence[str], env: dict[str, str], timeout: float, log: Path) -> int | None:
