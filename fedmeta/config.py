@@ -180,7 +180,10 @@ class Override(Strict):
 
 
 class Experiment4(Strict):
-    federations: dict[str, Override] = {}  # name: overrides; every aggregator runs on each
+    """What Experiment 4's DVC matrices run (dvc.yaml reads both): every listed rule on every federation."""
+
+    aggregators: list[Aggregator] = list(AGGREGATORS)  # must hold `mean`: the baseline every rule is compared with
+    federations: dict[str, Override] = {"m4": Override()}  # name: overrides of federation.*, attack.*
 
 
 class Evaluation(Strict):
@@ -239,8 +242,11 @@ class Params(Strict):
         problem = aggregation_problem(fed)
         if problem is not None:
             raise ValueError(problem)
+        if "mean" not in self.experiment4.aggregators:
+            raise ValueError(f"experiment4.aggregators: {self.experiment4.aggregators} lacks mean, the baseline every rule is compared with; "
+                             "allowed: a list holding mean")
         for name in self.experiment4.federations:
-            for agg in AGGREGATORS:
+            for agg in AGGREGATORS:  # every rule, listed or not: `-S federation.aggregator=…` may pick any
                 try:
                     with_overrides(self, name, aggregator=agg, secure_aggregation=False)  # as Experiment 4 runs them
                 except FedmetaError as err:

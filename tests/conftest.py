@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -85,3 +88,39 @@ def tiny_lab(tiny_params: config.Params, tiny_data):
     from fedmeta.experiment import Lab
 
     return Lab(tiny_params, tiny_data, torch.device("cpu"))
+
+
+def sh(cwd: Path, *cmd: str) -> str:
+    """Run a command of the project's CLI, dvc or git in `cwd`; its stdout, or a failure showing both streams' ends."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("DVC_ROOT", None)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def tiny_pipeline_raw(omniglot_dir: Path) -> dict:
+    """The tiny profile as the end-to-end tests run it: Experiment 4 with only its baseline rule on the paper's
+    federation (each rule has its own unit tests; another rule and a larger federation run in tests/test_exp4.py)."""
+    raw = tiny_raw(omniglot_dir)
+    raw["experiment4"] = {"aggregators": ["mean"], "federations": {"m4": {}}}
+    return raw
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory, omniglot_dir: Path) -> Path:
+    """A git + DVC copy of the project's tracked files, on the tiny profile and synthetic archives, reproduced once."""
+    dst = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
+    for rel in files.stdout.split():
+        if rel.startswith(("metrics/", "tests/")) or not (REPO / rel).is_file():
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dst / rel)
+    (dst / "params.yaml").write_text(yaml.safe_dump(tiny_pipeline_raw(omniglot_dir), sort_keys=False))
+    sh(dst, "git", "init", "-q")
+    sh(dst, "git", "add", "-A")
+    sh(dst, "git", "commit", "-qm", "tiny")
+    sh(dst, "dvc", "repro")
+    return dst

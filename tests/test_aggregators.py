@@ -107,8 +107,9 @@ def test_flame_noise_scales_with_the_median_norm() -> None:
 def test_every_aggregator_is_a_cli_choice_and_a_dvc_stage() -> None:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert config.AGGREGATORS == get_args(config.Aggregator) == cli.AGGREGATOR_NAMES
-    assert tuple(stages["exp4"]["matrix"]["aggregator"]) == config.AGGREGATORS
-    assert tuple(stages["exp4_benign"]["matrix"]["aggregator"]) == config.AGGREGATORS
+    for name in ("exp4", "exp4_benign"):  # the matrices run what params.yaml lists, by default every rule
+        assert stages[name]["matrix"]["aggregator"] == "${experiment4.aggregators}"
+    assert tuple(config.load(REPO / "params.yaml").experiment4.aggregators) == config.AGGREGATORS
 
 
 def _federation(**changes: object) -> dict:
@@ -152,3 +153,12 @@ def test_experiment4_federations_are_checked_with_every_rule() -> None:
         config.with_overrides(p, "m7")
     m20 = config.with_overrides(p, "m20", attack={"norm_bound": 2.0}, aggregator="median")
     assert (m20.federation.users, m20.federation.min_updates, m20.federation.aggregator, m20.attack.boost, m20.attack.norm_bound) == (20, 10, "median", 10.0, 2.0)
+
+
+def test_experiment4_runs_a_subset_of_rules_but_always_the_baseline() -> None:
+    raw = tiny_raw()
+    raw["experiment4"]["aggregators"] = ["median", "flame"]
+    with pytest.raises(FedmetaError, match=r"experiment4\.aggregators: \['median', 'flame'\] lacks mean, the baseline"):
+        config.parse(raw)
+    raw["experiment4"]["aggregators"] = ["mean", "median"]
+    assert config.parse(raw).experiment4.aggregators == ["mean", "median"]

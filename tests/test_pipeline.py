@@ -3,45 +3,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, tiny_raw
+from conftest import sh
 
 pytestmark = pytest.mark.pipeline
 METRIC_FILES = ("metrics/attack_exclude.json", "metrics/exp1_include/b.csv", "metrics/finetune_exclude/a_user2.csv", "metrics/report.md")
 
 
-def sh(cwd: Path, *cmd: str) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop("DVC_ROOT", None)
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, omniglot_dir: Path) -> Path:
-    """A git + DVC copy of the project's tracked files, on the tiny profile and synthetic archives, reproduced once."""
-    dst = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
-    for rel in files.stdout.split():
-        if rel.startswith(("metrics/", "tests/")) or not (REPO / rel).is_file():
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, dst / rel)
-    (dst / "params.yaml").write_text(yaml.safe_dump(tiny_raw(omniglot_dir), sort_keys=False))
-    sh(dst, "git", "init", "-q")
-    sh(dst, "git", "add", "-A")
-    sh(dst, "git", "commit", "-qm", "tiny")
-    sh(dst, "dvc", "repro")
-    return dst
+@pytest.fixture()
+def repo(tiny_repo: Path) -> Path:
+    return tiny_repo
 
 
 def test_repro_produces_every_output_and_logs_to_mlflow(repo: Path) -> None:
