@@ -542,7 +542,7 @@ def run(s: Settings) -> dict[str, Any]:
         "torch": torch.__version__,
         "device": _device_name(setup.device),
         "threads": torch.get_num_threads(),
-        "implementation": reptile.implementation(setup.theta, torch.empty(1, 1, s.channels, s.image_size, s.image_size, device=setup.device)),
+        "implementation": reptile.implementation(setup.device),
         "lanes": lanes.count(s.meta_batch),
         "kernels": kernels.select().tags(),
         "onednn": onednn_isa(),

@@ -208,18 +208,18 @@ class MatchingDefense:
         per_class = (y[..., None] == torch.arange(self.n_way, device=y.device)).sum(1)
         if int(per_class.min()) < 2:
             raise FedmetaError("defense: leave-one-out training needs at least 2 support examples per class (k_shot >= 2)")
-        adam = self._adam
-        if lanes.enabled(x.device) and set(state.theta) == model.EMBEDDING_KEYS:
+        adam, on_lanes = self._adam, reptile.implementation(x.device) == "lanes"
+        if on_lanes and set(state.theta) == model.EMBEDDING_KEYS:
             return self._train_lanes(state, x, y, batches)
         theta, head, n_ep = state.theta, state.head, x.shape[0]
         for s in range(batches.shape[1]):
             joint = state.step + s >= self.cfg.head_steps
             args = (theta, head, x, y, batches[:, s].to(x.device))
             if joint:
-                g_theta, g_head = lanes.per_episode(_joint_grad, n_ep, *args)
+                g_theta, g_head = lanes.per_episode(on_lanes, _joint_grad, n_ep, *args)
                 theta = reptile.adam_update(theta, g_theta, state.theta_adam, adam)
             else:
-                g_head = lanes.per_episode(_head_grad, n_ep, *args)
+                g_head = lanes.per_episode(on_lanes, _head_grad, n_ep, *args)
             head = reptile.adam_update(head, g_head, state.head_adam, adam)
         return MatchingState(theta, head, state.theta_adam, state.head_adam, state.step + batches.shape[1])
 
@@ -266,9 +266,10 @@ class MatchingDefense:
         """Labels [E, Q]: the most probable class under attention over the whole support set."""
         if not isinstance(state, MatchingState):
             return self._softmax.predict(state, support_x, support_y, x)
-        by_hand = lanes.enabled(x.device)  # then the episodes run on lanes, never under vmap
+        by_hand = reptile.implementation(x.device) == "lanes"  # then the episodes run on lanes, never under vmap
         with torch.no_grad():
             log_probs = lanes.per_episode(
+                by_hand,
                 lambda t, h, sx, sy, q: matching_log_probs(t, h, sx, sy, q, self.n_way, by_hand=by_hand),
                 x.shape[0], state.theta, state.head, support_x, support_y, x,
             )

@@ -51,7 +51,7 @@ def predict_logits(params: Params, support_x: torch.Tensor, x: torch.Tensor, bn_
     support_plus_query: one batch per query made of the support set plus that query (the reference's alternative).
     """
     n_sup = support_x.shape[1]
-    by_hand = lanes.enabled(support_x.device)  # then one_episode runs on lanes, never under vmap
+    by_hand = reptile.implementation(support_x.device) == "lanes"  # then one_episode runs on lanes, never under vmap
 
     def one_episode(p: Params, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         if bn_mode == "support":
@@ -61,7 +61,7 @@ def predict_logits(params: Params, support_x: torch.Tensor, x: torch.Tensor, bn_
         batches = torch.cat([s.unsqueeze(0).expand(q.shape[0], *s.shape), q.unsqueeze(1)], dim=1)
         return vmap(lambda b: model.logits(p, b)[-1])(batches)
 
-    return lanes.per_episode(one_episode, support_x.shape[0], params, support_x, x)
+    return lanes.per_episode(by_hand, one_episode, support_x.shape[0], params, support_x, x)
 
 
 @dataclass

@@ -11,8 +11,7 @@ slice of them (`run`), or an even share of their sequential steps
 (`run_chains`). Every step of an episode is computed on one thread whatever
 the lane count, so results do not depend on it.
 
-FEDMETA_ADAPT=vmap forces `vmap` everywhere (lanes is the CPU default;
-`reptile` also knows =stacked, its own default off the CPU);
+Whether lanes run at all is `reptile.implementation`'s choice (FEDMETA_ADAPT);
 FEDMETA_LANES=n sets the lane count (default: one per intra-op thread).
 """
 from __future__ import annotations
@@ -31,25 +30,6 @@ from torch.utils import _pytree as pytree
 from fedmeta.errors import FedmetaError
 
 T = TypeVar("T")
-
-
-ADAPT_CHOICES = ("lanes", "stacked", "vmap")
-
-
-def forced() -> str:
-    """FEDMETA_ADAPT, checked ('' when unset): a misspelt value must not silently run the default."""
-    value = os.environ.get("FEDMETA_ADAPT", "")
-    if value not in ("", *ADAPT_CHOICES):
-        raise FedmetaError(f"FEDMETA_ADAPT: expected one of {', '.join(ADAPT_CHOICES)}, got {value!r}")
-    return value
-
-
-def enabled(device: torch.device) -> bool:
-    """Lanes on the CPU unless FEDMETA_ADAPT=vmap; vmap elsewhere unless FEDMETA_ADAPT=lanes."""
-    choice = forced()
-    if choice in ("vmap", "lanes"):
-        return choice == "lanes"
-    return device.type == "cpu"
 
 
 def count(n_episodes: int) -> int:
@@ -143,11 +123,10 @@ def run_chains(n_chains: int, length: int, do: Callable[[int, int, int], None]) 
     _on_lanes([partial(lane, pieces) for pieces in plan])
 
 
-def per_episode(fn: Callable[..., Any], n_episodes: int, *args: Any) -> Any:
-    """`vmap(fn)(*args)` computed on lanes when `enabled`: args are tensors or dicts/tuples of tensors
-    with a leading episode axis, and so is the result."""
-    leaves = pytree.tree_leaves(args)
-    if not enabled(leaves[0].device):
+def per_episode(on_lanes: bool, fn: Callable[..., Any], n_episodes: int, *args: Any) -> Any:
+    """`vmap(fn)(*args)`, computed on lanes when `on_lanes` (`reptile.implementation` says "lanes"): args are
+    tensors or dicts/tuples of tensors with a leading episode axis, and so is the result."""
+    if not on_lanes:
         return vmap(fn)(*args)
 
     def lane(sl: slice) -> Any:

@@ -15,10 +15,11 @@ Three implementations give the same numbers up to round-off:
   `_foreach` Adam per step.
 - "vmap": all E episodes in lock-step, gradients from `vmap(grad(loss))`
   (batch norm sees each episode's own batch); any parameter dict.
-FEDMETA_ADAPT=lanes|stacked|vmap forces one for a Conv4.
+FEDMETA_ADAPT=lanes|stacked|vmap forces one for a Conv4 (`implementation`).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from torch.func import grad, vmap
 
 from fedmeta import lanes, model
 from fedmeta.config import Reptile
+from fedmeta.errors import FedmetaError
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.model import Params
 
@@ -110,13 +112,24 @@ _compiled_episode_steps = model.script(_episode_steps)
 _batched_grad = vmap(grad(model.loss))
 
 
-def implementation(params: Params, x: torch.Tensor) -> str:
-    """Which inner loop `adapt` runs: for a Conv4, FEDMETA_ADAPT if set, else lanes on the CPU and
-    stacked elsewhere; vmap for any other model."""
-    conv4 = set(params) == model.CONV4_KEYS and x.dim() == 5 and x.dtype in (torch.float32, torch.float64)
+ADAPT_CHOICES = ("lanes", "stacked", "vmap")
+
+
+def implementation(device: torch.device, conv4: bool = True) -> str:
+    """The one choice of how episodes are fine-tuned and predicted, for `adapt`, the evaluation and the defense:
+    FEDMETA_ADAPT if set (a misspelt value is an error, not the default), else lanes on the CPU and stacked
+    elsewhere; vmap for any model but a Conv4, the only one with a hand-written gradient. "lanes" also means
+    predictions through the hand-written forward pass, on the lanes."""
+    value = os.environ.get("FEDMETA_ADAPT", "")
+    if value not in ("", *ADAPT_CHOICES):
+        raise FedmetaError(f"FEDMETA_ADAPT: expected one of {', '.join(ADAPT_CHOICES)}, got {value!r}")
     if not conv4:
         return "vmap"
-    return lanes.forced() or ("lanes" if x.device.type == "cpu" else "stacked")
+    return value or ("lanes" if device.type == "cpu" else "stacked")
+
+
+def _is_conv4(params: Params, x: torch.Tensor) -> bool:
+    return set(params) == model.CONV4_KEYS and x.dim() == 5 and x.dtype in (torch.float32, torch.float64)
 
 
 def _adapt_stacked(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState) -> tuple[Params, AdamState]:
@@ -198,7 +211,7 @@ def adapt(
     Returns the adapted parameters and the Adam state, so a caller can continue.
     """
     state = state if state is not None else AdamState.zeros_like(params)
-    impl = implementation(params, x)
+    impl = implementation(x.device, _is_conv4(params, x))
     if impl == "lanes":
         return _adapt_lanes(params, x, y, batches, cfg, state)
     if impl == "stacked":

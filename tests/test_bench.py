@@ -144,7 +144,7 @@ def test_lanes_give_the_same_bits_as_one_lane(monkeypatch: pytest.MonkeyPatch, o
     runs = []
     for lanes in ("1", "2", "3"):
         monkeypatch.setenv("FEDMETA_LANES", lanes)
-        assert reptile.implementation(theta, x) == "lanes"
+        assert reptile.implementation(x.device) == "lanes"
         runs.append(reptile.adapt(reptile.expand(theta, 5), x, y, batches, cfg))
     assert torch.get_num_threads() == 1  # the lanes' own setting did not leak into the caller's thread
     (a, sa), *others = runs

@@ -106,13 +106,12 @@ def test_adapt_in_segments_equals_one_call(monkeypatch: pytest.MonkeyPatch, impl
 def test_implementation_choice() -> None:
     """Lanes on the CPU and stacked elsewhere for a Conv4 (a meta tensor stands in for a GPU's), vmap for
     any other model; FEDMETA_ADAPT overrides the choice for a Conv4 only."""
-    theta = tiny_params(torch.float32)
-    cpu, off_cpu = torch.empty(2, 3, 1, 28, 28), torch.empty(2, 3, 1, 28, 28, device="meta")
-    assert reptile.implementation(theta, cpu) == "lanes" and reptile.implementation(theta, off_cpu) == "stacked"
-    assert reptile.implementation({"w": theta["fc.weight"]}, cpu) == "vmap"
+    cpu, off_cpu = torch.device("cpu"), torch.device("meta")
+    assert reptile.implementation(cpu) == "lanes" and reptile.implementation(off_cpu) == "stacked"
+    assert reptile.implementation(cpu, conv4=False) == "vmap"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDMETA_ADAPT", "stacked")
-        assert reptile.implementation(theta, cpu) == "stacked" and reptile.implementation({"w": theta["fc.weight"]}, cpu) == "vmap"
+        assert reptile.implementation(cpu) == "stacked" and reptile.implementation(cpu, conv4=False) == "vmap"
 
 
 @pytest.mark.parametrize(("size", "channels"), [(28, 1), (30, 1), (36, 3)])
