@@ -49,7 +49,7 @@ class Budget(Strict):
 
 
 class OmniglotData(Strict):
-    source: str  # folder holding the archives, or "download"
+    source: str = "download"  # "download" (cached in data/raw/omniglot/, data/README.md) or a folder of archives
     archives: list[str] = Field(min_length=1)
     image_size: ImageSide = 28
     rotations: bool = True

@@ -5,17 +5,18 @@ from pathlib import Path
 
 import torch
 
-from fedmeta import backdoor, figures, runtime, splits
+from fedmeta import backdoor, figures, runtime, splits, tracking
 from fedmeta.config import Params
 from fedmeta.data.imageset import ImageSet
 
 
 def read_dataset(params: Params) -> ImageSet:
     if params.dataset == "omniglot":
-        from fedmeta.data.omniglot import fetch_archives, load_omniglot
+        from fedmeta.data.omniglot import CACHE, fetch_archives, load_omniglot
 
         o = params.omniglot
-        archives = fetch_archives(o.source, o.archives, Path("data/raw/omniglot"))
+        # the cache at the workspace root (DVC_ROOT), also for experiments DVC queues in temporary copies
+        archives = fetch_archives(o.source, o.archives, tracking.repo_root() / CACHE)
         return load_omniglot(archives, o.image_size, o.rotations)
     from fedmeta.data.miniimagenet import load_miniimagenet
 

@@ -6,7 +6,10 @@ several archives (Greek and Latin in both small archives) are read once.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import tempfile
 import warnings
 import zipfile
 import zlib
@@ -19,12 +22,18 @@ from fedmeta.data.imageset import ImageSet
 from fedmeta.errors import FedmetaError, first_line
 
 URL_PREFIX = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+URL_ENV = "FEDMETA_OMNIGLOT_URL"  # a mirror holding the same files (http(s):// or file://), instead of URL_PREFIX
+CACHE = Path("data/raw/omniglot")  # downloads land here; archives copied or linked here are used as they are
+# MD5 of the public files at URL_PREFIX. The full pair holds the paper's 1623 characters (964 + 659, 50 alphabets);
+# the small pair an 8-alphabet subset of images_background (242 distinct characters: both hold Greek and Latin).
 ARCHIVE_MD5 = {
     "images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
     "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
     "images_background_small1.zip": "e704a628b5459e08445c13499850abc4",
     "images_background_small2.zip": "b75a71a51d3b13f821f212756fe481fd",
 }
+MAX_DOWNLOAD_BYTES = 100 << 20  # the largest public archive is about 9.5 MB
+DOWNLOAD_TIMEOUT_S = 60
 ROTATIONS = 4
 SOURCE_SIDE = 105
 # Bounds on what an archive may make us read: the real archives hold ≤ 20 k drawings of ≤ 4 KB each
@@ -35,41 +44,96 @@ MAX_ENTRIES = 200_000  # drawings in one archive
 CHUNK_BYTES = 1 << 16
 
 
-def fetch_archives(source: str, archives: list[str], download_dir: Path) -> list[Path]:
-    """Locate the archives in a local folder, or download them when `source` is 'download'."""
+def fetch_archives(source: str, archives: list[str], download_dir: Path = CACHE, md5: dict[str, str] | None = None) -> list[Path]:
+    """Locate the archives in a local folder, or, when `source` is 'download', in the cache `download_dir`
+    (downloading those it lacks)."""
     unknown = [a for a in archives if a not in ARCHIVE_MD5]
     if unknown:
         raise FedmetaError(f"params.yaml: omniglot.archives: unknown archive {unknown[0]!r}; allowed: some of {sorted(ARCHIVE_MD5)}")
-    if source != "download":
-        folder = Path(source)
-        if folder.exists() and not folder.is_dir():
-            raise FedmetaError(
-                f"params.yaml: omniglot.source: {folder} is a file, not a folder; point it at a folder holding "
-                f"{', '.join(archives)} or set it to 'download'"
-            )
-        if not folder.is_dir():
-            raise FedmetaError(
-                f"params.yaml: omniglot.source: folder {folder} does not exist; point it at a folder holding "
-                f"{', '.join(archives)} or set it to 'download'"
-            )
-        paths = [folder / a for a in archives]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise FedmetaError(f"params.yaml: omniglot.source: {missing[0]} is missing; expected the archives {', '.join(archives)} in {folder}")
-        return paths
-    from torchvision.datasets.utils import download_url
-
-    paths = []
-    for name in archives:
-        try:
-            download_url(f"{URL_PREFIX}/{name}", str(download_dir), name, ARCHIVE_MD5[name])
-        except Exception as exc:  # network errors come in many types; the remedy is the same
-            raise FedmetaError(
-                f"params.yaml: omniglot.source: downloading {name} failed ({type(exc).__name__}: {first_line(exc)}); on a machine "
-                "without internet set omniglot.source to a local folder holding the archives"
-            ) from None
-        paths.append(download_dir / name)
+    if source == "download":
+        return download_archives(archives, download_dir, md5=md5)
+    folder = Path(source)
+    if folder.exists() and not folder.is_dir():
+        raise FedmetaError(
+            f"params.yaml: omniglot.source: {folder} is a file, not a folder; point it at a folder holding "
+            f"{', '.join(archives)} or set it to 'download'"
+        )
+    if not folder.is_dir():
+        raise FedmetaError(
+            f"params.yaml: omniglot.source: folder {folder} does not exist; point it at a folder holding "
+            f"{', '.join(archives)} or set it to 'download'"
+        )
+    paths = [folder / a for a in archives]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FedmetaError(f"params.yaml: omniglot.source: {missing[0]} is missing; expected the archives {', '.join(archives)} in {folder}")
     return paths
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_archives(names: list[str], cache: Path, base_url: str | None = None, md5: dict[str, str] | None = None) -> list[Path]:
+    """Each archive from the cache when it is there with the right MD5, otherwise downloaded into it.
+
+    The base URL is `base_url`, else $FEDMETA_OMNIGLOT_URL, else the public repository; `md5` overrides the
+    expected checksums (tests serve synthetic archives). A download is written to a temporary file beside its
+    destination and renamed only once its MD5 matches, so the cache never holds a partial or corrupted archive.
+    """
+    base = (base_url or os.environ.get(URL_ENV) or URL_PREFIX).rstrip("/")
+    expected = {**ARCHIVE_MD5, **(md5 or {})}
+    paths = []
+    for name in names:
+        path = cache / name
+        if path.is_file():
+            got = file_md5(path)
+            if got != expected[name]:
+                raise FedmetaError(
+                    f"{path}: MD5 {got} differs from the public archive's {expected[name]}; replace it with the "
+                    "public file or delete it to download it again"
+                )
+        else:
+            _download(f"{base}/{name}", path, expected[name])
+        paths.append(path)
+    return paths
+
+
+def _download(url: str, path: Path, want: str) -> None:
+    import urllib.request
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FedmetaError(f"{path.parent}: cannot create the download cache ({first_line(exc)})") from None
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest, size = hashlib.md5(usedforsecurity=False), 0
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                    while chunk := response.read(CHUNK_BYTES):
+                        size += len(chunk)
+                        if size > MAX_DOWNLOAD_BYTES:
+                            raise FedmetaError(f"{url}: larger than {MAX_DOWNLOAD_BYTES} bytes, not an Omniglot archive; refused")
+                        digest.update(chunk)
+                        out.write(chunk)
+            except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts, a malformed URL
+                raise FedmetaError(
+                    f"omniglot: downloading {path.name} from {url} failed ({type(exc).__name__}: {first_line(exc)}); offline, "
+                    f"copy or link the archives into {path.parent}/ (data/README.md)"
+                ) from None
+        got = digest.hexdigest()
+        if got != want:
+            raise FedmetaError(f"{path.name}: downloaded from {url}, its MD5 {got} differs from the expected {want}; refused, nothing kept")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _check_sizes(path: Path, infos: list[zipfile.ZipInfo]) -> None:
