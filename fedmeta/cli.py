@@ -138,7 +138,7 @@ def meta_test(
 def bench(
     device: Annotated[str, typer.Option(help="Where to run: cpu or cuda[:N].")] = "cpu",
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each side (medians are reported).")] = 3,
-    out: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path("metrics/bench.json"),
+    out: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path("docs/performance/bench.json"),
     threads: Annotated[int, typer.Option(min=0, help="torch intra-op threads (0: torch's default).")] = 0,
     width: Annotated[int, typer.Option(min=1, help="Conv4 filters (paper: 64).")] = 64,
     inner_steps: Annotated[int, typer.Option(min=1, help="Meta-training inner steps e.")] = 10,
