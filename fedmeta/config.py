@@ -183,6 +183,7 @@ class Experiment4(Strict):
     """What Experiment 4's DVC matrices run (dvc.yaml reads both): every listed rule on every federation."""
 
     aggregators: list[Aggregator] = list(AGGREGATORS)  # must hold `mean`: the baseline every rule is compared with
+    rounds: PosInt | None = None  # benign rounds after the attack round; None: the profile's continuation_rounds
     federations: dict[str, Override] = {"m4": Override()}  # name: overrides of federation.*, attack.*
 
 

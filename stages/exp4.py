@@ -35,7 +35,8 @@ def main(aggregator: str, variant: str, federation: str, attacker: str, secure: 
         theta = checkpoint.load_theta(pretrained, lab.device, lab.theta_spec())
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, pretrained)
         resume = checkpoint.Resume(runtime.STATE / f"exp4_{name}.pt", b.checkpoint_every * params.reptile.meta_batch, fingerprint)
-        learner, steps, include, last = lab.finetuner(), params.evaluation.steps, variant == "include", b.continuation_rounds + 1
+        learner, steps, include = lab.finetuner(), params.evaluation.steps, variant == "include"
+        last = (params.experiment4.rounds or b.continuation_rounds) + 1
         rows: dict[str, list[dict[str, float]]] = {}
 
         def record(rnd: int, points: dict[str, dict[str, float]]) -> None:

@@ -152,7 +152,7 @@ def test_experiment4_federations_are_checked_with_every_rule() -> None:
     with pytest.raises(FedmetaError, match=r"experiment4\.federations: no federation 'm7'; allowed: one of \['m20', 'm4'\]"):
         config.with_overrides(p, "m7")
     m20 = config.with_overrides(p, "m20", attack={"norm_bound": 2.0}, aggregator="median")
-    assert (m20.federation.users, m20.federation.min_updates, m20.federation.aggregator, m20.attack.boost, m20.attack.norm_bound) == (20, 10, "median", 10.0, 2.0)
+    assert (m20.federation.users, m20.federation.min_updates, m20.federation.aggregator, m20.attack.boost, m20.attack.norm_bound) == (20, 5, "median", 5.0, 2.0)
 
 
 def test_experiment4_runs_a_subset_of_rules_but_always_the_baseline() -> None:
