@@ -16,6 +16,9 @@ from typing import Any
 from fedmeta.errors import FedmetaError, first_line
 
 EXPERIMENT = "fedmeta"
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it holds model training runs;
+# with this tag it opens on the runs table (the value is the UI's "custom_model_development" kind).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # Tags every run of this process gets, set by the code that knows them: `kernels.select` records which CPU kernels
 # it chose and why (here rather than asked for, so that stages which never run Conv4 do not depend on the kernels).
 PROCESS_TAGS: dict[str, str] = {}
@@ -73,6 +76,24 @@ def _check_sqlite(uri: str) -> None:
         raise FedmetaError(f"{store}: MLflow store is not writable; {fix}")
 
 
+COMMON_TAGS = ("profile", "dataset", "seed", "stage", "git_commit", "dvc_exp")
+
+
+def run_name(stage: str, stage_tags: dict[str, str], tags: dict[str, str]) -> str:
+    """What the runs table shows first: the stage and what the stage's own tags say (variant, and Experiment 4's
+    rule, federation, attacker; a "true" tag by its key), then profile, seed and the DVC experiment, so runs of
+    queued experiments can be told apart; e.g. `attack-exclude quick seed=0 exp-1a2b3`."""
+    own = [v if v != "true" else k for k, v in stage_tags.items() if k not in COMMON_TAGS and v != "false"]
+    parts = ["-".join([stage, *own])]
+    if "profile" in tags:
+        parts.append(tags["profile"])
+    if "seed" in tags:
+        parts.append(f"seed={tags['seed']}")
+    if tags.get("dvc_exp", "workspace") != "workspace":
+        parts.append(tags["dvc_exp"])
+    return " ".join(parts)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[Run]:
     """One MLflow run per stage execution, tagged with stage, profile, dataset, commit and DVC experiment."""
@@ -88,14 +109,19 @@ def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str]) -> Itera
     root = repo_root()
     try:
         mlflow.set_tracking_uri(uri)
-        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "mlartifacts").as_uri())
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "mlartifacts").as_uri(), tags=EXPERIMENT_TAGS)
+        elif any(experiment.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):  # a store made before the tag
+            for k, v in EXPERIMENT_TAGS.items():
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, k, v)
         mlflow.set_experiment(EXPERIMENT)
     except Exception as exc:  # MLflow raises many types for an unusable store
         raise FedmetaError(f"{uri}: cannot open the MLflow store ({type(exc).__name__}: {first_line(exc)})") from None
     all_tags = {"stage": stage, "git_commit": _git_commit(), "dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"), **PROCESS_TAGS, **tags}
-    name = "-".join([stage, *(v for k, v in tags.items() if k == "variant")])
-    with mlflow.start_run(run_name=name, tags=all_tags):
+    if "seed" in params:
+        all_tags.setdefault("seed", str(params["seed"]))
+    with mlflow.start_run(run_name=run_name(stage, tags, all_tags), tags=all_tags):
         flat = _flatten(params)
         items = list(flat.items())
         for i in range(0, len(items), 100):
