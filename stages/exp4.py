@@ -36,7 +36,7 @@ def main(aggregator: str, variant: str, federation: str, attacker: str, secure: 
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, pretrained)
         resume = checkpoint.Resume(runtime.STATE / f"exp4_{name}.pt", b.checkpoint_every * params.reptile.meta_batch, fingerprint)
         learner, steps, include = lab.finetuner(), params.evaluation.steps, variant == "include"
-        last = (params.experiment4.rounds or b.continuation_rounds) + 1
+        last = (base.experiment4.rounds or b.continuation_rounds) + 1  # `params` holds one federation, not experiment4
         rows: dict[str, list[dict[str, float]]] = {}
 
         def record(rnd: int, points: dict[str, dict[str, float]]) -> None:
