@@ -16,8 +16,9 @@ from typing import Any
 from fedmeta.errors import FedmetaError, first_line
 
 EXPERIMENT = "fedmeta"
-# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it holds model training runs;
-# with this tag it opens on the runs table (the value is the UI's "custom_model_development" kind).
+# The experiment's kind for MLflow 3's UI: model training, not a GenAI app. MLflow 3.17's UI shows it only once its
+# global switch (top left) says "Model training" (remembered by the browser, or ?workflowType=machine_learning in
+# the URL); on the default "GenAI" it opens experiments on the traces overview whatever this tag says.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # Tags every run of this process gets, set by the code that knows them: `kernels.select` records which CPU kernels
 # it chose and why (here rather than asked for, so that stages which never run Conv4 do not depend on the kernels).
@@ -111,14 +112,16 @@ def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str]) -> Itera
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.get_experiment_by_name(EXPERIMENT)
         if experiment is None:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "mlartifacts").as_uri(), tags=EXPERIMENT_TAGS)
+            location = (root / "mlartifacts").as_uri()
+            mlflow.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_TAGS)
         elif any(experiment.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):  # a store made before the tag
             for k, v in EXPERIMENT_TAGS.items():
                 mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, k, v)
         mlflow.set_experiment(EXPERIMENT)
     except Exception as exc:  # MLflow raises many types for an unusable store
         raise FedmetaError(f"{uri}: cannot open the MLflow store ({type(exc).__name__}: {first_line(exc)})") from None
-    all_tags = {"stage": stage, "git_commit": _git_commit(), "dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"), **PROCESS_TAGS, **tags}
+    dvc_exp = os.environ.get("DVC_EXP_NAME", "workspace")
+    all_tags = {"stage": stage, "git_commit": _git_commit(), "dvc_exp": dvc_exp, **PROCESS_TAGS, **tags}
     if "seed" in params:
         all_tags.setdefault("seed", str(params["seed"]))
     with mlflow.start_run(run_name=run_name(stage, tags, all_tags), tags=all_tags):

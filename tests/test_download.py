@@ -1,4 +1,5 @@
 """Downloading the Omniglot archives into the cache, against a local HTTP server serving synthetic archives."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, write_archive
 from fedmeta.data import omniglot
 from fedmeta.errors import FedmetaError
+
+from conftest import REPO, write_archive
 
 NAME = "images_background_small1.zip"
 
@@ -75,7 +77,9 @@ def test_a_good_download_is_accepted_cached_and_readable(mirror: Mirror, archive
     assert len(mirror.requests) == 1  # the second time the cache answers
 
 
-def test_a_corrupted_download_is_refused_by_its_checksum_and_nothing_is_kept(mirror: Mirror, archive: bytes, tmp_path: Path) -> None:
+def test_a_corrupted_download_is_refused_by_its_checksum_and_nothing_is_kept(
+    mirror: Mirror, archive: bytes, tmp_path: Path
+) -> None:
     mirror.files[NAME] = archive[:-100] + bytes(100)
     cache = tmp_path / "cache"
     with pytest.raises(FedmetaError) as err:
@@ -89,11 +93,18 @@ def test_a_missing_file_on_the_server_names_the_url_and_the_offline_remedy(mirro
     with pytest.raises(FedmetaError) as err:
         omniglot.fetch_archives("download", [NAME], tmp_path / "cache")
     message = str(err.value)
-    assert "\n" not in message and mirror.url in message and "HTTPError" in message and "copy or link the archives" in message
+    assert (
+        "\n" not in message
+        and mirror.url in message
+        and "HTTPError" in message
+        and "copy or link the archives" in message
+    )
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_an_archive_placed_in_the_cache_is_used_without_a_download(mirror: Mirror, archive: bytes, tmp_path: Path) -> None:
+def test_an_archive_placed_in_the_cache_is_used_without_a_download(
+    mirror: Mirror, archive: bytes, tmp_path: Path
+) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
     (tmp_path / "elsewhere.zip").write_bytes(archive)
@@ -107,12 +118,16 @@ def test_a_wrong_archive_in_the_cache_is_refused_not_replaced(mirror: Mirror, ar
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / NAME).write_bytes(b"not the archive")
-    with pytest.raises(FedmetaError, match=r"MD5 .* differs from the public archive's .*delete it to download it again"):
+    with pytest.raises(
+        FedmetaError, match=r"MD5 .* differs from the public archive's .*delete it to download it again"
+    ):
         omniglot.fetch_archives("download", [NAME], cache, md5=md5_of(archive))
     assert (cache / NAME).read_bytes() == b"not the archive" and mirror.requests == []
 
 
-def test_a_download_larger_than_any_archive_is_refused(mirror: Mirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_download_larger_than_any_archive_is_refused(
+    mirror: Mirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(omniglot, "MAX_DOWNLOAD_BYTES", 1000)
     mirror.files[NAME] = bytes(5000)
     with pytest.raises(FedmetaError, match="larger than 1000 bytes"):
