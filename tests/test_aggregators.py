@@ -7,10 +7,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, tiny_raw
 from fedmeta import cli, config, federation
 from fedmeta.config import Federation
 from fedmeta.errors import FedmetaError
+
+from conftest import REPO, tiny_raw
 
 THETA = {"w": torch.zeros(3), "b": torch.zeros(1)}
 

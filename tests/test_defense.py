@@ -9,7 +9,17 @@ import torch.nn.functional as F
 
 from fedmeta import evaluation, model, reptile
 from fedmeta.config import Defense, Evaluation
-from fedmeta.defense import ADAM_BETA1, MatchingDefense, MatchingState, gates, glorot_like, init_head, matching_log_probs, noisy_reinit, scales
+from fedmeta.defense import (
+    ADAM_BETA1,
+    MatchingDefense,
+    MatchingState,
+    gates,
+    glorot_like,
+    init_head,
+    matching_log_probs,
+    noisy_reinit,
+    scales,
+)
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.errors import FedmetaError
 

@@ -20,11 +20,12 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO, drawing, tiny_raw
 from fedmeta import checkpoint, config, splits
 from fedmeta.data.imageset import ImageSet
 from fedmeta.data.omniglot import fetch_archives, load_omniglot
 from fedmeta.errors import FedmetaError
+
+from conftest import REPO, drawing, tiny_raw
 
 ARCHIVES = ("images_background_small1.zip", "images_background_small2.zip")
 DRAWING = "images_background_small1/Alpha/character01/9999_01.png"  # a valid place for an extra entry

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import sh, tiny_raw
 from fedmeta import config, robust, splits
 from fedmeta.data.omniglot import fetch_archives, load_omniglot
+
+from conftest import sh, tiny_raw
 
 
 def test_regroup_deals_the_classes_as_a_split_with_that_many_users(omniglot_dir: Path) -> None:

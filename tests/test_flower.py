@@ -14,12 +14,13 @@ from collections.abc import Iterator
 import psutil
 import pytest
 import torch
-from conftest import tiny_raw
 
 from fedmeta import config, model, runtime
 from fedmeta.engine import plan, processes
 from fedmeta.errors import FedmetaError
 from fedmeta.experiment import Lab
+
+from conftest import tiny_raw
 
 TEST_LIMIT_S = 180  # no pytest-timeout in the project: SIGALRM bounds each test
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmeta import kernels, model
+from fedmeta import kernels
 from fedmeta.kernels import implementations as reference
 
 ROOT = Path(__file__).resolve().parents[1]

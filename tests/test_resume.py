@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_raw
 from fedmeta import checkpoint, config, model
 from fedmeta.experiment import Lab
+
+from conftest import tiny_raw
 from test_errors import cli_env, prepared, run_cli, store, workdir  # noqa: F401  (prepared, store: fixtures)
 
 OUTPUTS = ("metrics/pretrain_exclude.json", "metrics/pretrain_exclude.csv")
