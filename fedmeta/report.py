@@ -154,7 +154,8 @@ def exp4_answers(curves: dict[Exp4Key, list[dict[str, Any]]], price: dict[tuple[
             stop = [r for r in rules if all(exp4_stopped(curves, k) for k in keys if k[1] == r)]
             costs = ", ".join(f"{r} {100 * (price[(fed, r)]['meta_test'] - price[(fed, 'mean')]['meta_test']):+.1f}" for r in stop if (fed, r) in price)
             out.append(
-                f"- {fed}, {attacker} attacker: {', '.join(stop) if stop else 'no rule'} of {', '.join(rules)} keep(s) backdoor accuracy after the attack "
-                f"within θ_0's intervals in every scenario" + (f"; benign meta-test change against mean (points): {costs}" if costs else "") + "."
+                f"- {fed}, {attacker} attacker (rules run: {', '.join(rules)}): backdoor accuracy after the attack stays within θ_0's intervals "
+                f"in every scenario under {', '.join(stop) if stop else 'none of them'}"
+                + (f"; benign meta-test change against mean (points): {costs}" if costs else "") + "."
             )
     return "\n".join(out)
