@@ -161,15 +161,11 @@ def test_a_round_past_its_timeout_is_a_clear_error_and_stops_everything(omniglot
     assert processes.pids_alive(pids) == []
 
 
-def test_secagg_plus_equals_the_plain_mean_within_quantization_and_lets_the_boosted_update_through(omniglot_dir, tiny_data) -> None:
-    """Flower's SecAgg+ on the attack round (the attacker's boosted δ and M_min − 1 benign ones): θ' equals the
-    local engine's plain mean within SecAgg+'s quantization error, and with the default range nothing is clipped."""
-    lab = Lab(flower_params(omniglot_dir, secure_aggregation=True), tiny_data, torch.device("cpu"))
-    plain = Lab(lab.p.model_copy(update={"federation": lab.p.federation.model_copy(update={"secure_aggregation": False, "engine": "local"})}), tiny_data, torch.device("cpu"))
-    runtime.configure(lab.p)
-    theta = init(lab)
+def _secagg_round(lab: Lab, theta: dict[str, torch.Tensor], **kind: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """One round 0 on the Flower engine (the federation started and stopped around it): θ', SecAgg+'s statistics;
+    every process it started is gone afterwards."""
     try:
-        got = lab.round(theta, 0, False, with_attacker=True)
+        got = lab.round(theta, 0, False, **kind)
         assert lab.flower is not None
         stats = lab.flower.secagg[-1]
     finally:
@@ -177,6 +173,17 @@ def test_secagg_plus_equals_the_plain_mean_within_quantization_and_lets_the_boos
         if lab.flower is not None:
             lab.flower.close()
     assert processes.pids_alive(pids) == []
+    return got, stats
+
+
+def test_secagg_plus_equals_the_plain_mean_within_quantization_and_lets_the_boosted_update_through(omniglot_dir, tiny_data) -> None:
+    """Flower's SecAgg+ on the attack round (the attacker's boosted δ and M_min − 1 benign ones): θ' equals the
+    local engine's plain mean within SecAgg+'s quantization error, and with the default range nothing is clipped."""
+    lab = Lab(flower_params(omniglot_dir, secure_aggregation=True), tiny_data, torch.device("cpu"))
+    plain = Lab(lab.p.model_copy(update={"federation": lab.p.federation.model_copy(update={"secure_aggregation": False, "engine": "local"})}), tiny_data, torch.device("cpu"))
+    runtime.configure(lab.p)
+    theta = init(lab)
+    got, stats = _secagg_round(lab, theta, with_attacker=True)
     want = plain.round(theta, 0, False, with_attacker=True)
     c = stats["clipping_range"]
     assert c == 8.0 * lab.p.attack.boost
@@ -196,14 +203,6 @@ def test_secagg_plus_reports_the_coordinates_its_range_clips(omniglot_dir, tiny_
     fl = params.federation.flower.model_copy(update={"clipping_range": 1e-3})
     lab = Lab(params.model_copy(update={"federation": params.federation.model_copy(update={"flower": fl})}), tiny_data, torch.device("cpu"))
     runtime.configure(lab.p)
-    try:
-        lab.round(init(lab), 0, False, pretraining=True)
-        assert lab.flower is not None
-        stats = lab.flower.secagg[-1]
-    finally:
-        pids = lab.flower.pids() if lab.flower is not None else []
-        if lab.flower is not None:
-            lab.flower.close()
-    assert processes.pids_alive(pids) == []
+    _, stats = _secagg_round(lab, init(lab), pretraining=True)
     print("clipped share at clipping_range 1e-3:", stats["clipped_share"])
     assert 0.0 < stats["clipped_share"] <= 1.0
