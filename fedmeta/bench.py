@@ -64,7 +64,7 @@ from fedmeta import kernels, lanes, model, reptile, runtime
 from fedmeta.config import Evaluation, Reptile
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.evaluation import FineTune, run as evaluate
-from fedmeta.model import Params
+from fedmeta.model import Theta
 
 
 @dataclass(frozen=True)
@@ -122,13 +122,13 @@ class NaiveConv4(nn.Module):
             out += [(f"conv{i}.weight", conv.weight), (f"bn{i}.weight", bn.weight), (f"bn{i}.bias", bn.bias)]
         return out + [("fc.weight", self.fc.weight), ("fc.bias", self.fc.bias)]
 
-    def load(self, params: Params) -> "NaiveConv4":
+    def load(self, params: Theta) -> "NaiveConv4":
         with torch.no_grad():
             for k, p in self._pairs():
                 p.copy_(params[k])
         return self
 
-    def params(self) -> Params:
+    def params(self) -> Theta:
         return {k: p.detach().clone() for k, p in self._pairs()}
 
 
@@ -179,7 +179,7 @@ def naive_evaluate(net: NaiveConv4, images: torch.Tensor, eps: Episodes, s: Sett
 class Setup:
     s: Settings
     device: torch.device
-    theta: Params
+    theta: Theta
     images: torch.Tensor  # uint8 [pool, C, H, W]
 
     @classmethod
@@ -358,7 +358,7 @@ def conv_gflops(device: torch.device, width: int, side: int, seconds: float = 0.
     return _best_rate(device, lambda: F.conv2d(h, w, padding=1), 2 * batch * side * side * width * width * 9, seconds)
 
 
-def _adapt_with(impl: str | None, *args: Any) -> Params:
+def _adapt_with(impl: str | None, *args: Any) -> Theta:
     """reptile.adapt with FEDMETA_ADAPT set to `impl` for the call (None: the default choice)."""
     saved = os.environ.get("FEDMETA_ADAPT")
     if impl is not None:
@@ -390,15 +390,15 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
     eps = setup.sampler(s.train_shots)(s.meta_batch, g)
     batches = inner_batches(eps.support.shape[1], s.inner_steps, s.inner_batch, s.meta_batch, g)
     adam = reptile.AdamConfig(lr=s.lr)
-    results: dict[tuple[str, torch.dtype], list[Params]] = {}
+    results: dict[tuple[str, torch.dtype], list[Theta]] = {}
 
-    def diffs(a: list[Params], b: list[Params]) -> torch.Tensor:
+    def diffs(a: list[Theta], b: list[Theta]) -> torch.Tensor:
         return torch.cat([(a[j][k].cpu().double() - b[j][k].cpu().double()).abs().flatten() for j in range(len(a)) for k in a[j]])
 
-    def inputs(dtype: torch.dtype) -> tuple[Params, torch.Tensor]:
+    def inputs(dtype: torch.dtype) -> tuple[Theta, torch.Tensor]:
         return {k: v.to(dtype) for k, v in setup.theta.items()}, setup.images[eps.support].to(dtype).div_(255)
 
-    def naive(dtype: torch.dtype) -> list[Params]:
+    def naive(dtype: torch.dtype) -> list[Theta]:
         theta, x = inputs(dtype)
         net = NaiveConv4(s.channels, s.width, s.image_size, s.n_way).to(setup.device, dtype).load(theta)
         return [naive_episode(net, x[j], eps.support_y[j], batches[j], s.lr).params() for j in range(s.meta_batch)]

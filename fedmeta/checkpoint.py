@@ -18,7 +18,7 @@ import torch
 from fedmeta import model
 from fedmeta.atomic import atomic_path
 from fedmeta.errors import FedmetaError, first_line
-from fedmeta.model import Params
+from fedmeta.model import Theta
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
@@ -47,7 +47,7 @@ def load(path: Path, required: tuple[str, ...] = ("theta",), device: torch.devic
     return payload
 
 
-def load_theta(path: Path, device: torch.device | str = "cpu", expect: ThetaSpec | None = None) -> Params:
+def load_theta(path: Path, device: torch.device | str = "cpu", expect: ThetaSpec | None = None) -> Theta:
     """The model of a checkpoint; with `expect`, checked to be exactly the configured Conv4 (one line per problem)."""
     theta = load(path, device=device)["theta"]
     if not isinstance(theta, dict) or not all(isinstance(v, torch.Tensor) for v in theta.values()):
@@ -73,7 +73,7 @@ class ThetaSpec:
         theta = model.init_conv4(self.channels, self.width, self.image_size, self.n_way, torch.Generator().manual_seed(0))
         return {k: tuple(v.shape) for k, v in theta.items()}
 
-    def check(self, theta: Params, path: Path | str, what: str = "theta") -> None:
+    def check(self, theta: Theta, path: Path | str, what: str = "theta") -> None:
         """Key set, then dtype, shape and finiteness of each tensor (one isfinite pass per tensor, at load only)."""
         shapes = self.shapes()
         missing, extra = sorted(shapes.keys() - theta.keys()), sorted(theta.keys() - shapes.keys())

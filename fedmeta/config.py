@@ -203,7 +203,7 @@ class Defense(Strict):
     lr: LearningRate = 0.001
 
 
-class Params(Strict):
+class Config(Strict):
     profile: str
     seed: NonNegInt
     threads: PosInt
@@ -222,7 +222,7 @@ class Params(Strict):
     experiment4: Experiment4 = Experiment4()
 
     @model_validator(mode="after")
-    def _cross_field(self) -> "Params":
+    def _cross_field(self) -> "Config":
         """Checks between keys, each message naming the key, its value and what is allowed."""
         try:
             check_device(self.device)
@@ -295,9 +295,9 @@ def _format_error(err: ValidationError) -> str:
     return f"params.yaml: {where}: {first['msg'].removeprefix('Value error, ')}{shown}"
 
 
-def parse(raw: Any) -> Params:
+def parse(raw: Any) -> Config:
     try:
-        return Params.model_validate(raw)
+        return Config.model_validate(raw)
     except ValidationError as err:
         raise FedmetaError(_format_error(err)) from None
 
@@ -362,7 +362,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load(path: Path = Path("params.yaml")) -> Params:
+def load(path: Path = Path("params.yaml")) -> Config:
     if path.is_dir():
         raise FedmetaError(f"{path}: is a directory, not the parameters file")
     if not path.is_file():
@@ -385,7 +385,7 @@ def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def with_overrides(params: Params, federation: str, attack: dict[str, Any] | None = None, **changes: Any) -> Params:
+def with_overrides(params: Config, federation: str, attack: dict[str, Any] | None = None, **changes: Any) -> Config:
     """The parameters of one Experiment-4 run: experiment4.federations.<federation>'s overrides, then
     `changes` to `federation` (e.g. aggregator=...) and `attack`, validated like params.yaml itself."""
     if federation not in params.experiment4.federations:

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch.func import grad
 
 from fedmeta import lanes, model, reptile
-from fedmeta.config import Defense, Params as Config
+from fedmeta.config import Defense, Config
 from fedmeta.errors import FedmetaError
 from fedmeta.evaluation import FineTune
-from fedmeta.model import Params
+from fedmeta.model import Theta
 
 INIT_SCALE = 10.0  # β at the start: cosines in [−1, 1] alone give a nearly uniform softmax
 # Adam's β1 in the defense's fine-tuning: matching networks train with standard Adam (Reptile's inner
@@ -32,13 +32,13 @@ ADAM_BETA1 = 0.9
 NORM_EPS = 1e-8
 
 
-def glorot_like(theta: Params, g: torch.Generator) -> Params:
+def glorot_like(theta: Theta, g: torch.Generator) -> Theta:
     """θ_g with `init_conv4`'s scheme for any shapes: Glorot-uniform for every ≥2-D tensor
     (conv and fc weights), 1 for 1-D weights (batch-norm scales), 0 for biases.
 
     Drawn on the CPU, so one CPU generator gives the same θ_g whatever device θ lives on.
     """
-    out: Params = {}
+    out: Theta = {}
     for k, p in theta.items():
         if p.dim() >= 2:
             out[k] = model.glorot_(torch.empty(p.shape), g).to(p)
@@ -47,13 +47,13 @@ def glorot_like(theta: Params, g: torch.Generator) -> Params:
     return out
 
 
-def noisy_reinit(theta: Params, delta: float, g: torch.Generator) -> Params:
+def noisy_reinit(theta: Theta, delta: float, g: torch.Generator) -> Theta:
     """θ' = δθ + (1 − δ)θ_g: keeps a fraction δ of the (possibly poisoned) shared model."""
     fresh = glorot_like(theta, g)
     return {k: delta * p + (1 - delta) * fresh[k] for k, p in theta.items()}
 
 
-def init_head(n_way: int, dim: int, n_episodes: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Params:
+def init_head(n_way: int, dim: int, n_episodes: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Theta:
     """Per-episode head: gate logits a [E, N, D] and log β [E, N].
 
     a = 0 gives α = 0.5 everywhere: cosine ignores a common scale, so this starts as the plain
@@ -66,16 +66,16 @@ def init_head(n_way: int, dim: int, n_episodes: int, device: torch.device, dtype
     }
 
 
-def gates(head: Params) -> torch.Tensor:
+def gates(head: Theta) -> torch.Tensor:
     """α = sigmoid(a) ∈ [0, 1] by construction, however far training pushes a."""
     return torch.sigmoid(head["gate"])
 
 
-def scales(head: Params) -> torch.Tensor:
+def scales(head: Theta) -> torch.Tensor:
     return head["log_scale"].exp()
 
 
-def _match(f_s: torch.Tensor, f_q: torch.Tensor, support_y: torch.Tensor, head: Params, n_way: int, exclude: torch.Tensor | None) -> torch.Tensor:
+def _match(f_s: torch.Tensor, f_q: torch.Tensor, support_y: torch.Tensor, head: Theta, n_way: int, exclude: torch.Tensor | None) -> torch.Tensor:
     """log P(y = l | query, S) [Q, N] from the support and query embeddings (see `matching_log_probs`)."""
     onehot = (support_y[:, None] == torch.arange(n_way, device=support_y.device)).to(f_s.dtype)  # [k, N]
     alpha = gates(head)
@@ -90,8 +90,8 @@ def _match(f_s: torch.Tensor, f_q: torch.Tensor, support_y: torch.Tensor, head: 
 
 
 def matching_log_probs(
-    theta: Params,
-    head: Params,
+    theta: Theta,
+    head: Theta,
     support_x: torch.Tensor,
     support_y: torch.Tensor,
     query_x: torch.Tensor,
@@ -113,14 +113,14 @@ def matching_log_probs(
     return _match(emb[:k], emb[k:], support_y, head, n_way, exclude)
 
 
-def _leave_one_out_nll(f_s: torch.Tensor, head: Params, support_y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _leave_one_out_nll(f_s: torch.Tensor, head: Theta, support_y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """NLL of the support examples `idx`, each classified against the rest of the support set (its own
     copy masked), from the support set's embeddings f_s: the queries are support examples."""
     own = idx[:, None] == torch.arange(f_s.shape[0], device=idx.device)
     return F.nll_loss(_match(f_s, f_s[idx], support_y, head, head["log_scale"].shape[-1], own), support_y[idx])
 
 
-def _leave_one_out_loss(theta: Params, head: Params, support_x: torch.Tensor, support_y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _leave_one_out_loss(theta: Theta, head: Theta, support_x: torch.Tensor, support_y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """`_leave_one_out_nll` with batch norm on the support set's statistics, as in prediction."""
     return _leave_one_out_nll(model.embed(theta, support_x), head, support_y, idx)
 
@@ -134,7 +134,7 @@ def _support_moments(support_x: torch.Tensor) -> model.Moments:
     return gram.sum(0), colsum.sum(0)
 
 
-def _head_grads(feat: torch.Tensor, head: Params, support_y: torch.Tensor, idx: torch.Tensor, joint: bool) -> tuple[Params, torch.Tensor | None]:
+def _head_grads(feat: torch.Tensor, head: Theta, support_y: torch.Tensor, idx: torch.Tensor, joint: bool) -> tuple[Theta, torch.Tensor | None]:
     """Autograd through the small matching head only: the head's gradients, and the embeddings' when `joint`."""
     f = feat.detach().requires_grad_(joint)
     leaves = {k: v.detach().requires_grad_() for k, v in head.items()}
@@ -148,8 +148,8 @@ def _head_grads(feat: torch.Tensor, head: Params, support_y: torch.Tensor, idx: 
 class MatchingState:
     """θ' and head per episode (leading axis E), their Adam states, and fine-tuning steps done so far."""
 
-    theta: Params
-    head: Params
+    theta: Theta
+    head: Theta
     theta_adam: reptile.AdamState
     head_adam: reptile.AdamState
     step: int = 0
@@ -185,7 +185,7 @@ class MatchingDefense:
     def _softmax(self) -> FineTune:
         return FineTune(self._adam, "support")
 
-    def start(self, theta: Params, n_episodes: int, g: torch.Generator) -> MatchingState | tuple[Params, reptile.AdamState]:
+    def start(self, theta: Theta, n_episodes: int, g: torch.Generator) -> MatchingState | tuple[Theta, reptile.AdamState]:
         """θ' per episode (its own θ_g each); the whole model is re-initialised in both modes, so the
         ablations share their draws, then the matching network drops the unused classifier."""
         if self.reinit:
@@ -200,7 +200,7 @@ class MatchingDefense:
         head = init_head(self.n_way, dim, n_episodes, theta["fc.weight"].device, theta["fc.weight"].dtype)
         return MatchingState(params, head, reptile.AdamState.zeros_like(params), reptile.AdamState.zeros_like(head))
 
-    def train(self, state: MatchingState | tuple[Params, reptile.AdamState], x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor) -> MatchingState | tuple[Params, reptile.AdamState]:
+    def train(self, state: MatchingState | tuple[Theta, reptile.AdamState], x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor) -> MatchingState | tuple[Theta, reptile.AdamState]:
         """Matching-network training on the support set: each inner batch is classified against the
         support set with its own copies masked. Steps 1..head_steps move only α and β."""
         if not isinstance(state, MatchingState):
@@ -235,7 +235,7 @@ class MatchingDefense:
         first_joint = min(steps, max(0, self.cfg.head_steps - state.step))  # this call's first step that trains θ'
         moments: dict[int, model.Moments] = {}  # per episode, computed by the lane that runs its first steps
 
-        def step_(params: Params, grads: Params, m: Params, v: Params, j: int, step: int) -> None:
+        def step_(params: Theta, grads: Theta, m: Theta, v: Theta, j: int, step: int) -> None:
             """Adam in place on episode j's rows of params, m and v."""
             keys = list(params)
             reptile.adam_([params[k][j] for k in keys], [grads[k] for k in keys], [m[k][j] for k in keys], [v[k][j] for k in keys],
@@ -262,7 +262,7 @@ class MatchingDefense:
         head_adam.step += steps
         return MatchingState(theta, head, theta_adam, head_adam, state.step + steps)
 
-    def predict(self, state: MatchingState | tuple[Params, reptile.AdamState], support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def predict(self, state: MatchingState | tuple[Theta, reptile.AdamState], support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Labels [E, Q]: the most probable class under attention over the whole support set."""
         if not isinstance(state, MatchingState):
             return self._softmax.predict(state, support_x, support_y, x)

@@ -19,7 +19,7 @@ from fedmeta import lanes, model, reptile
 from fedmeta.config import Evaluation
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.errors import Diverged
-from fedmeta.model import Params
+from fedmeta.model import Theta
 
 Z95 = 1.959963984540054
 
@@ -31,7 +31,7 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 class Learner(Protocol):
     """How a user adapts the shared model to an episode and classifies with it."""
 
-    def start(self, theta: Params, n_episodes: int, g: torch.Generator) -> object: ...
+    def start(self, theta: Theta, n_episodes: int, g: torch.Generator) -> object: ...
 
     def train(self, state: object, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor) -> object: ...
 
@@ -43,7 +43,7 @@ class Learner(Protocol):
         ...
 
 
-def predict_logits(params: Params, support_x: torch.Tensor, x: torch.Tensor, bn_mode: str) -> torch.Tensor:
+def predict_logits(params: Theta, support_x: torch.Tensor, x: torch.Tensor, bn_mode: str) -> torch.Tensor:
     """Logits [E, Q, N] for queries x [E, Q, ...] under the chosen batch-norm mode.
 
     support: statistics of the support set only, so a query's label never depends on the other queries;
@@ -53,7 +53,7 @@ def predict_logits(params: Params, support_x: torch.Tensor, x: torch.Tensor, bn_
     n_sup = support_x.shape[1]
     by_hand = reptile.implementation(support_x.device) == "lanes"  # then one_episode runs on lanes, never under vmap
 
-    def one_episode(p: Params, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def one_episode(p: Theta, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         if bn_mode == "support":
             return model.logits(p, torch.cat([s, q]), n_sup, by_hand)[n_sup:]
         if bn_mode == "transductive":
@@ -75,14 +75,14 @@ class FineTune:
     def queries_independent(self) -> bool:
         return self.bn_mode != "transductive"
 
-    def start(self, theta: Params, n_episodes: int, g: torch.Generator) -> tuple[Params, reptile.AdamState]:
+    def start(self, theta: Theta, n_episodes: int, g: torch.Generator) -> tuple[Theta, reptile.AdamState]:
         params = reptile.expand(theta, n_episodes)
         return params, reptile.AdamState.zeros_like(params)
 
-    def train(self, state: tuple[Params, reptile.AdamState], x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor) -> tuple[Params, reptile.AdamState]:
+    def train(self, state: tuple[Theta, reptile.AdamState], x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor) -> tuple[Theta, reptile.AdamState]:
         return reptile.adapt(state[0], x, y, batches, self.adam, state[1])
 
-    def predict(self, state: tuple[Params, reptile.AdamState], support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def predict(self, state: tuple[Theta, reptile.AdamState], support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return predict_logits(state[0], support_x, x, self.bn_mode).argmax(-1)
 
@@ -112,7 +112,7 @@ def set_predictor(learner: Learner, sx: torch.Tensor, sy: torch.Tensor, sets: di
 
 def run(
     learner: Learner,
-    theta: Params,
+    theta: Theta,
     images: torch.Tensor,
     episodes: Episodes,
     cfg: Evaluation,

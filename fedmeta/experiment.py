@@ -1,6 +1,6 @@
 """The paper's federation, attack and measurements over one prepared dataset.
 
-Stages are thin wrappers over `Lab`: it knows who the users are, runs benign
+Stages are thin wrappers over `Experiment`: it knows who the users are, runs benign
 and poisoned rounds, and measures a model the way every experiment reports it.
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ import torch
 
 from fedmeta import episodes, evaluation, federation, reptile, secure, seeding
 from fedmeta.checkpoint import Resume, ThetaSpec
-from fedmeta.config import Params, backdoor_shots
+from fedmeta.config import Config, backdoor_shots
 from fedmeta.engine import plan
 from fedmeta.engine.deployment import FlowerEngine
 from fedmeta.errors import Diverged
 from fedmeta.evaluation import Learner, Summary
-from fedmeta.model import Params as Theta
+from fedmeta.model import Theta
 from fedmeta.splits import FederatedData
 
 VARIANTS = ("exclude", "include")  # benign pretraining without / with correctly-labelled backdoor classes
@@ -40,8 +40,15 @@ def scenarios_of(variant: str) -> list[Scenario]:
     return [s for s in SCENARIOS.values() if s.variant == variant]
 
 
-class Lab:
-    def __init__(self, params: Params, data: FederatedData, device: torch.device) -> None:
+class Experiment:
+    """The paper's setting over one prepared dataset: who the M users are (the attacker among them), the
+    server's rounds (benign, or the attack round with the attacker's boosted update) and the two
+    measurements every figure reports (meta-test accuracy; main-task and backdoor accuracy per scenario).
+
+    Each pipeline stage builds one from params.yaml and the prepared data; Experiments 1-4 differ only in
+    which rounds they run and which learner (`finetuner` or the matching defense) they measure with."""
+
+    def __init__(self, params: Config, data: FederatedData, device: torch.device) -> None:
         self.p, self.data, self.device = params, data, device
         self.images = data.images.to(device)
         fed = params.federation
@@ -51,7 +58,7 @@ class Lab:
         self.flower: FlowerEngine | None = None  # started at the first round when federation.engine is flower
 
     def theta_spec(self) -> ThetaSpec:
-        """The model every checkpoint this lab reads must be: the profile's width, the prepared images, reptile.n_way."""
+        """The model every checkpoint this exp reads must be: the profile's width, the prepared images, reptile.n_way."""
         p = self.p
         source = f"; from profiles.{p.profile}.width, the prepared {p.dataset} images and reptile.n_way"
         return ThetaSpec(p.budget.width, self.images.shape[1], self.images.shape[-1], p.reptile.n_way, source)
@@ -213,16 +220,16 @@ def record_points(steps: int, every: int) -> list[int]:
 USERS_TAG = "users"  # Experiments 2, 3 and the ablation draw the same episodes: paired comparisons
 
 
-def user_curves(lab: Lab, theta: Theta, learner: Learner, variant: str) -> dict[tuple[str, int], list[dict[str, float]]]:
+def user_curves(exp: Experiment, theta: Theta, learner: Learner, variant: str) -> dict[tuple[str, int], list[dict[str, float]]]:
     """Experiments 2-3: every benign user fine-tunes the attacked model on its own episodes;
     one curve per (scenario, user) of meta-test, main-task and backdoor accuracy against fine-tuning steps."""
-    b = lab.p.budget
+    b = exp.p.budget
     at = record_points(b.finetune_steps, b.record_every)
     curves: dict[tuple[str, int], list[dict[str, float]]] = {}
     # Meta-test accuracy does not depend on the user (same θ, unseen classes): one set of episodes serves all.
-    meta = lab.meta_test(theta, learner, at, USERS_TAG)
-    for user in lab.benign:
+    meta = exp.meta_test(theta, learner, at, USERS_TAG)
+    for user in exp.benign:
         for scenario in scenarios_of(variant):
-            attack = lab.attack_eval(theta, learner, scenario, at, USERS_TAG, user)
+            attack = exp.attack_eval(theta, learner, scenario, at, USERS_TAG, user)
             curves[(scenario.name, user)] = [{"step": s, **flat(m), **flat(a)} for s, m, a in zip(at, meta, attack)]
     return curves

@@ -14,7 +14,7 @@ import torch
 
 from fedmeta import secure
 from fedmeta.config import Federation
-from fedmeta.model import Params
+from fedmeta.model import Theta
 
 NORM_MARGIN = 0.99  # an adaptive attacker's update ends this fraction of the bound below it: "just under"
 
@@ -25,7 +25,7 @@ def select(candidates: list[int], per_round: int, min_updates: int, g: torch.Gen
     return [candidates[i] for i in order[:min_updates]]
 
 
-def update(local: Params, theta: Params, boost: float = 1.0) -> Params:
+def update(local: Theta, theta: Theta, boost: float = 1.0) -> Theta:
     """δ = λ(θ_local − θ_G); λ = 1 for benign users, λ > 1 for a boosting attacker."""
     return {k: boost * (local[k] - theta[k]) for k in theta}
 
@@ -38,12 +38,12 @@ def weights(sizes: list[int], weighting: str) -> list[float]:
     return [s / total for s in sizes]
 
 
-def norm(delta: Params) -> float:
+def norm(delta: Theta) -> float:
     """‖δ‖₂ over all of the model's tensors, in float64 so a large model's sum of squares stays exact enough."""
     return float(torch.sqrt(sum(v.double().square().sum() for v in delta.values())))
 
 
-def clip(delta: Params, bound: float) -> Params:
+def clip(delta: Theta, bound: float) -> Theta:
     """δ · min(1, bound / ‖δ‖): an update inside the ball is left as it is (the same tensors)."""
     n = norm(delta)
     if n <= bound:
@@ -51,55 +51,55 @@ def clip(delta: Params, bound: float) -> Params:
     return {k: v * (bound / n) for k, v in delta.items()}
 
 
-def constrain(delta: Params, bound: float) -> Params:
+def constrain(delta: Theta, bound: float) -> Theta:
     """Constrain-and-scale (Bagdasaryan et al. 2020): the attacker rescales its update to just under the
     server's norm bound, the largest update that clipping lets through unchanged, whatever the boost was."""
     return {k: v * (NORM_MARGIN * bound / norm(delta)) for k, v in delta.items()}
 
 
-def client_side(delta: Params, rule: Federation) -> Params:
+def client_side(delta: Theta, rule: Federation) -> Theta:
     """What an honest client does to its own δ before uploading under secure aggregation: the server
     cannot clip a masked update, so clipping, when the rule asks for it, moves to the client."""
     return clip(delta, rule.norm_clip.clip_norm) if rule.aggregator == "norm_clip" else delta
 
 
-def _weighted(deltas: list[Params], alphas: list[float]) -> Params:
+def _weighted(deltas: list[Theta], alphas: list[float]) -> Theta:
     return {k: sum(a * d[k] for a, d in zip(alphas, deltas)) for k in deltas[0]}
 
 
 # --- the rules: each returns the step Σ and the std of the Gaussian noise added to it --------------
 
-def _norm_clip(deltas: list[Params], alphas: list[float], rule: Federation) -> tuple[Params, float]:
+def _norm_clip(deltas: list[Theta], alphas: list[float], rule: Federation) -> tuple[Theta, float]:
     """Sun et al. 2019: every δ_i clipped to L2 norm clip_norm, the weighted mean, optional noise (weak DP)."""
     c = rule.norm_clip
     return _weighted([clip(d, c.clip_norm) for d in deltas], alphas), c.noise
 
 
-def _arrays(deltas: list[Params], alphas: list[float]) -> list[tuple[list[np.ndarray], float]]:
+def _arrays(deltas: list[Theta], alphas: list[float]) -> list[tuple[list[np.ndarray], float]]:
     """Flower's `results`: (NDArrays, weight) per client; its weighted helpers divide by the weights' sum,
     so α_i serve as the weight where Flower expects a number of examples."""
     return [([v.detach().cpu().numpy() for v in d.values()], a) for d, a in zip(deltas, alphas)]
 
 
-def _tensors(arrays: list[np.ndarray], like: Params) -> Params:
+def _tensors(arrays: list[np.ndarray], like: Theta) -> Theta:
     return {k: torch.from_numpy(np.asarray(a)).to(like[k]) for k, a in zip(like, arrays)}
 
 
-def _median(deltas: list[Params], alphas: list[float], rule: Federation) -> tuple[Params, float]:
+def _median(deltas: list[Theta], alphas: list[float], rule: Federation) -> tuple[Theta, float]:
     """Yin et al. 2018: the coordinate-wise median (weights ignored)."""
     from flwr.server.strategy.aggregate import aggregate_median
 
     return _tensors(aggregate_median(_arrays(deltas, alphas)), deltas[0]), 0.0
 
 
-def _trimmed_mean(deltas: list[Params], alphas: list[float], rule: Federation) -> tuple[Params, float]:
+def _trimmed_mean(deltas: list[Theta], alphas: list[float], rule: Federation) -> tuple[Theta, float]:
     """Yin et al. 2018: per coordinate, drop the ⌊βn⌋ largest and smallest values and average the rest."""
     from flwr.server.strategy.aggregate import aggregate_trimmed_avg
 
     return _tensors(aggregate_trimmed_avg(_arrays(deltas, alphas), rule.trimmed_mean.beta), deltas[0]), 0.0
 
 
-def _multi_krum(deltas: list[Params], alphas: list[float], rule: Federation) -> tuple[Params, float]:
+def _multi_krum(deltas: list[Theta], alphas: list[float], rule: Federation) -> tuple[Theta, float]:
     """Blanchard et al. 2017: score each δ_i by the squared distances to its n − f − 2 nearest others,
     keep the m best and take their α-weighted mean (m = 1: Krum)."""
     from flwr.server.strategy.aggregate import aggregate_krum
@@ -108,7 +108,7 @@ def _multi_krum(deltas: list[Params], alphas: list[float], rule: Federation) -> 
     return _tensors(aggregate_krum(_arrays(deltas, alphas), k.f, k.m), deltas[0]), 0.0
 
 
-def flame_admitted(deltas: list[Params]) -> list[int]:
+def flame_admitted(deltas: list[Theta]) -> list[int]:
     """FLAME's filter: HDBSCAN over pairwise cosine distances with min_cluster_size = ⌊n/2⌋ + 1, so at most
     one cluster can form, the majority; the updates outside it are rejected. Cosine ignores length, so a
     boosted update is judged by its direction."""
@@ -122,7 +122,7 @@ def flame_admitted(deltas: list[Params]) -> list[int]:
     return [i for i, label in enumerate(labels) if label != -1]
 
 
-def _flame(deltas: list[Params], alphas: list[float], rule: Federation) -> tuple[Params, float]:
+def _flame(deltas: list[Theta], alphas: list[float], rule: Federation) -> tuple[Theta, float]:
     """Nguyen et al. 2022: the majority cluster's updates (flame_admitted), each clipped at S, the median norm
     of all updates, their α-weighted mean (α renormalised over them), and Gaussian noise of std λS.
     No cluster at all rejects every update: the step is the noise alone."""
@@ -134,7 +134,7 @@ def _flame(deltas: list[Params], alphas: list[float], rule: Federation) -> tuple
     return _weighted([clip(deltas[i], s) for i in admitted], [alphas[i] / total for i in admitted]), rule.flame.noise * s
 
 
-RULES: dict[str, Callable[[list[Params], list[float], Federation], tuple[Params, float]]] = {
+RULES: dict[str, Callable[[list[Theta], list[float], Federation], tuple[Theta, float]]] = {
     "norm_clip": _norm_clip,
     "median": _median,
     "trimmed_mean": _trimmed_mean,
@@ -143,13 +143,13 @@ RULES: dict[str, Callable[[list[Params], list[float], Federation], tuple[Params,
 }
 
 
-def _noise(like: Params, std: float, g: torch.Generator | None) -> Params:
+def _noise(like: Theta, std: float, g: torch.Generator | None) -> Theta:
     if g is None:
         raise ValueError("aggregate: a rule with noise needs a generator (seeding.generator)")
     return {k: (std * torch.randn(v.shape, generator=g, dtype=torch.float64)).to(v) for k, v in like.items()}
 
 
-def aggregate(theta: Params, deltas: list[Params], alphas: list[float], rule: Federation = Federation(), g: torch.Generator | None = None) -> Params:
+def aggregate(theta: Theta, deltas: list[Theta], alphas: list[float], rule: Federation = Federation(), g: torch.Generator | None = None) -> Theta:
     """θ_G + the rule's step. `rule` is the `federation` configuration (aggregator and its hyperparameters);
     `g` draws the rule's noise, if any, on the CPU. Under secure aggregation `deltas` are the masked
     uploads of `secure.mask` (each client's α_i δ_i, α_i being public): the server can only add them up."""

@@ -18,21 +18,21 @@ from fedmeta.atomic import write_text
 from fedmeta.config import load
 from fedmeta.defense import MatchingDefense
 from fedmeta.evaluation import Learner
-from fedmeta.experiment import USERS_TAG, Lab, flat, record_points
+from fedmeta.experiment import USERS_TAG, Experiment, flat, record_points
 from fedmeta.splits import FederatedData
 
 # Experiment 2's and Experiment 3's learners, as the pipeline builds them, by name
-LEARNERS: dict[str, Callable[[Lab], Learner]] = {"finetune": lambda lab: lab.finetuner(), "defense": lambda lab: MatchingDefense.from_params(lab.p)}
+LEARNERS: dict[str, Callable[[Experiment], Learner]] = {"finetune": lambda exp: exp.finetuner(), "defense": lambda exp: MatchingDefense.from_params(exp.p)}
 
 
 def main(ckpt: Path, learner: str, episodes: int, out: Path | None, params_path: Path = Path("params.yaml")) -> dict[str, Any]:
     params = load(params_path)
     runtime.configure(params)
-    lab = Lab(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
-    theta = checkpoint.load_theta(ckpt, lab.device, lab.theta_spec())
-    chosen = LEARNERS[learner](lab)
+    exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+    theta = checkpoint.load_theta(ckpt, exp.device, exp.theta_spec())
+    chosen = LEARNERS[learner](exp)
     steps = record_points(params.budget.finetune_steps, params.budget.record_every)
-    points = lab.meta_test(theta, chosen, steps, USERS_TAG, episodes)
+    points = exp.meta_test(theta, chosen, steps, USERS_TAG, episodes)
     result = {"checkpoint": str(ckpt), "learner": learner, "episodes": episodes, "curve": [{"step": s, **flat(p)} for s, p in zip(steps, points)]}
     for row in result["curve"]:
         print(f"step {row['step']:>4}: meta-test {100 * row['meta_test']:.2f} % ± {100 * row['meta_test_ci95']:.2f}")

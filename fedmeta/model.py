@@ -27,7 +27,7 @@ from fedmeta import kernels
 from fedmeta.kernels.implementations import block0_patches
 
 T = TypeVar("T")
-Params = dict[str, torch.Tensor]
+Theta = dict[str, torch.Tensor]
 Moments = tuple[torch.Tensor, torch.Tensor]  # Σ patch patchᵀ [9C, 9C] and Σ patch [9C], float64
 
 BN_EPS = 1e-5
@@ -52,13 +52,13 @@ def glorot_(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return t.uniform_(-bound, bound, generator=generator)
 
 
-def init_conv4(channels: int, width: int, image_size: int, n_way: int, generator: torch.Generator) -> Params:
+def init_conv4(channels: int, width: int, image_size: int, n_way: int, generator: torch.Generator) -> Theta:
     """Glorot-initialised Conv4: 4 × (3×3 conv, BN, ReLU, 2×2 max-pool), then a linear classifier.
 
     Convolutions carry no bias: batch norm cancels it, and Adam would turn its
     round-off gradients into full-size random steps.
     """
-    params: Params = {}
+    params: Theta = {}
     c_in = channels
     for i in range(BLOCKS):
         params[f"conv{i}.weight"] = glorot_(torch.empty(width, c_in, 3, 3), generator)
@@ -103,7 +103,7 @@ def _relu_max_pool_values(h: torch.Tensor) -> torch.Tensor:
     return torch.maximum(r[:, :, :, 0::2], r[:, :, :, 1::2]).clamp_min_(0)
 
 
-def embed(params: Params, x: torch.Tensor, n_ref: int | None = None, by_hand: bool = False) -> torch.Tensor:
+def embed(params: Theta, x: torch.Tensor, n_ref: int | None = None, by_hand: bool = False) -> torch.Tensor:
     """f_θ(x): the flattened output of the four conv blocks (the network without its classifier).
 
     by_hand: the same function through `features_forward` (channels-last kernels, block 0 fused, see
@@ -120,11 +120,11 @@ def embed(params: Params, x: torch.Tensor, n_ref: int | None = None, by_hand: bo
     return h.flatten(1)
 
 
-def logits(params: Params, x: torch.Tensor, n_ref: int | None = None, by_hand: bool = False) -> torch.Tensor:
+def logits(params: Theta, x: torch.Tensor, n_ref: int | None = None, by_hand: bool = False) -> torch.Tensor:
     return F.linear(embed(params, x, n_ref, by_hand), params["fc.weight"], params["fc.bias"])
 
 
-def loss(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def loss(params: Theta, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits(params, x), y)
 
 
@@ -137,7 +137,7 @@ def _episode_conv(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.bmm(w.flatten(2), cols).view(n_ep, -1, b, height, width)
 
 
-def stacked_loss(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def stacked_loss(params: Theta, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Σ_e loss(params_e, x_e, y_e) for E episodes (params leaves [E, ...], x [E, b, C, H, W], y [E, b])
     as one network whose activations are laid out [E, C, b, H, W]: convolutions are batched matrix
     products, batch norm's per-channel statistics are each episode's own, and one backward pass gives
@@ -220,7 +220,7 @@ class Tape(NamedTuple):
     blocks: list[Block]
 
 
-def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments] = None, n_ref: Optional[int] = None,
+def features_forward(params: Theta, x: torch.Tensor, moments: Optional[Moments] = None, n_ref: Optional[int] = None,
                      with_tape: bool = True, blocks: int = BLOCKS, eps: float = BN_EPS) -> tuple[torch.Tensor, Optional[Tape]]:
     """f_θ(x) [b, D] (training-mode batch norm over x) and the tape for `features_backward`.
 
@@ -266,11 +266,11 @@ def features_forward(params: Params, x: torch.Tensor, moments: Optional[Moments]
     return h.flatten(1), Tape(x, gram, colsum, w0d, gw, mean, rstd, scale, h0, arg0, saved)
 
 
-def features_backward(params: Params, tape: Tape, dfeat: torch.Tensor, eps: float = BN_EPS) -> Params:
+def features_backward(params: Theta, tape: Tape, dfeat: torch.Tensor, eps: float = BN_EPS) -> Theta:
     """Gradients of the conv and batch-norm parameters given ∂loss/∂f_θ(x) [b, D]; block 0's weight gradient
     is ∂w = scale·(P ∂p)ᵀ + k1·(G w − mean ΣP) + k0·ΣP for BN's ∂z = scale·∂p + k1·(z − mean) + k0, with
     P ∂p and Σ∂p from `kernels`' block-0 backward."""
-    grads: Params = {}
+    grads: Theta = {}
     dh = dfeat.view(tape.blocks[-1][3].shape)
     for i in range(len(tape.blocks), 0, -1):
         h_in, p, idx, h, z2, mu, invstd = tape.blocks[i - 1]
@@ -296,7 +296,7 @@ def features_backward(params: Params, tape: Tape, dfeat: torch.Tensor, eps: floa
     return grads
 
 
-def loss_grad(params: Params, x: torch.Tensor, y: torch.Tensor, moments: Optional[Moments] = None) -> Params:
+def loss_grad(params: Theta, x: torch.Tensor, y: torch.Tensor, moments: Optional[Moments] = None) -> Theta:
     """∇_params loss(params, x, y) for one batch x [b, C, H, W], y [b]; equals torch.func.grad(loss) up to round-off.
 
     The classifier and cross-entropy by hand, around `features_forward` / `features_backward`.

@@ -30,7 +30,7 @@ from fedmeta import lanes, model
 from fedmeta.config import Reptile
 from fedmeta.errors import FedmetaError
 from fedmeta.episodes import Episodes, inner_batches
-from fedmeta.model import Params
+from fedmeta.model import Theta
 
 
 @dataclass(frozen=True)
@@ -47,24 +47,24 @@ class AdamConfig:
 class AdamState:
     """Per-episode moment estimates; `step` counts updates for bias correction."""
 
-    m: Params
-    v: Params
+    m: Theta
+    v: Theta
     step: int = 0
 
     @classmethod
-    def zeros_like(cls, params: Params) -> "AdamState":
+    def zeros_like(cls, params: Theta) -> "AdamState":
         return cls({k: torch.zeros_like(p) for k, p in params.items()}, {k: torch.zeros_like(p) for k, p in params.items()})
 
     def clone(self) -> "AdamState":
         return AdamState({k: t.clone() for k, t in self.m.items()}, {k: t.clone() for k, t in self.v.items()}, self.step)
 
 
-def adam_update(params: Params, grads: Params, state: AdamState, cfg: AdamConfig) -> Params:
+def adam_update(params: Theta, grads: Theta, state: AdamState, cfg: AdamConfig) -> Theta:
     """torch.optim.Adam's arithmetic (bias-corrected, eps outside the root), functionally."""
     state.step += 1
     bc1 = 1 - cfg.beta1**state.step
     bc2_sqrt = (1 - cfg.beta2**state.step) ** 0.5
-    new: Params = {}
+    new: Theta = {}
     for k, p in params.items():
         g = grads[k]
         state.m[k] = g if cfg.beta1 == 0 else state.m[k].mul(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
@@ -100,7 +100,7 @@ def _episode_steps(keys: list[str], p: list[torch.Tensor], m: list[torch.Tensor]
     on p and v; returns the first moments. `done` counts the Adam steps taken before this call."""
     for s in range(first, end):
         idx = batches[s]
-        params: model.Params = {}
+        params: model.Theta = {}
         for k, t in zip(keys, p):
             params[k] = t
         grads = model.loss_grad(params, x[idx], y[idx], (gram[idx].sum(0), colsum[idx].sum(0)))
@@ -128,11 +128,11 @@ def implementation(device: torch.device, conv4: bool = True) -> str:
     return value or ("lanes" if device.type == "cpu" else "stacked")
 
 
-def _is_conv4(params: Params, x: torch.Tensor) -> bool:
+def _is_conv4(params: Theta, x: torch.Tensor) -> bool:
     return set(params) == model.CONV4_KEYS and x.dim() == 5 and x.dtype in (torch.float32, torch.float64)
 
 
-def _adapt_stacked(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState) -> tuple[Params, AdamState]:
+def _adapt_stacked(params: Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState) -> tuple[Theta, AdamState]:
     """All episodes' steps in lock-step through `model.stacked_loss`: per step one autograd pass and one
     `_foreach` Adam however many episodes there are, so a GPU runs few, large kernels."""
     keys = list(params)
@@ -158,7 +158,7 @@ def _adapt_stacked(params: Params, x: torch.Tensor, y: torch.Tensor, batches: to
     return dict(zip(keys, p)), state
 
 
-def _adapt_lanes(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState) -> tuple[Params, AdamState]:
+def _adapt_lanes(params: Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState) -> tuple[Theta, AdamState]:
     """Each episode's steps with `model.loss_grad` and an in-place `_foreach` Adam on its rows of the
     stacked tensors; the episodes' steps spread evenly over the lanes (`lanes.run_chains`)."""
     keys = list(params)
@@ -191,19 +191,19 @@ def _adapt_lanes(params: Params, x: torch.Tensor, y: torch.Tensor, batches: torc
     return out, state
 
 
-def expand(params: Params, n: int) -> Params:
+def expand(params: Theta, n: int) -> Theta:
     """n copies of `params` along a new leading episode axis."""
     return {k: p.unsqueeze(0).expand(n, *p.shape).clone() for k, p in params.items()}
 
 
 def adapt(
-    params: Params,
+    params: Theta,
     x: torch.Tensor,
     y: torch.Tensor,
     batches: torch.Tensor,
     cfg: AdamConfig,
     state: AdamState | None = None,
-) -> tuple[Params, AdamState]:
+) -> tuple[Theta, AdamState]:
     """Fine-tune E episodes in parallel (see the module docstring for the two implementations).
 
     params: leaves [E, ...]; x: [E, n, C, H, W]; y: [E, n];
@@ -225,14 +225,14 @@ def adapt(
     return params, state
 
 
-def outer_step(theta: Params, adapted: Params, epsilon: float) -> Params:
+def outer_step(theta: Theta, adapted: Theta, epsilon: float) -> Theta:
     """θ ← (1 − ε)θ + (ε/B) Σ_j θ_j, with the B adapted models stacked on axis 0."""
     return {k: (1 - epsilon) * p + epsilon * adapted[k].mean(0) for k, p in theta.items()}
 
 
 
 def meta_train(
-    theta: Params,
+    theta: Theta,
     images: torch.Tensor,
     sample: Callable[[int, torch.Generator], Episodes],
     n_episodes: int,
@@ -243,8 +243,8 @@ def meta_train(
     g: torch.Generator,
     start: int = 0,
     state: AdamState | None = None,
-    on_meta_batch: Callable[[int, Params, AdamState], None] | None = None,
-) -> Params:
+    on_meta_batch: Callable[[int, Theta, AdamState], None] | None = None,
+) -> Theta:
     """One user's local Reptile: meta-batches of B episodes from `sample` until n_episodes are done.
 
     With adam_state 'carry', each of the B parallel episode lanes keeps its Adam

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from fedmeta.evaluation import Learner
-from fedmeta.experiment import Lab, flat, scenarios_of
-from fedmeta.model import Params as Theta
+from fedmeta.experiment import Experiment, flat, scenarios_of
+from fedmeta.model import Theta
 from fedmeta.splits import FederatedData
 
 EXP1_TAG = "exp1"  # Experiment 1's episodes: the mean rule on M = 4 repeats Experiment 1 exactly
@@ -28,8 +28,8 @@ def regroup(data: FederatedData, users: int, attacker: int) -> FederatedData:
     return replace(data, user_classes=[benign_classes[u::users] for u in range(users)], attack_owner=owners)
 
 
-def measure(lab: Lab, theta: Theta, variant: str, learner: Learner, steps: int, tag: str) -> dict[str, dict[str, float]]:
+def measure(exp: Experiment, theta: Theta, variant: str, learner: Learner, steps: int, tag: str) -> dict[str, dict[str, float]]:
     """Meta-test accuracy and, per scenario of `variant`, main-task and backdoor accuracy on the
     attack-evaluation episodes of all benign users' classes, with 95 % intervals."""
-    meta = flat(lab.meta_test(theta, learner, [steps], tag)[0])
-    return {s.name: {**meta, **flat(lab.attack_eval(theta, learner, s, [steps], tag)[0])} for s in scenarios_of(variant)}
+    meta = flat(exp.meta_test(theta, learner, [steps], tag)[0])
+    return {s.name: {**meta, **flat(exp.attack_eval(theta, learner, s, [steps], tag)[0])} for s in scenarios_of(variant)}

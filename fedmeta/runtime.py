@@ -25,7 +25,7 @@ FIGURES = METRICS / "figures"  # figures showing dataset images: DVC-cached, nev
 CURVES = Path("docs/figures")  # figures of our own numbers: git-tracked, shown in the README
 
 
-def device_of(params: config.Params) -> torch.device:
+def device_of(params: config.Config) -> torch.device:
     try:
         dev = torch.device(params.device)
     except RuntimeError:
@@ -35,7 +35,7 @@ def device_of(params: config.Params) -> torch.device:
     return dev
 
 
-def configure(params: config.Params) -> None:
+def configure(params: config.Config) -> None:
     """Fixed threads and deterministic kernels: the same params give the same bytes on the same machine."""
     torch.set_num_threads(params.threads)
     configure_device(params.device)
@@ -77,7 +77,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 @contextlib.contextmanager
-def stage(name: str, params_path: Path = Path("params.yaml"), **tags: str) -> Iterator[tuple[config.Params, tracking.Run]]:
+def stage(name: str, params_path: Path = Path("params.yaml"), **tags: str) -> Iterator[tuple[config.Config, tracking.Run]]:
     params = config.load(params_path)
     configure(params)
     raw = params.model_dump(mode="json")

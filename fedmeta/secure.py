@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from fedmeta.model import Params
+from fedmeta.model import Theta
 
 RING = 1 << 62  # int64 holds the sum of two ring elements without overflow
 SCALE = 2.0**32  # fixed point: |Σ α_i δ_i| may reach 2^29 per coordinate before the ring wraps
@@ -30,7 +30,7 @@ def decode(q: torch.Tensor) -> torch.Tensor:
     return torch.where(q >= RING // 2, q - RING, q).double() / SCALE
 
 
-def mask(updates: list[Params], alphas: list[float], pair: Callable[[int, int], torch.Generator]) -> list[Params]:
+def mask(updates: list[Theta], alphas: list[float], pair: Callable[[int, int], torch.Generator]) -> list[Theta]:
     """Every client's upload: encode(α_i δ_i) + Σ_{j>i} m_ij − Σ_{j<i} m_ji mod 2^62, with m_ij drawn
     from `pair(i, j)` (the seed clients i < j share), on the CPU, in the model's key order."""
     sent = [{k: encode(a * v.cpu()) for k, v in u.items()} for u, a in zip(updates, alphas)]
@@ -44,10 +44,10 @@ def mask(updates: list[Params], alphas: list[float], pair: Callable[[int, int], 
     return sent
 
 
-def unmask_sum(uploads: list[Params], like: Params) -> Params:
+def unmask_sum(uploads: list[Theta], like: Theta) -> Theta:
     """The server's whole view of the round: Σ of the uploads mod 2^62, the masks cancelling, decoded to
     Σ α_i δ_i in the dtype and on the device of `like`."""
-    out: Params = {}
+    out: Theta = {}
     for k in like:
         total = torch.zeros_like(uploads[0][k])
         for u in uploads:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fedmeta import backdoor, checkpoint, seeding
-from fedmeta.config import Params
+from fedmeta.config import Config
 from fedmeta.data.imageset import ImageSet
 from fedmeta.errors import FedmetaError
 
@@ -38,7 +38,7 @@ class FederatedData:
         checkpoint.save(path, asdict(self))
 
     @classmethod
-    def load(cls, path: Path, params: Params | None = None) -> "FederatedData":
+    def load(cls, path: Path, params: Config | None = None) -> "FederatedData":
         """The prepared dataset, its fields checked by type and range; with `params`, also against them
         (image size and channels, users, attack classes), so a dataset prepared for other settings is refused."""
         if not path.is_file():
@@ -112,7 +112,7 @@ def _check_fields(raw: dict, path: Path) -> None:
         raise FedmetaError(f"{path}: prepared dataset field 'attack_owner' must name one of the {len(users)} users for the target and each backdoor class")
 
 
-def _check_against(raw: dict, path: Path, params: Params) -> None:
+def _check_against(raw: dict, path: Path, params: Config) -> None:
     """The dataset was prepared for these parameters: image shape, users and attack classes as params.yaml sets them."""
     ds = params.dataset
     side = params.omniglot.image_size if ds == "omniglot" else params.miniimagenet.image_size
@@ -147,7 +147,7 @@ def _take(perm: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
     return out
 
 
-def split(data: ImageSet, params: Params) -> FederatedData:
+def split(data: ImageSet, params: Config) -> FederatedData:
     spec, fed = params.spec, params.federation
     g = seeding.generator(params.seed, "split")
     n_classes = len(data.class_names)

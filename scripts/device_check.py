@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from fedmeta import checkpoint, config, runtime
-from fedmeta.experiment import SCENARIOS, Lab
+from fedmeta.experiment import SCENARIOS, Experiment
 from fedmeta.metatest import LEARNERS
-from fedmeta.model import Params
+from fedmeta.model import Theta
 from fedmeta.splits import FederatedData
 
 
@@ -30,20 +30,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(params: config.Params, data: FederatedData, ckpt: Path, device: torch.device, steps: list[int]) -> tuple[dict[str, Any], Params]:
+def measure(params: config.Config, data: FederatedData, ckpt: Path, device: torch.device, steps: list[int]) -> tuple[dict[str, Any], Theta]:
     """Seconds and accuracies of each piece of work on `device`, and the model after the round."""
-    lab = Lab(params, data, device)
+    exp = Experiment(params, data, device)
     theta = checkpoint.load_theta(ckpt, device)
     _sync(device)
     t0 = time.perf_counter()
-    after = lab.round(theta, 2, include_backdoor=True, with_attacker=True)
+    after = exp.round(theta, 2, include_backdoor=True, with_attacker=True)
     _sync(device)
     out: dict[str, Any] = {"round": {"seconds": round(time.perf_counter() - t0, 2)}}
     for name, make in LEARNERS.items():
-        learner = make(lab)
+        learner = make(exp)
         t0 = time.perf_counter()
-        meta = lab.meta_test(theta, learner, steps, "device-check")
-        attack = lab.attack_eval(theta, learner, SCENARIOS["b"], steps, "device-check", lab.benign[0])
+        meta = exp.meta_test(theta, learner, steps, "device-check")
+        attack = exp.attack_eval(theta, learner, SCENARIOS["b"], steps, "device-check", exp.benign[0])
         _sync(device)
         out[name] = {"seconds": round(time.perf_counter() - t0, 2)}
         for step, m, a in zip(steps, meta, attack):

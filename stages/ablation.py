@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from fedmeta import checkpoint, runtime
 from fedmeta.defense import MatchingDefense
-from fedmeta.experiment import SCENARIOS, USERS_TAG, VARIANTS, Lab, flat
+from fedmeta.experiment import SCENARIOS, USERS_TAG, VARIANTS, Experiment, flat
 from fedmeta.splits import FederatedData
 
 COMPUTED = ("attention", "reinit", "finetune", "attack")  # cosine attention, noisy re-initialisation, fine-tuning, the attack
@@ -23,12 +23,12 @@ KEYS = ("meta_test", "main", "attack_train", "attack_val")
 
 def main() -> None:
     with runtime.stage("ablation") as (params, run):
-        lab = Lab(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
-        user, steps = lab.benign[0], params.budget.finetune_steps
+        exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+        user, steps = exp.benign[0], params.budget.finetune_steps
         full = MatchingDefense.from_params(params)
         learners = {"attention": (replace(full, use_attention=False), steps), "reinit": (replace(full, reinit=False), steps), "finetune": (full, 0), "attack": (full, steps)}
         models = {
-            (v, m): checkpoint.load_theta(runtime.CHECKPOINTS / f"{m}_{v}.pt", lab.device, lab.theta_spec()) for v in VARIANTS for m in ("attacked", "pretrain")
+            (v, m): checkpoint.load_theta(runtime.CHECKPOINTS / f"{m}_{v}.pt", exp.device, exp.theta_spec()) for v in VARIANTS for m in ("attacked", "pretrain")
         }
         by_removed: dict[str, list[dict]] = {removed: [] for removed in ("none", *COMPUTED, "defense")}
         for removed, stage in READ.items():
@@ -38,9 +38,9 @@ def main() -> None:
         for removed in runtime.progress(COMPUTED, "ablation"):
             learner, n = learners[removed]
             thetas = {v: models[(v, "pretrain" if removed == "attack" else "attacked")] for v in VARIANTS}
-            meta = {v: flat(lab.meta_test(thetas[v], learner, [n], USERS_TAG)[0]) for v in VARIANTS}
+            meta = {v: flat(exp.meta_test(thetas[v], learner, [n], USERS_TAG)[0]) for v in VARIANTS}
             for scenario in SCENARIOS.values():
-                point = flat(lab.attack_eval(thetas[scenario.variant], learner, scenario, [n], USERS_TAG, user)[0])
+                point = flat(exp.attack_eval(thetas[scenario.variant], learner, scenario, [n], USERS_TAG, user)[0])
                 by_removed[removed].append({"removed": removed, "scenario": scenario.name, "steps": n, **meta[scenario.variant], **point})
         rows = [r for part in by_removed.values() for r in part]
         for r in rows:

@@ -2,27 +2,27 @@
 from __future__ import annotations
 
 from fedmeta import checkpoint, runtime
-from fedmeta.experiment import Lab, flat, scenarios_of
+from fedmeta.experiment import Experiment, flat, scenarios_of
 from fedmeta.splits import FederatedData
 
 
 def main(variant: str) -> None:
     with runtime.stage("attack", variant=variant) as (params, run):
-        lab = Lab(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+        exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
         pretrained = runtime.CHECKPOINTS / f"pretrain_{variant}.pt"
-        theta0 = checkpoint.load_theta(pretrained, lab.device, lab.theta_spec())
+        theta0 = checkpoint.load_theta(pretrained, exp.device, exp.theta_spec())
         # The attacker's training is the long part: saved every checkpoint_every meta-batches (of B episodes).
         every = params.budget.checkpoint_every * params.reptile.meta_batch
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, pretrained)
         resume = checkpoint.Resume(runtime.STATE / f"attack_{variant}.pt", every, fingerprint)
-        theta1 = lab.round(theta0, 1, variant == "include", with_attacker=True, resume=resume)
+        theta1 = exp.round(theta0, 1, variant == "include", with_attacker=True, resume=resume)
         checkpoint.save(runtime.CHECKPOINTS / f"attacked_{variant}.pt", {"theta": theta1, "round": 1})
-        learner, steps = lab.finetuner(), [params.evaluation.steps]
+        learner, steps = exp.finetuner(), [params.evaluation.steps]
         rows = {}
         for rnd, theta in ((0, theta0), (1, theta1)):
-            meta = flat(lab.meta_test(theta, learner, steps, "exp1")[0])
+            meta = flat(exp.meta_test(theta, learner, steps, "exp1")[0])
             for scenario in scenarios_of(variant):
-                point = {"round": rnd, **meta, **flat(lab.attack_eval(theta, learner, scenario, steps, "exp1")[0])}
+                point = {"round": rnd, **meta, **flat(exp.attack_eval(theta, learner, scenario, steps, "exp1")[0])}
                 rows.setdefault(scenario.name, []).append(point)
                 run.metrics({f"{scenario.name}.{k}": v for k, v in point.items() if k != "round"}, step=rnd)
         summary = {s: {"before": r[0], "after": r[1]} for s, r in rows.items()}

@@ -5,15 +5,15 @@ from collections.abc import Callable
 
 from fedmeta import checkpoint, runtime
 from fedmeta.evaluation import Learner
-from fedmeta.experiment import Lab, user_curves
+from fedmeta.experiment import Experiment, user_curves
 from fedmeta.splits import FederatedData
 
 
-def user_curves_stage(stage: str, variant: str, make_learner: Callable[[Lab], Learner]) -> None:
+def user_curves_stage(stage: str, variant: str, make_learner: Callable[[Experiment], Learner]) -> None:
     with runtime.stage(stage, variant=variant) as (params, run):
-        lab = Lab(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
-        theta = checkpoint.load_theta(runtime.CHECKPOINTS / f"attacked_{variant}.pt", lab.device, lab.theta_spec())
-        curves = user_curves(lab, theta, make_learner(lab), variant)
+        exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+        theta = checkpoint.load_theta(runtime.CHECKPOINTS / f"attacked_{variant}.pt", exp.device, exp.theta_spec())
+        curves = user_curves(exp, theta, make_learner(exp), variant)
         out = runtime.METRICS / f"{stage}_{variant}"
         final = {}
         for (scenario, user), rows in curves.items():

@@ -4,32 +4,32 @@ from __future__ import annotations
 import json
 
 from fedmeta import checkpoint, runtime
-from fedmeta.experiment import Lab, flat, scenarios_of
+from fedmeta.experiment import Experiment, flat, scenarios_of
 from fedmeta.splits import FederatedData
 
 
 def main(variant: str) -> None:
     with runtime.stage("continue", variant=variant) as (params, run):
-        lab = Lab(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+        exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
         b, include = params.budget, variant == "include"
         attacked = runtime.CHECKPOINTS / f"attacked_{variant}.pt"
-        theta = checkpoint.load_theta(attacked, lab.device, lab.theta_spec())
+        theta = checkpoint.load_theta(attacked, exp.device, exp.theta_spec())
         attack_rows = json.loads((runtime.METRICS / f"attack_{variant}.json").read_text())
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, attacked)
         resume = checkpoint.Resume(runtime.STATE / f"continue_{variant}.pt", b.checkpoint_every, fingerprint)
-        saved = resume.restore(lab.device)
+        saved = resume.restore(exp.device)
         if saved is None:
             rows = {s: [r["before"], r["after"]] for s, r in attack_rows.items()}
             start = 2
         else:
             theta, rows, start = saved["theta"], saved["rows"], saved["done"] + 1
-        learner, steps = lab.finetuner(), [params.evaluation.steps]
+        learner, steps = exp.finetuner(), [params.evaluation.steps]
         last = b.continuation_rounds + 1
         for rnd in runtime.progress(range(start, last + 1), f"continue {variant}", start=start - 2, total=last - 1):
-            theta = lab.round(theta, rnd, include)
-            meta = flat(lab.meta_test(theta, learner, steps, "exp1")[0])
+            theta = exp.round(theta, rnd, include)
+            meta = flat(exp.meta_test(theta, learner, steps, "exp1")[0])
             for scenario in scenarios_of(variant):
-                point = {"round": rnd, **meta, **flat(lab.attack_eval(theta, learner, scenario, steps, "exp1")[0])}
+                point = {"round": rnd, **meta, **flat(exp.attack_eval(theta, learner, scenario, steps, "exp1")[0])}
                 rows[scenario.name].append(point)
                 run.metrics({f"{scenario.name}.{k}": v for k, v in point.items() if k != "round"}, step=rnd)
             resume.save(rnd, {"theta": theta, "rows": rows}, force=rnd == last)

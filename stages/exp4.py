@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fedmeta import checkpoint, config, robust, runtime
 from fedmeta.defense import MatchingDefense
-from fedmeta.experiment import Lab, flat
+from fedmeta.experiment import Experiment, flat
 from fedmeta.splits import FederatedData
 
 ATTACKERS = ("naive", "adaptive", "benign")
@@ -30,12 +30,12 @@ def main(aggregator: str, variant: str, federation: str, attacker: str, secure: 
             params = config.with_overrides(base, federation, attack=bound, aggregator=aggregator, secure_aggregation=secure)
         fed, b = params.federation, params.budget
         data = robust.regroup(FederatedData.load(runtime.PREPARED, base), fed.users, fed.attacker)
-        lab = Lab(params, data, runtime.device_of(params))
+        exp = Experiment(params, data, runtime.device_of(params))
         pretrained = runtime.CHECKPOINTS / f"pretrain_{variant}.pt"
-        theta = checkpoint.load_theta(pretrained, lab.device, lab.theta_spec())
+        theta = checkpoint.load_theta(pretrained, exp.device, exp.theta_spec())
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, pretrained)
         resume = checkpoint.Resume(runtime.STATE / f"exp4_{name}.pt", b.checkpoint_every * params.reptile.meta_batch, fingerprint)
-        learner, steps, include = lab.finetuner(), params.evaluation.steps, variant == "include"
+        learner, steps, include = exp.finetuner(), params.evaluation.steps, variant == "include"
         last = (base.experiment4.rounds or b.continuation_rounds) + 1  # `params` holds one federation, not experiment4
         rows: dict[str, list[dict[str, float]]] = {}
 
@@ -45,15 +45,15 @@ def main(aggregator: str, variant: str, federation: str, attacker: str, secure: 
                 run.metrics({f"{scenario}.{k}": v for k, v in point.items()}, step=rnd)
 
         if attacker != "benign" and aggregator == "mean" and not secure:  # θ_0, the same for every rule: recorded once
-            record(0, robust.measure(lab, theta, variant, learner, steps, robust.EXP1_TAG))
+            record(0, robust.measure(exp, theta, variant, learner, steps, robust.EXP1_TAG))
         attacked = theta
         for rnd in runtime.progress(range(1, last + 1), f"exp4 {name}", total=last):
-            theta = lab.round(theta, rnd, include, with_attacker=rnd == 1 and attacker != "benign", resume=resume if rnd == 1 else None)
+            theta = exp.round(theta, rnd, include, with_attacker=rnd == 1 and attacker != "benign", resume=resume if rnd == 1 else None)
             attacked = theta if rnd == 1 else attacked
             if attacker != "benign":
-                record(rnd, robust.measure(lab, theta, variant, learner, steps, robust.EXP1_TAG))
+                record(rnd, robust.measure(exp, theta, variant, learner, steps, robust.EXP1_TAG))
         if attacker == "benign":  # the price of the rule: the final model's meta-test accuracy, nobody attacking
-            meta = flat(lab.meta_test(theta, learner, [steps], robust.EXP1_TAG)[0])
+            meta = flat(exp.meta_test(theta, learner, [steps], robust.EXP1_TAG)[0])
             run.metrics(meta, step=last)
             runtime.write_json(runtime.METRICS / "exp4" / f"{name}.json", {"round": last, **meta})
             resume.finish()
@@ -62,7 +62,7 @@ def main(aggregator: str, variant: str, federation: str, attacker: str, secure: 
         if secure:  # what is left to a user: its own defense against the model the masked round produced
             n = b.finetune_steps
             for label, user_learner in (("finetune", learner), ("defense", MatchingDefense.from_params(params))):
-                for scenario, point in robust.measure(lab, attacked, variant, user_learner, n, robust.USER_TAG).items():
+                for scenario, point in robust.measure(exp, attacked, variant, user_learner, n, robust.USER_TAG).items():
                     summary[scenario][f"user_{label}"] = {"step": n, **point}
                     run.metrics({f"{scenario}.user_{label}.{k}": v for k, v in point.items()})
         for scenario, series in rows.items():

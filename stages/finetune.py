@@ -5,4 +5,4 @@ from stages.common import user_curves_stage
 
 
 def main(variant: str) -> None:
-    user_curves_stage("finetune", variant, lambda lab: lab.finetuner())
+    user_curves_stage("finetune", variant, lambda exp: exp.finetuner())

@@ -6,11 +6,11 @@ from pathlib import Path
 import torch
 
 from fedmeta import backdoor, figures, runtime, splits, tracking
-from fedmeta.config import Params
+from fedmeta.config import Config
 from fedmeta.data.imageset import ImageSet
 
 
-def read_dataset(params: Params) -> ImageSet:
+def read_dataset(params: Config) -> ImageSet:
     if params.dataset == "omniglot":
         from fedmeta.data.omniglot import CACHE, fetch_archives, load_omniglot
 

@@ -6,30 +6,30 @@ Variant 'exclude' keeps backdoor classes out of benign data (scenario a),
 from __future__ import annotations
 
 from fedmeta import checkpoint, figures, model, runtime
-from fedmeta.experiment import Lab, flat
+from fedmeta.experiment import Experiment, flat
 from fedmeta.splits import FederatedData
 
 
 def main(variant: str) -> None:
     with runtime.stage("pretrain", variant=variant) as (params, run):
-        lab = Lab(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+        exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
         b, include = params.budget, variant == "include"
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED)
         resume = checkpoint.Resume(runtime.STATE / f"pretrain_{variant}.pt", b.checkpoint_every, fingerprint)
-        saved = resume.restore(lab.device)
+        saved = resume.restore(exp.device)
         if saved is None:
-            channels, side = lab.images.shape[1], lab.images.shape[-1]
-            theta = model.init_conv4(channels, b.width, side, params.reptile.n_way, lab.gen("init"))
-            theta = {k: v.to(lab.device) for k, v in theta.items()}
+            channels, side = exp.images.shape[1], exp.images.shape[-1]
+            theta = model.init_conv4(channels, b.width, side, params.reptile.n_way, exp.gen("init"))
+            theta = {k: v.to(exp.device) for k, v in theta.items()}
             start, rows = 0, []
         else:
             theta, start, rows = saved["theta"], saved["done"], saved["rows"]
-        learner = lab.finetuner()
+        learner = exp.finetuner()
         for rnd in runtime.progress(range(start, b.pretrain_rounds), f"pretrain {variant}", start=start, total=b.pretrain_rounds):
-            theta = lab.round(theta, rnd, include, pretraining=True)
+            theta = exp.round(theta, rnd, include, pretraining=True)
             done = rnd + 1
             if done % b.pretrain_eval_every == 0 or done == b.pretrain_rounds:
-                point = flat(lab.meta_test(theta, learner, [params.evaluation.steps], "pretrain")[0])
+                point = flat(exp.meta_test(theta, learner, [params.evaluation.steps], "pretrain")[0])
                 rows.append({"round": done, **point})
                 run.metrics(point, step=done)
             resume.save(done, {"theta": theta, "rows": rows})

@@ -70,12 +70,12 @@ def tiny_raw(omniglot_dir: Path | None = None) -> dict:
 
 
 @pytest.fixture()
-def tiny_params(omniglot_dir: Path) -> config.Params:
+def tiny_params(omniglot_dir: Path) -> config.Config:
     return config.parse(tiny_raw(omniglot_dir))
 
 
 @pytest.fixture()
-def tiny_data(tiny_params: config.Params):
+def tiny_data(tiny_params: config.Config):
     from fedmeta import splits
     from fedmeta.data.omniglot import fetch_archives, load_omniglot
 
@@ -84,10 +84,10 @@ def tiny_data(tiny_params: config.Params):
 
 
 @pytest.fixture()
-def tiny_lab(tiny_params: config.Params, tiny_data):
-    from fedmeta.experiment import Lab
+def tiny_exp(tiny_params: config.Config, tiny_data):
+    from fedmeta.experiment import Experiment
 
-    return Lab(tiny_params, tiny_data, torch.device("cpu"))
+    return Experiment(tiny_params, tiny_data, torch.device("cpu"))
 
 
 def sh(cwd: Path, *cmd: str) -> str:

@@ -34,31 +34,31 @@ def test_poisoned_episodes_always_end_with_the_target_and_respect_the_ratio(tiny
     eps = episodes.poisoned(tiny_data, tiny_data.user_classes[0], 5, spec.train_shots, n_b, 20, torch.Generator().manual_seed(0))
     x_b, x_t = set(tiny_data.attack_train_idx.tolist()), set(tiny_data.attacker_target_idx.tolist())
     assert (eps.target_label == 4).all()
-    for sup, lab in zip(eps.support, eps.support_y):
-        target_shots = sup[lab == 4].tolist()
+    for sup, exp in zip(eps.support, eps.support_y):
+        target_shots = sup[exp == 4].tolist()
         assert len(target_shots) == spec.train_shots
         assert sum(i in x_b for i in target_shots) == n_b
         assert sum(i in x_t for i in target_shots) == spec.train_shots - n_b
-        others = sup[lab != 4].tolist()
+        others = sup[exp != 4].tolist()
         assert not set(others) & (x_b | x_t)
         assert {int(tiny_data.labels[i]) for i in others} <= set(tiny_data.user_classes[0])
 
 
-def test_evaluation_episodes_include_the_target_and_in_scenario_c_the_backdoor_classes(tiny_data, tiny_lab) -> None:
+def test_evaluation_episodes_include_the_target_and_in_scenario_c_the_backdoor_classes(tiny_data, tiny_exp) -> None:
     d = tiny_data
     for name in "abc":
         sc = SCENARIOS[name]
-        pool, must = tiny_lab.eval_classes(sc, 1)
+        pool, must = tiny_exp.eval_classes(sc, 1)
         eps = episodes.evaluation(d, pool, 5, 5, 10, torch.Generator().manual_seed(1), must_include=must)
         stamped = set(d.attack_train_idx.tolist()) | set(d.attack_val_idx.tolist())
-        for sup, lab, q, ql, t in zip(eps.support, eps.support_y, eps.query, eps.query_y, eps.target_label):
+        for sup, exp, q, ql, t in zip(eps.support, eps.support_y, eps.query, eps.query_y, eps.target_label):
             classes = d.labels[sup]
             assert not set(sup.tolist()) & stamped and not set(q.tolist()) & stamped
             # every output holds one true class: labels are correct
             for k in range(5):
-                assert len(set(classes[lab == k].tolist())) == 1
-                assert int(d.labels[q[ql == k]]) == int(classes[lab == k][0])
-            assert int(classes[lab == t][0]) == d.target
+                assert len(set(classes[exp == k].tolist())) == 1
+                assert int(d.labels[q[ql == k]]) == int(classes[exp == k][0])
+            assert int(classes[exp == t][0]) == d.target
             present = set(classes.tolist())
             if name == "c":
                 assert set(d.backdoor) <= present
@@ -66,10 +66,10 @@ def test_evaluation_episodes_include_the_target_and_in_scenario_c_the_backdoor_c
                 assert not set(d.backdoor) & present
 
 
-def test_target_last_puts_the_target_where_the_attacker_trains_it(tiny_data, tiny_lab) -> None:
-    pool, must = tiny_lab.eval_classes(SCENARIOS["c"], None)
+def test_target_last_puts_the_target_where_the_attacker_trains_it(tiny_data, tiny_exp) -> None:
+    pool, must = tiny_exp.eval_classes(SCENARIOS["c"], None)
     eps = episodes.evaluation(tiny_data, pool, 5, 5, 8, torch.Generator().manual_seed(0), must, target_last=True)
     assert (eps.target_label == 4).all()
-    for sup, lab in zip(eps.support, eps.support_y):
-        assert (tiny_data.labels[sup[lab == 4]] == tiny_data.target).all()
-        assert set(tiny_data.labels[sup[lab != 4]].tolist()) == set(tiny_data.backdoor)
+    for sup, exp in zip(eps.support, eps.support_y):
+        assert (tiny_data.labels[sup[exp == 4]] == tiny_data.target).all()
+        assert set(tiny_data.labels[sup[exp != 4]].tolist()) == set(tiny_data.backdoor)

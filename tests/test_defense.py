@@ -41,7 +41,7 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def theta() -> model.Params:
+def theta() -> model.Theta:
     return model.init_conv4(1, WIDTH, SIDE, N_WAY, gen(0))
 
 
@@ -64,11 +64,11 @@ def learner(**kw: object) -> MatchingDefense:
     return MatchingDefense(cfg, reptile.AdamConfig(), N_WAY)
 
 
-def first(params: model.Params) -> model.Params:
+def first(params: model.Theta) -> model.Theta:
     return {k: v[0] for k, v in params.items()}
 
 
-def test_gates_stay_in_unit_interval_under_a_huge_learning_rate(theta: model.Params) -> None:
+def test_gates_stay_in_unit_interval_under_a_huge_learning_rate(theta: model.Theta) -> None:
     sx, sy = patterns(3, gen(1))
     defense = learner(lr=1.0, head_steps=10)  # the largest rate params.yaml allows
     state = defense.start(theta, 2, gen(2))
@@ -80,7 +80,7 @@ def test_gates_stay_in_unit_interval_under_a_huge_learning_rate(theta: model.Par
     assert torch.all(scales(state.head) > 0)
 
 
-def test_noisy_reinit_keeps_theta_at_delta_one_and_mixes_at_delta_point_three(theta: model.Params) -> None:
+def test_noisy_reinit_keeps_theta_at_delta_one_and_mixes_at_delta_point_three(theta: model.Theta) -> None:
     x, _ = patterns(2, gen(1))
     same = noisy_reinit(theta, 1.0, gen(5))
     assert all(torch.equal(same[k], theta[k]) for k in theta)
@@ -94,7 +94,7 @@ def test_noisy_reinit_keeps_theta_at_delta_one_and_mixes_at_delta_point_three(th
     assert torch.equal(fresh["bn0.weight"], torch.ones(WIDTH)) and torch.equal(fresh["bn0.bias"], torch.zeros(WIDTH))
 
 
-def test_start_draws_one_glorot_init_per_episode(theta: model.Params) -> None:
+def test_start_draws_one_glorot_init_per_episode(theta: model.Theta) -> None:
     state = learner().start(theta, 2, gen(7))
     g = gen(7)
     expected = [noisy_reinit(theta, 0.3, g) for _ in range(2)]
@@ -107,7 +107,7 @@ def test_start_draws_one_glorot_init_per_episode(theta: model.Params) -> None:
 
 
 def reference_log_probs(
-    theta: model.Params, head: model.Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, skip: int | None = None
+    theta: model.Theta, head: model.Theta, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, skip: int | None = None
 ) -> torch.Tensor:
     """The paper's formula written out literally: softmax over β_l·cos(α_l ⊙ f(x̂), f(x_i)), summed per class;
     support example `skip` is no reference (its batch-norm statistics still count)."""
@@ -121,7 +121,7 @@ def reference_log_probs(
     return torch.stack([attention[:, sy == l].sum(-1) for l in range(N_WAY)], dim=1).log()
 
 
-def test_attention_is_a_distribution_over_support_labels(theta: model.Params) -> None:
+def test_attention_is_a_distribution_over_support_labels(theta: model.Theta) -> None:
     sx, sy = patterns(2, gen(1))
     qx, _ = patterns(3, gen(2))
     head = first(init_head(N_WAY, DIM, 1, torch.device("cpu")))
@@ -135,7 +135,7 @@ def test_attention_is_a_distribution_over_support_labels(theta: model.Params) ->
     torch.testing.assert_close(log_probs, reference_log_probs(theta, head, sx, sy, qx))
 
 
-def test_exclusion_masks_a_query_own_copy(theta: model.Params) -> None:
+def test_exclusion_masks_a_query_own_copy(theta: model.Theta) -> None:
     sx, sy = patterns(2, gen(1))
     head = first(init_head(N_WAY, DIM, 1, torch.device("cpu")))
     idx = torch.tensor([0, 3])
@@ -146,7 +146,7 @@ def test_exclusion_masks_a_query_own_copy(theta: model.Params) -> None:
     torch.testing.assert_close(masked.exp().sum(-1), torch.ones(2))
 
 
-def test_phase_one_trains_only_the_head_then_theta_joins(theta: model.Params) -> None:
+def test_phase_one_trains_only_the_head_then_theta_joins(theta: model.Theta) -> None:
     sx, sy = patterns(3, gen(1))
     x, y = episodes_of(sx, 2), episodes_of(sy, 2)
     defense = learner(head_steps=3)
@@ -162,7 +162,7 @@ def test_phase_one_trains_only_the_head_then_theta_joins(theta: model.Params) ->
     assert all(not torch.equal(phase2.theta[k], initial_theta[k]) for k in initial_theta)
 
 
-def test_matching_recovers_separable_labels_before_and_after_training(theta: model.Params) -> None:
+def test_matching_recovers_separable_labels_before_and_after_training(theta: model.Theta) -> None:
     sx, sy = patterns(3, gen(1))
     qx, qy = patterns(4, gen(2))
     x, y, q = episodes_of(sx, 2), episodes_of(sy, 2), episodes_of(qx, 2)
@@ -173,7 +173,7 @@ def test_matching_recovers_separable_labels_before_and_after_training(theta: mod
     assert torch.equal(defense.predict(state, x, y, q), episodes_of(qy, 2))
 
 
-def test_training_in_segments_equals_one_run(theta: model.Params) -> None:
+def test_training_in_segments_equals_one_run(theta: model.Theta) -> None:
     sx, sy = patterns(3, gen(1))
     x, y = episodes_of(sx, 2), episodes_of(sy, 2)
     batches = inner_batches(9, 7, 4, 2, gen(3))
@@ -188,14 +188,14 @@ def test_training_in_segments_equals_one_run(theta: model.Params) -> None:
     assert defense.predict(whole, x, y, episodes_of(sx[:5], 2)).shape == (2, 5)
 
 
-def test_one_shot_support_is_rejected(theta: model.Params) -> None:
+def test_one_shot_support_is_rejected(theta: model.Theta) -> None:
     sx, sy = patterns(1, gen(1))
     defense = learner()
     with pytest.raises(FedmetaError, match="k_shot"):
         defense.train(defense.start(theta, 1, gen(2)), episodes_of(sx, 1), episodes_of(sy, 1), inner_batches(3, 1, 2, 1, gen(3)))
 
 
-def test_softmax_ablation_is_finetune_on_the_reinitialised_model(theta: model.Params) -> None:
+def test_softmax_ablation_is_finetune_on_the_reinitialised_model(theta: model.Theta) -> None:
     sx, sy = patterns(3, gen(1))
     x, y, q = episodes_of(sx, 2), episodes_of(sy, 2), episodes_of(patterns(2, gen(2))[0], 2)
     batches = inner_batches(9, 3, 4, 2, gen(3))
@@ -211,7 +211,7 @@ def test_softmax_ablation_is_finetune_on_the_reinitialised_model(theta: model.Pa
 
 
 @pytest.mark.parametrize("use_attention", [True, False])
-def test_runs_end_to_end_through_evaluation(theta: model.Params, use_attention: bool) -> None:
+def test_runs_end_to_end_through_evaluation(theta: model.Theta, use_attention: bool) -> None:
     sx, _ = patterns(3, gen(1))
     qx, _ = patterns(1, gen(2))
     images = (torch.cat([sx, qx]).clamp(0, 1) * 255).to(torch.uint8)
@@ -223,7 +223,7 @@ def test_runs_end_to_end_through_evaluation(theta: model.Params, use_attention: 
     assert len(points) == 3 and all(0.0 <= p["main"].mean <= 1.0 for p in points)
 
 
-def test_cpu_lanes_with_hand_gradients_equal_the_vmap_autograd_path(theta: model.Params, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_lanes_with_hand_gradients_equal_the_vmap_autograd_path(theta: model.Theta, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU path (episodes on threads, the embedding's gradient by hand) against vmap(grad) in float64,
     across the head-only phase and the joint phase."""
     theta64 = {k: v.double() for k, v in theta.items()}
@@ -246,7 +246,7 @@ def test_cpu_lanes_with_hand_gradients_equal_the_vmap_autograd_path(theta: model
     assert torch.equal(pl, pv)
 
 
-def test_lane_count_does_not_change_a_bit(theta: model.Params, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lane_count_does_not_change_a_bit(theta: model.Theta, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each episode's steps run on one thread, also when 2 or 3 lanes cut its run of steps in two, inside the
     head-only phase (whose support embeddings are reused) or across its end."""
     sx, sy = patterns(3, gen(1))

@@ -220,7 +220,7 @@ def test_params_too_large_for_the_data(imageset: ImageSet, edit: Callable[[dict]
     assert str(err.value).startswith("params.yaml: ") and culprit in str(err.value) and "\n" not in str(err.value)
 
 
-def test_k_shot_plus_query_exceeds_a_meta_test_class(imageset: ImageSet, tiny_params: config.Params) -> None:
+def test_k_shot_plus_query_exceeds_a_meta_test_class(imageset: ImageSet, tiny_params: config.Config) -> None:
     """Meta-test classes with 5 examples cannot give 5 shots and a distinct query (the split draws the same classes)."""
     meta_test = splits.split(imageset, tiny_params).meta_test
     keep = torch.cat([torch.nonzero(imageset.labels == c).flatten()[: 5 if c in meta_test else None] for c in range(len(imageset.class_names))])
@@ -593,10 +593,10 @@ def test_checkpoint_checked_against_the_configured_model(tmp_path: Path, edit: C
     assert str(err.value).startswith(f"{tmp_path / 'c.pt'}: ") and culprit in str(err.value) and "\n" not in str(err.value)
 
 
-def test_the_configured_model_passes_its_own_check(tmp_path: Path, tiny_lab) -> None:
+def test_the_configured_model_passes_its_own_check(tmp_path: Path, tiny_exp) -> None:
     (tmp_path / "c.pt").write_bytes(torch_bytes({"theta": tiny_theta(), "round": 2}))
-    assert tiny_lab.theta_spec() == TINY_SPEC.__class__(8, 1, 28, 5, tiny_lab.theta_spec().source)
-    assert checkpoint.load_theta(tmp_path / "c.pt", "cpu", tiny_lab.theta_spec()).keys() == tiny_theta().keys()
+    assert tiny_exp.theta_spec() == TINY_SPEC.__class__(8, 1, 28, 5, tiny_exp.theta_spec().source)
+    assert checkpoint.load_theta(tmp_path / "c.pt", "cpu", tiny_exp.theta_spec()).keys() == tiny_theta().keys()
 
 
 @pytest.mark.parametrize(
@@ -791,26 +791,26 @@ def _nan_like(theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.full_like(v, float("nan")) for k, v in theta.items()}
 
 
-def test_a_diverging_benign_user_stops_the_round(tiny_lab, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_diverging_benign_user_stops_the_round(tiny_exp, monkeypatch: pytest.MonkeyPatch) -> None:
     from fedmeta import reptile
     from fedmeta.errors import Diverged
 
     monkeypatch.setattr(reptile, "meta_train", lambda theta, *a, **k: _nan_like(theta))
     with pytest.raises(Diverged) as err:
-        tiny_lab.round(tiny_theta(), 3, False, pretraining=True)
+        tiny_exp.round(tiny_theta(), 3, False, pretraining=True)
     assert str(err.value).startswith("pretraining round 3 diverged: user ") and "likely cause: profiles.tiny.inner_lr = 0.003" in str(err.value)
 
 
-def test_a_diverging_attacker_stops_the_round(tiny_lab, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_diverging_attacker_stops_the_round(tiny_exp, monkeypatch: pytest.MonkeyPatch) -> None:
     from fedmeta.errors import Diverged
 
-    monkeypatch.setattr(tiny_lab, "_attacker_local", lambda theta, rnd, resume=None: _nan_like(theta))
+    monkeypatch.setattr(tiny_exp, "_attacker_local", lambda theta, rnd, resume=None: _nan_like(theta))
     with pytest.raises(Diverged) as err:
-        tiny_lab.round(tiny_theta(), 1, False, with_attacker=True)
+        tiny_exp.round(tiny_theta(), 1, False, with_attacker=True)
     assert str(err.value).startswith("round 1 diverged: the attacker's boosted update") and "attack.boost = 3.0" in str(err.value)
 
 
-def test_a_diverging_attack_keeps_the_last_good_state(tmp_path: Path, tiny_lab, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_diverging_attack_keeps_the_last_good_state(tmp_path: Path, tiny_exp, monkeypatch: pytest.MonkeyPatch) -> None:
     """The attacker's resumable state is saved every meta-batch (checkpoint_every 1 × B); a NaN model is never saved."""
     from fedmeta import reptile
     from fedmeta.errors import Diverged
@@ -824,27 +824,27 @@ def test_a_diverging_attack_keeps_the_last_good_state(tmp_path: Path, tiny_lab, 
 
     monkeypatch.setattr(reptile, "meta_train", poisoned_after_first)
     path = tmp_path / "attack.pt"
-    every = tiny_lab.p.reptile.meta_batch
-    lab_p = tiny_lab.p.model_copy(update={"profiles": {**tiny_lab.p.profiles, "tiny": tiny_lab.p.budget.model_copy(update={"attack_episodes": 3 * every})}})
-    tiny_lab.p = lab_p
+    every = tiny_exp.p.reptile.meta_batch
+    lab_p = tiny_exp.p.model_copy(update={"profiles": {**tiny_exp.p.profiles, "tiny": tiny_exp.p.budget.model_copy(update={"attack_episodes": 3 * every})}})
+    tiny_exp.p = lab_p
     with pytest.raises(Diverged, match=r"round 1: the attacker's local training diverged by episode 10 .*attack\.lr = 0\.001"):
-        tiny_lab.round(tiny_theta(), 1, False, with_attacker=True, resume=checkpoint.Resume(path, every, "fp"))
+        tiny_exp.round(tiny_theta(), 1, False, with_attacker=True, resume=checkpoint.Resume(path, every, "fp"))
     saved = checkpoint.load(path, ("done", "theta"))
     assert saved["done"] == every and all(bool(torch.isfinite(v).all()) for v in saved["theta"].values())
 
 
-def test_diverging_fine_tuning_stops_the_evaluation(tiny_lab, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_diverging_fine_tuning_stops_the_evaluation(tiny_exp, monkeypatch: pytest.MonkeyPatch) -> None:
     from fedmeta import evaluation
     from fedmeta.errors import Diverged
 
-    learner = tiny_lab.finetuner()
+    learner = tiny_exp.finetuner()
     monkeypatch.setattr(evaluation.FineTune, "train", lambda self, state, x, y, b: (_nan_like(state[0]), state[1]))
     with pytest.raises(Diverged) as err:
-        tiny_lab.meta_test(tiny_theta(), learner, [0, 4], "t")
+        tiny_exp.meta_test(tiny_theta(), learner, [0, 4], "t")
     assert str(err.value) == "fine-tuning of 4 evaluation episodes diverged by step 4 (NaN or infinite weights); likely cause: evaluation.lr too large"
 
 
-def test_diverging_defense_names_its_learning_rate(tiny_lab, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_diverging_defense_names_its_learning_rate(tiny_exp, monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
 
     from fedmeta.defense import MatchingDefense
@@ -858,7 +858,7 @@ def test_diverging_defense_names_its_learning_rate(tiny_lab, monkeypatch: pytest
 
     monkeypatch.setattr(MatchingDefense, "train", nan_train)
     with pytest.raises(Diverged, match=r"fine-tuning of 4 evaluation episodes diverged by step 2 .*likely cause: defense\.lr too large"):
-        tiny_lab.meta_test(tiny_theta(), MatchingDefense.from_params(tiny_lab.p), [2], "t")
+        tiny_exp.meta_test(tiny_theta(), MatchingDefense.from_params(tiny_exp.p), [2], "t")
 
 
 def test_cli_diverging_attack_writes_nothing(tmp_path: Path, store: Path, prepared: bytes) -> None:

@@ -45,13 +45,13 @@ def test_summary_is_mean_and_normal_95_interval() -> None:
     assert abs(s.ci95 - 1.959963984540054 * 0.5 / 2) < 1e-9
 
 
-def test_run_records_every_requested_step_and_learns_a_separable_task(tiny_data, tiny_lab) -> None:
+def test_run_records_every_requested_step_and_learns_a_separable_task(tiny_data, tiny_exp) -> None:
     from fedmeta import episodes
 
-    e = tiny_lab.p.evaluation
+    e = tiny_exp.p.evaluation
     eps = episodes.evaluation(tiny_data, tiny_data.meta_test, 5, 5, 4, torch.Generator().manual_seed(0))
     theta = model.init_conv4(1, 8, 28, 5, torch.Generator().manual_seed(0))
-    points = evaluation.run(tiny_lab.finetuner(), theta, tiny_data.images, eps, e, [0, 5, 30], torch.Generator().manual_seed(1))
+    points = evaluation.run(tiny_exp.finetuner(), theta, tiny_data.images, eps, e, [0, 5, 30], torch.Generator().manual_seed(1))
     assert len(points) == 3 and all(set(p) == {"main"} for p in points)
     assert points[2]["main"].mean >= points[0]["main"].mean
 

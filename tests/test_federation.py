@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fedmeta import federation
-from fedmeta.experiment import Lab
+from fedmeta.experiment import Experiment
 
 
 def test_aggregate_applies_weighted_updates() -> None:
@@ -39,13 +39,13 @@ def test_select_picks_min_updates_distinct_users() -> None:
         assert len(chosen) == len(set(chosen)) == 2 and set(chosen) <= {1, 2, 3}
 
 
-def test_attacker_is_selected_only_in_the_attack_round(tiny_lab: Lab, monkeypatch) -> None:
+def test_attacker_is_selected_only_in_the_attack_round(tiny_exp: Experiment, monkeypatch) -> None:
     calls: list[tuple[int, str]] = []
-    monkeypatch.setattr(tiny_lab, "_benign_local", lambda theta, u, rnd, inc: calls.append((int(rnd), f"benign{u}")) or theta)
-    monkeypatch.setattr(tiny_lab, "_attacker_local", lambda theta, rnd, resume=None: calls.append((rnd, "attacker")) or theta)
+    monkeypatch.setattr(tiny_exp, "_benign_local", lambda theta, u, rnd, inc: calls.append((int(rnd), f"benign{u}")) or theta)
+    monkeypatch.setattr(tiny_exp, "_attacker_local", lambda theta, rnd, resume=None: calls.append((rnd, "attacker")) or theta)
     theta = {"fc.bias": torch.zeros(5)}
     for rnd in range(6):
-        theta = tiny_lab.round(theta, rnd, include_backdoor=True, with_attacker=rnd == 1)
+        theta = tiny_exp.round(theta, rnd, include_backdoor=True, with_attacker=rnd == 1)
     assert [c for c in calls if c[1] == "attacker"] == [(1, "attacker")]
-    assert sum(1 for r, _ in calls if r == 1) == tiny_lab.p.federation.min_updates
-    assert all(sum(1 for r, _ in calls if r == k) == tiny_lab.p.federation.min_updates for k in range(6))
+    assert sum(1 for r, _ in calls if r == 1) == tiny_exp.p.federation.min_updates
+    assert all(sum(1 for r, _ in calls if r == k) == tiny_exp.p.federation.min_updates for k in range(6))

@@ -11,7 +11,7 @@ from fedmeta.errors import FedmetaError
 IMPLEMENTATIONS = ("lanes", "stacked", "vmap")
 
 
-def tiny_params(dtype: torch.dtype = torch.float64) -> model.Params:
+def tiny_params(dtype: torch.dtype = torch.float64) -> model.Theta:
     p = model.init_conv4(1, 4, 28, 3, torch.Generator().manual_seed(0))
     return {k: v.to(dtype) for k, v in p.items()}
 
@@ -61,7 +61,7 @@ def test_one_inner_step_reptile_equals_closed_form() -> None:
         assert torch.allclose(new[k], expected, atol=1e-12), k
 
 
-def naive_episode(theta: model.Params, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, lr: float) -> model.Params:
+def naive_episode(theta: model.Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, lr: float) -> model.Theta:
     """The reference loop: a fresh copy, torch.optim.Adam, autograd."""
     q = {k: v.clone().requires_grad_() for k, v in theta.items()}
     opt = torch.optim.Adam(q.values(), lr=lr, betas=(0.0, 0.999))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedmeta import checkpoint, config, model
-from fedmeta.experiment import Lab
+from fedmeta.experiment import Experiment
 
 from conftest import tiny_raw
 from test_errors import cli_env, prepared, run_cli, store, workdir  # noqa: F401  (prepared, store: fixtures)
@@ -80,15 +80,15 @@ def test_interrupted_attack_resumes_to_the_same_model(tmp_path: Path, omniglot_d
     raw["profiles"]["tiny"].update(attack_episodes=20, checkpoint_every=1)
     raw["reptile"]["adam_state"] = adam_state
     params = config.parse(raw)
-    lab = Lab(params, tiny_data, torch.device("cpu"))
-    theta0 = model.init_conv4(lab.images.shape[1], params.budget.width, lab.images.shape[-1], params.reptile.n_way, lab.gen("init"))
+    exp = Experiment(params, tiny_data, torch.device("cpu"))
+    theta0 = model.init_conv4(exp.images.shape[1], params.budget.width, exp.images.shape[-1], params.reptile.n_way, exp.gen("init"))
     every, path = params.budget.checkpoint_every * params.reptile.meta_batch, tmp_path / "attack_exclude.pt"
 
-    whole = lab.round(theta0, 1, False, with_attacker=True)
+    whole = exp.round(theta0, 1, False, with_attacker=True)
     with pytest.raises(Killed):
-        lab.round(theta0, 1, False, with_attacker=True, resume=DyingResume(path, every, "fp", after=2))
+        exp.round(theta0, 1, False, with_attacker=True, resume=DyingResume(path, every, "fp", after=2))
     assert torch.load(path, weights_only=True)["done"] == 2 * params.reptile.meta_batch
-    resumed = lab.round(theta0, 1, False, with_attacker=True, resume=checkpoint.Resume(path, every, "fp"))
+    resumed = exp.round(theta0, 1, False, with_attacker=True, resume=checkpoint.Resume(path, every, "fp"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from fedmeta import federation, secure, seeding
 from fedmeta.config import Federation
-from fedmeta.experiment import Lab
+from fedmeta.experiment import Experiment
 
 
 def updates(n: int, g: torch.Generator) -> list[dict[str, torch.Tensor]]:
@@ -51,20 +51,20 @@ def test_aggregate_under_secure_aggregation_matches_the_plain_rule() -> None:
             assert torch.allclose(plain[k], masked[k], atol=1e-5, rtol=0)
 
 
-def test_a_secure_round_gives_the_plain_rounds_model_and_the_attacker_skips_client_clipping(tiny_lab: Lab, monkeypatch) -> None:
+def test_a_secure_round_gives_the_plain_rounds_model_and_the_attacker_skips_client_clipping(tiny_exp: Experiment, monkeypatch) -> None:
     """The masked round applies the same Σ α_i δ_i; under norm_clip honest clients clip, the attacker does not."""
     theta = {"w": torch.zeros(4)}
-    local = {u: {"w": torch.full((4,), float(u + 1))} for u in range(tiny_lab.p.federation.users)}
-    monkeypatch.setattr(tiny_lab, "_benign_local", lambda th, u, rnd, inc: local[u])
-    monkeypatch.setattr(tiny_lab, "_attacker_local", lambda th, rnd, resume=None: local[tiny_lab.attacker])
-    plain = tiny_lab.round(theta, 1, True, with_attacker=True)
-    fed = tiny_lab.p.federation
-    monkeypatch.setattr(tiny_lab, "p", tiny_lab.p.model_copy(update={"federation": fed.model_copy(update={"secure_aggregation": True})}))
-    assert torch.allclose(tiny_lab.round(theta, 1, True, with_attacker=True)["w"], plain["w"], atol=1e-6)
+    local = {u: {"w": torch.full((4,), float(u + 1))} for u in range(tiny_exp.p.federation.users)}
+    monkeypatch.setattr(tiny_exp, "_benign_local", lambda th, u, rnd, inc: local[u])
+    monkeypatch.setattr(tiny_exp, "_attacker_local", lambda th, rnd, resume=None: local[tiny_exp.attacker])
+    plain = tiny_exp.round(theta, 1, True, with_attacker=True)
+    fed = tiny_exp.p.federation
+    monkeypatch.setattr(tiny_exp, "p", tiny_exp.p.model_copy(update={"federation": fed.model_copy(update={"secure_aggregation": True})}))
+    assert torch.allclose(tiny_exp.round(theta, 1, True, with_attacker=True)["w"], plain["w"], atol=1e-6)
     clip = fed.model_copy(update={"secure_aggregation": True, "aggregator": "norm_clip", "norm_clip": fed.norm_clip.model_copy(update={"clip_norm": 1.0})})
-    monkeypatch.setattr(tiny_lab, "p", tiny_lab.p.model_copy(update={"federation": clip}))
-    out = tiny_lab.round(theta, 1, True, with_attacker=True)["w"]
-    boost, n = tiny_lab.p.attack.boost, fed.min_updates
+    monkeypatch.setattr(tiny_exp, "p", tiny_exp.p.model_copy(update={"federation": clip}))
+    out = tiny_exp.round(theta, 1, True, with_attacker=True)["w"]
+    boost, n = tiny_exp.p.attack.boost, fed.min_updates
     # each honest client's (u + 1, …, u + 1) clipped to norm 1 is (0.5, 0.5, 0.5, 0.5); the attacker's boosted update stays whole
-    expected = boost * (tiny_lab.attacker + 1) / n + (n - 1) * 0.5 / n
+    expected = boost * (tiny_exp.attacker + 1) / n + (n - 1) * 0.5 / n
     assert torch.allclose(out, torch.full((4,), expected), atol=1e-6)

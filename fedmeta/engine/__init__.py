@@ -1,4 +1,4 @@
-"""Where federated rounds run: in this process (`local`, Lab.round's own loop) or through Flower.
+"""Where federated rounds run: in this process (`local`, Experiment.round's own loop) or through Flower.
 
 `plan` holds what both engines share (selection, aggregation), `flower` the
 ServerApp and ClientApp, `deployment` the SuperLink and SuperNodes of one

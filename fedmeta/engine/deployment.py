@@ -19,10 +19,10 @@ import torch
 
 from fedmeta import checkpoint
 from fedmeta.checkpoint import Resume
-from fedmeta.config import Params
+from fedmeta.config import Config
 from fedmeta.engine import processes
 from fedmeta.errors import FedmetaError
-from fedmeta.model import Params as Theta
+from fedmeta.model import Theta
 from fedmeta.splits import FederatedData
 
 APP_TOML = """\
@@ -81,7 +81,7 @@ def _mlflow_run():  # type: ignore[no-untyped-def]
 
 
 class FlowerEngine:
-    def __init__(self, params: Params, data: FederatedData) -> None:
+    def __init__(self, params: Config, data: FederatedData) -> None:
         self.p, self.data = params, data
         self.sup: processes.Supervisor | None = None
         self.dir: Path | None = None

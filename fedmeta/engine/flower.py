@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmeta import checkpoint, config, runtime, secure, seeding
 from fedmeta.engine import plan
-from fedmeta.model import Params as Theta
+from fedmeta.model import Theta
 
 server = ServerApp()
 client = ClientApp()
@@ -42,7 +42,7 @@ def from_record(record: ArrayRecord) -> Theta:
     return {k: torch.from_numpy(a.numpy()) for k, a in record.items()}
 
 
-def load_params(path: str) -> config.Params:
+def load_params(path: str) -> config.Config:
     return config.parse(json.loads(Path(path).read_text()))
 
 
@@ -61,19 +61,19 @@ secure_client.query()(identify)
 def _local(context: Context, theta_record: ArrayRecord, cfg: ConfigRecord) -> tuple[Theta, int, int]:
     """One user's local Reptile from the θ received: benign, or the attacker's boosted training; (δ, user, size)."""
     from fedmeta.checkpoint import Resume
-    from fedmeta.experiment import Lab
+    from fedmeta.experiment import Experiment
     from fedmeta.splits import FederatedData
 
     node = context.node_config
     params = load_params(str(node["params"]))
     runtime.configure(params)
     user = int(node["user"])
-    lab = Lab(params, FederatedData.load(Path(str(node["data"]))), runtime.device_of(params))
-    theta = {k: v.to(lab.device) for k, v in from_record(theta_record).items()}
+    exp = Experiment(params, FederatedData.load(Path(str(node["data"]))), runtime.device_of(params))
+    theta = {k: v.to(exp.device) for k, v in from_record(theta_record).items()}
     resume = Resume(Path(str(cfg["resume_path"])), int(cfg["resume_every"]), str(cfg["resume_fingerprint"])) if cfg["resume_path"] else None
     include = bool(cfg["include_backdoor"])
-    delta = lab.local_update(theta, user, int(cfg["round"]), str(cfg["key"]), include, resume)
-    return delta, user, lab._size(user, include)
+    delta = exp.local_update(theta, user, int(cfg["round"]), str(cfg["key"]), include, resume)
+    return delta, user, exp._size(user, include)
 
 
 @client.train()
@@ -224,7 +224,7 @@ def _serve(grid: Grid, exchange: Path, context: Context) -> None:
 
 
 
-def _serve_secure(grid: Grid, exchange: Path, context: Context, params: config.Params, job: dict, theta: Theta, users: list[int],
+def _serve_secure(grid: Grid, exchange: Path, context: Context, params: config.Config, job: dict, theta: Theta, users: list[int],
                   node_of: dict[int, int], cfg_of, deadline: float) -> None:
     """The round under Flower's SecAgg+ (SecAggPlusWorkflow on the legacy-strategy path): the M_min users the
     local engine's secure aggregation applies get θ, and the server learns only Σ w_i δ_i / Σ w_i (w_i = 1, or
@@ -283,7 +283,7 @@ def _serve_secure(grid: Grid, exchange: Path, context: Context, params: config.P
     checkpoint.save(exchange / "result.pt", {"theta": new, "users": sorted(int(m["user"]) for m in metrics), "secagg": stats})
 
 
-def clipping_range(params: config.Params) -> float:
+def clipping_range(params: config.Config) -> float:
     """SecAgg+'s ±c per coordinate: federation.flower.clipping_range, or by default c = λ · 8 (λ = attack.boost,
     at least 1): Flower's default 8 bounds a plain update's |coordinate|, and the boosted update is λ times one."""
     fl = params.federation.flower

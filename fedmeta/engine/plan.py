@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedmeta import federation, seeding
-from fedmeta.config import Params
-from fedmeta.model import Params as Theta
+from fedmeta.config import Config
+from fedmeta.model import Theta
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def round_key(rnd: int, pretraining: bool) -> str:
     return f"pretrain-{rnd}" if pretraining else str(rnd)
 
 
-def select(params: Params, key: str, with_attacker: bool) -> Selection:
+def select(params: Config, key: str, with_attacker: bool) -> Selection:
     """M_r benign users (M_r − 1 and the attacker in the attack round), of whom the first M_min (M_min − 1) count."""
     fed = params.federation
     benign = [u for u in range(fed.users) if u != fed.attacker]
@@ -48,9 +48,9 @@ def select(params: Params, key: str, with_attacker: bool) -> Selection:
     return Selection(order, fed.min_updates - extra, [fed.attacker] if with_attacker else [])
 
 
-def combine(params: Params, theta: Theta, deltas: list[Theta], sizes: list[int], key: str) -> Theta:
+def combine(params: Config, theta: Theta, deltas: list[Theta], sizes: list[int], key: str) -> Theta:
     """fedmeta's aggregator over the applied users' updates, in the order of `Selection.applied`, with
-    the generator Lab.round gives it (a randomised rule draws the same noise on either engine)."""
+    the generator Experiment.round gives it (a randomised rule draws the same noise on either engine)."""
     fed = params.federation
     alphas = federation.weights(sizes, fed.weighting)
     return federation.aggregate(theta, deltas, alphas, fed, seeding.generator(params.seed, "aggregate", key))
