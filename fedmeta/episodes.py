@@ -6,10 +6,12 @@ becomes one gather from memory, and the draws depend only on the generator.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from fedmeta.splits import FederatedData
+if TYPE_CHECKING:  # splits imports attack, which samples episodes: annotations only
+    from fedmeta.splits import FederatedData
 
 
 @dataclass
@@ -27,14 +29,14 @@ class Episodes:
         return Episodes(*(None if t is None else t.to(device) for t in (self.support, self.support_y, self.query, self.query_y, self.target_label)))
 
 
-def _pick(pool: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+def pick(pool: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
     """n examples of a pool; with replacement only when the pool is smaller than n (the attacker's 5 X_T)."""
     if n <= len(pool):
         return pool[torch.randperm(len(pool), generator=g)[:n]]
     return pool[torch.randint(len(pool), (n,), generator=g)]
 
 
-def _classes(pool: list[int], n: int, g: torch.Generator) -> list[int]:
+def pick_classes(pool: list[int], n: int, g: torch.Generator) -> list[int]:
     return [pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist()]
 
 
@@ -42,29 +44,17 @@ def training(data: FederatedData, classes: list[int], n_way: int, k_shot: int, c
     """Benign Reptile episodes: N random classes of the user's, K training examples each."""
     sup = []
     for _ in range(count):
-        chosen = _classes(classes, n_way, g)
-        sup.append(torch.cat([_pick(data.train_idx[c], k_shot, g) for c in chosen]))
+        chosen = pick_classes(classes, n_way, g)
+        sup.append(torch.cat([pick(data.train_idx[c], k_shot, g) for c in chosen]))
     labels = torch.arange(n_way).repeat_interleave(k_shot).expand(count, -1)
     return Episodes(torch.stack(sup), labels.clone())
-
-
-def poisoned(data: FederatedData, classes: list[int], n_way: int, k_shot: int, n_backdoor: int, count: int, g: torch.Generator) -> Episodes:
-    """The attacker's episodes: N−1 random classes of its own, the target always as output N−1,
-    its K shots mixing `n_backdoor` stamped X_B (labelled as the target) with K − n_backdoor real X_T."""
-    sup = []
-    for _ in range(count):
-        chosen = _classes(classes, n_way - 1, g)
-        target_shots = torch.cat([_pick(data.attack_train_idx, n_backdoor, g), _pick(data.attacker_target_idx, k_shot - n_backdoor, g)])
-        sup.append(torch.cat([*(_pick(data.train_idx[c], k_shot, g) for c in chosen), target_shots]))
-    labels = torch.arange(n_way).repeat_interleave(k_shot).expand(count, -1)
-    return Episodes(torch.stack(sup), labels.clone(), target_label=torch.full((count,), n_way - 1))
 
 
 def _support_and_query(data: FederatedData, c: int, k_shot: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """K support examples and one query; the query comes from held-out examples when the class has them."""
     if len(data.val_idx[c]):
-        return _pick(data.train_idx[c], k_shot, g), _pick(data.val_idx[c], 1, g)
-    both = _pick(data.train_idx[c], k_shot + 1, g)
+        return pick(data.train_idx[c], k_shot, g), pick(data.val_idx[c], 1, g)
+    both = pick(data.train_idx[c], k_shot + 1, g)
     return both[:k_shot], both[k_shot:]
 
 
@@ -84,7 +74,7 @@ def evaluation(
     sup, qry, tgt = [], [], []
     others = [c for c in classes if c not in must_include]
     for _ in range(count):
-        chosen = list(must_include[:n_way]) + _classes(others, n_way - min(len(must_include), n_way), g)
+        chosen = list(must_include[:n_way]) + pick_classes(others, n_way - min(len(must_include), n_way), g)
         order = torch.randperm(n_way, generator=g).tolist()
         chosen = [chosen[i] for i in order]
         if must_include and target_last:

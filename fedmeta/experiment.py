@@ -5,13 +5,13 @@ and poisoned rounds, and measures a model the way every experiment reports it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
-from fedmeta import episodes, evaluation, federation, reptile, secure, seeding
+from fedmeta import attack, episodes, evaluation, federation, reptile, secure, seeding
 from fedmeta.checkpoint import Resume, ThetaSpec
-from fedmeta.config import Config, backdoor_shots
+from fedmeta.config import Config
 from fedmeta.engine import plan
 from fedmeta.engine.deployment import FlowerEngine
 from fedmeta.errors import Diverged
@@ -85,41 +85,11 @@ class Experiment:
             theta, self.images, sample, self.p.budget.episodes_per_round, r, r.inner_steps, self.p.budget.outer_step, self.adam, self.gen("local", rnd, user)
         )
 
-    def _attacker_local(self, theta: Theta, rnd: int, resume: Resume | None = None) -> Theta:
-        """The attacker's long local training; `resume` saves it after meta-batches (with the generator's
-        and Adam's state, so a restart replays the rest exactly) and restarts it from the last save."""
-        r, spec, b = self.p.reptile, self.p.spec, self.p.budget
-        classes, n_b = self.data.user_classes[self.attacker], backdoor_shots(spec)
-
-        def sample(count: int, g: torch.Generator) -> episodes.Episodes:
-            return episodes.poisoned(self.data, classes, r.n_way, spec.train_shots, n_b, count, g)
-
-        steps = -(-b.attack_inner_epochs * r.n_way * spec.train_shots // r.inner_batch)
-        adam = reptile.AdamConfig(lr=self.p.attack.lr, beta2=r.beta2)
-        g, start, state, local = self.gen("attack", rnd), 0, None, theta
-        saved = resume.restore(self.device) if resume is not None else None
-        if saved is not None:
-            local, start, state = saved["theta"], saved["done"], reptile.AdamState(**saved["adam"])
-            g.set_state(saved["rng"].cpu())
-
-        def save(done: int, now: Theta, state: reptile.AdamState) -> None:
-            if resume is not None:
-                if done % resume.every == 0 and not finite(now):  # never save a diverged state over the last good one
-                    raise Diverged(
-                        f"round {rnd}: the attacker's local training diverged by episode {done} (NaN or infinite weights); "
-                        f"likely cause: attack.lr = {self.p.attack.lr} too large, or extreme weights in the model it started from"
-                    )
-                adam_state = {f.name: getattr(state, f.name) for f in fields(state)}
-                resume.save(done, {"theta": now, "adam": adam_state, "rng": g.get_state()})
-
-        return reptile.meta_train(local, self.images, sample, b.attack_episodes, r, steps, b.outer_step, adam, g, start, state, save)
-
     def local_update(self, theta: Theta, user: int, rnd: int, key: str, include_backdoor: bool, resume: Resume | None = None) -> Theta:
         """User `user`'s δ for round `rnd` (`key`: its seed path): boosted for the attacker. Flower's ClientApp runs this too."""
         if user == self.attacker:
-            delta = federation.update(self._attacker_local(theta, rnd, resume), theta, self.p.attack.boost)
-            bound = self.p.attack.norm_bound  # an adaptive attacker: constrain-and-scale to the server's clipping bound
-            return delta if bound is None else federation.constrain(delta, bound)
+            local = attack.train(self.p, self.data, self.images, theta, rnd, self.gen("attack", rnd), resume)
+            return attack.boosted_update(local, theta, self.p)
         return federation.update(self._benign_local(theta, user, key, include_backdoor), theta)
 
     def round(
@@ -135,7 +105,7 @@ class Experiment:
             if self.flower is None:
                 self.flower = FlowerEngine(self.p, self.data)
             new = self.flower.round(theta, rnd, key, include_backdoor, with_attacker, resume)
-            if not finite(new):
+            if not federation.finite(new):
                 raise Diverged(f"{'pretraining ' if pretraining else ''}round {rnd} diverged: the aggregated model holds NaN or infinite weights; "
                                f"likely cause: profiles.{self.p.profile}.inner_lr, attack.lr or attack.boost too large")
             return new
@@ -147,14 +117,14 @@ class Experiment:
             clipped = [d if u == self.attacker else federation.client_side(d, fed) for u, d in zip(users, deltas)]
             sent = secure.mask(clipped, alphas, lambda i, j: self.gen("secagg", key, users[i], users[j]))
         new = federation.aggregate(theta, sent, alphas, fed, self.gen("aggregate", key))
-        if not finite(new):  # one check per round; finding the culprit costs only when it fails
+        if not federation.finite(new):  # one check per round; finding the culprit costs only when it fails
             raise Diverged(self._divergence(f"{'pretraining ' if pretraining else ''}round {rnd}", users, deltas))
         return new
 
     def _divergence(self, where: str, users: list[int], deltas: list[Theta]) -> str:
         b, a, prof = self.p.budget, self.p.attack, f"profiles.{self.p.profile}"
         for u, d in zip(users, deltas):
-            if finite(d):
+            if federation.finite(d):
                 continue
             if u == self.attacker:
                 return f"{where} diverged: the attacker's boosted update holds NaN or infinite weights; likely cause: attack.lr = {a.lr} or attack.boost = {a.boost} too large"
@@ -177,6 +147,13 @@ class Experiment:
         points = evaluation.run(learner, theta, self.images, eps, e, record_at, self.gen("meta-test-batches", tag))
         return [{"meta_test": pt["main"]} for pt in points]
 
+    def measure(self, theta: Theta, variant: str, learner: Learner, steps: int, tag: str) -> dict[str, dict[str, float]]:
+        """What Experiments 1 and 4 record after a round: meta-test accuracy and, per scenario of `variant`,
+        main-task and backdoor accuracy on the attack-evaluation episodes of all benign users' classes
+        (means and 95 % half-widths, after `steps` fine-tuning steps of `learner`)."""
+        meta = flat(self.meta_test(theta, learner, [steps], tag)[0])
+        return {s.name: {**meta, **flat(self.attack_eval(theta, learner, s, [steps], tag)[0])} for s in scenarios_of(variant)}
+
     def eval_classes(self, scenario: Scenario, user: int | None) -> tuple[list[int], tuple[int, ...]]:
         """Classes of the fine-tuning episodes and those always present: the target, plus in (c) the
         backdoor classes; in (a) and (b) backdoor classes never appear, whatever pretraining saw."""
@@ -197,11 +174,6 @@ class Experiment:
         eps = episodes.evaluation(d, pool, e.n_way, e.k_shot, self.p.budget.eval_episodes, g, must, e.target_output == "last")
         probes = {"attack_train": d.attack_train_idx.to(self.device), "attack_val": d.attack_val_idx.to(self.device)}
         return evaluation.run(learner, theta, self.images, eps, e, record_at, self.gen("attack-eval-batches", scenario.name, tag, user), probes)
-
-
-def finite(theta: Theta) -> bool:
-    """Whether every weight is finite: one reduction per tensor, one synchronisation in all."""
-    return bool(torch.stack([torch.isfinite(v).all() for v in theta.values()]).all())
 
 
 def flat(point: dict[str, Summary]) -> dict[str, float]:

@@ -25,9 +25,14 @@ def select(candidates: list[int], per_round: int, min_updates: int, g: torch.Gen
     return [candidates[i] for i in order[:min_updates]]
 
 
-def update(local: Theta, theta: Theta, boost: float = 1.0) -> Theta:
-    """δ = λ(θ_local − θ_G); λ = 1 for benign users, λ > 1 for a boosting attacker."""
-    return {k: boost * (local[k] - theta[k]) for k in theta}
+def update(local: Theta, theta: Theta) -> Theta:
+    """A benign user's δ = θ_local − θ_G (the attacker boosts its own: `attack.boosted_update`)."""
+    return {k: local[k] - theta[k] for k in theta}
+
+
+def finite(theta: Theta) -> bool:
+    """Whether every weight is finite: one reduction per tensor, one synchronisation in all."""
+    return bool(torch.stack([torch.isfinite(v).all() for v in theta.values()]).all())
 
 
 def weights(sizes: list[int], weighting: str) -> list[float]:

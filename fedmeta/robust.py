@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from fedmeta.evaluation import Learner
-from fedmeta.experiment import Experiment, flat, scenarios_of
-from fedmeta.model import Theta
 from fedmeta.splits import FederatedData
 
 EXP1_TAG = "exp1"  # Experiment 1's episodes: the mean rule on M = 4 repeats Experiment 1 exactly
@@ -26,10 +23,3 @@ def regroup(data: FederatedData, users: int, attacker: int) -> FederatedData:
     benign_users = [u for u in range(users) if u != attacker]
     owners = [benign_users[i % len(benign_users)] for i in range(len(data.attack_owner))]
     return replace(data, user_classes=[benign_classes[u::users] for u in range(users)], attack_owner=owners)
-
-
-def measure(exp: Experiment, theta: Theta, variant: str, learner: Learner, steps: int, tag: str) -> dict[str, dict[str, float]]:
-    """Meta-test accuracy and, per scenario of `variant`, main-task and backdoor accuracy on the
-    attack-evaluation episodes of all benign users' classes, with 95 % intervals."""
-    meta = flat(exp.meta_test(theta, learner, [steps], tag)[0])
-    return {s.name: {**meta, **flat(exp.attack_eval(theta, learner, s, [steps], tag)[0])} for s in scenarios_of(variant)}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fedmeta import backdoor, checkpoint, seeding
+from fedmeta import attack, checkpoint, seeding
 from fedmeta.config import Config
 from fedmeta.data.imageset import ImageSet
 from fedmeta.errors import FedmetaError
@@ -51,8 +51,8 @@ class FederatedData:
 
     def user_data(self, user: int, include_backdoor: bool) -> list[int]:
         """A benign user's classes; the target always, backdoor classes only in scenarios (b)/(c)."""
-        attack = [self.target, *self.backdoor]
-        extra = [c for c, owner in zip(attack, self.attack_owner) if owner == user and (include_backdoor or c == self.target)]
+        classes = [self.target, *self.backdoor]
+        extra = [c for c, owner in zip(classes, self.attack_owner) if owner == user and (include_backdoor or c == self.target)]
         return self.user_classes[user] + extra
 
 
@@ -196,7 +196,7 @@ def split(data: ImageSet, params: Config) -> FederatedData:
             f"allowed: at most {len(meta_test)} (or a larger datasets.{ds}.meta_test_fraction)"
         )
     # Attack classes: one class of each of the first groups; the group's other classes are dropped.
-    attack = [grp[int(torch.randint(len(grp), (1,), generator=g))] for grp in train_groups[:n_attack]]
+    attack_classes = [grp[int(torch.randint(len(grp), (1,), generator=g))] for grp in train_groups[:n_attack]]
     benign_classes = [c for grp in train_groups[n_attack:] for c in grp]
     per_user = [benign_classes[u :: fed.users] for u in range(fed.users)]
     fewest = min(len(c) for c in per_user)
@@ -236,7 +236,7 @@ def split(data: ImageSet, params: Config) -> FederatedData:
     images, labels = [data.images], [data.labels]
     n_next = len(data.labels)
     x_t, x_b, x_v = torch.empty(0, dtype=torch.int64), [], []
-    for i, c in enumerate(attack):
+    for i, c in enumerate(attack_classes):
         if len(by_class[c]) < needed:
             raise FedmetaError(
                 f"params.yaml: datasets.{ds}: benign_examples + attacker_examples + validation_examples = {needed} exceed the "
@@ -249,7 +249,7 @@ def split(data: ImageSet, params: Config) -> FederatedData:
             x_t = attacker
             continue
         for chosen, dest in ((attacker, x_b), (held, x_v)):
-            images.append(backdoor.stamp(data.images[chosen], params.key))
+            images.append(attack.stamp(data.images[chosen], params.key))
             labels.append(data.labels[chosen])
             dest.append(torch.arange(n_next, n_next + len(chosen)))
             n_next += len(chosen)
@@ -263,8 +263,8 @@ def split(data: ImageSet, params: Config) -> FederatedData:
         val_idx=val_idx,
         user_classes=per_user,
         meta_test=meta_test,
-        target=attack[0],
-        backdoor=attack[1:],
+        target=attack_classes[0],
+        backdoor=attack_classes[1:],
         attack_owner=owners,
         attacker_target_idx=x_t,
         attack_train_idx=torch.cat(x_b),

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from fedmeta import checkpoint, runtime
-from fedmeta.experiment import Experiment, flat, scenarios_of
+from fedmeta.experiment import Experiment
 from fedmeta.splits import FederatedData
+from stages.common import record_round
 
 
 def main(variant: str) -> None:
@@ -17,14 +18,9 @@ def main(variant: str) -> None:
         resume = checkpoint.Resume(runtime.STATE / f"attack_{variant}.pt", every, fingerprint)
         theta1 = exp.round(theta0, 1, variant == "include", with_attacker=True, resume=resume)
         checkpoint.save(runtime.CHECKPOINTS / f"attacked_{variant}.pt", {"theta": theta1, "round": 1})
-        learner, steps = exp.finetuner(), [params.evaluation.steps]
-        rows = {}
+        learner, rows = exp.finetuner(), {}
         for rnd, theta in ((0, theta0), (1, theta1)):
-            meta = flat(exp.meta_test(theta, learner, steps, "exp1")[0])
-            for scenario in scenarios_of(variant):
-                point = {"round": rnd, **meta, **flat(exp.attack_eval(theta, learner, scenario, steps, "exp1")[0])}
-                rows.setdefault(scenario.name, []).append(point)
-                run.metrics({f"{scenario.name}.{k}": v for k, v in point.items() if k != "round"}, step=rnd)
+            record_round(run, rows, rnd, exp.measure(theta, variant, learner, params.evaluation.steps, "exp1"))
         summary = {s: {"before": r[0], "after": r[1]} for s, r in rows.items()}
         runtime.write_json(runtime.METRICS / f"attack_{variant}.json", summary)
         resume.finish()

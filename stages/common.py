@@ -1,9 +1,10 @@
-"""The loop Experiments 2 and 3 share: only the learner differs."""
+"""What several stages share: recording a round's measurements (Experiments 1 and 4), and the loop
+Experiments 2 and 3 share, where only the learner differs."""
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from fedmeta import checkpoint, runtime
+from fedmeta import checkpoint, runtime, tracking
 from fedmeta.evaluation import Learner
 from fedmeta.experiment import Experiment, user_curves
 from fedmeta.splits import FederatedData
@@ -22,3 +23,10 @@ def user_curves_stage(stage: str, variant: str, make_learner: Callable[[Experime
             for row in rows:
                 run.metrics({f"{scenario}.user{user + 1}.{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
         runtime.write_json(runtime.METRICS / f"{stage}_{variant}.json", final)
+
+
+def record_round(run: tracking.Run, rows: dict[str, list[dict[str, float]]], rnd: int, points: dict[str, dict[str, float]]) -> None:
+    """Append round `rnd`'s point to each scenario's series and log it, one MLflow curve per scenario and metric."""
+    for scenario, point in points.items():
+        rows.setdefault(scenario, []).append({"round": rnd, **point})
+        run.metrics({f"{scenario}.{k}": v for k, v in point.items()}, step=rnd)

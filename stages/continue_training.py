@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 
 from fedmeta import checkpoint, runtime
-from fedmeta.experiment import Experiment, flat, scenarios_of
+from fedmeta.experiment import Experiment
 from fedmeta.splits import FederatedData
+from stages.common import record_round
 
 
 def main(variant: str) -> None:
@@ -23,15 +24,10 @@ def main(variant: str) -> None:
             start = 2
         else:
             theta, rows, start = saved["theta"], saved["rows"], saved["done"] + 1
-        learner, steps = exp.finetuner(), [params.evaluation.steps]
-        last = b.continuation_rounds + 1
+        learner, last = exp.finetuner(), b.continuation_rounds + 1
         for rnd in runtime.progress(range(start, last + 1), f"continue {variant}", start=start - 2, total=last - 1):
             theta = exp.round(theta, rnd, include)
-            meta = flat(exp.meta_test(theta, learner, steps, "exp1")[0])
-            for scenario in scenarios_of(variant):
-                point = {"round": rnd, **meta, **flat(exp.attack_eval(theta, learner, scenario, steps, "exp1")[0])}
-                rows[scenario.name].append(point)
-                run.metrics({f"{scenario.name}.{k}": v for k, v in point.items() if k != "round"}, step=rnd)
+            record_round(run, rows, rnd, exp.measure(theta, variant, learner, params.evaluation.steps, "exp1"))
             resume.save(rnd, {"theta": theta, "rows": rows}, force=rnd == last)
         out = runtime.METRICS / f"exp1_{variant}"
         for name, series in rows.items():

@@ -12,6 +12,7 @@ from fedmeta import checkpoint, config, robust, runtime
 from fedmeta.defense import MatchingDefense
 from fedmeta.experiment import Experiment, flat
 from fedmeta.splits import FederatedData
+from stages.common import record_round
 
 ATTACKERS = ("naive", "adaptive", "benign")
 
@@ -38,20 +39,14 @@ def main(aggregator: str, variant: str, federation: str, attacker: str, secure: 
         learner, steps, include = exp.finetuner(), params.evaluation.steps, variant == "include"
         last = (base.experiment4.rounds or b.continuation_rounds) + 1  # `params` holds one federation, not experiment4
         rows: dict[str, list[dict[str, float]]] = {}
-
-        def record(rnd: int, points: dict[str, dict[str, float]]) -> None:
-            for scenario, point in points.items():
-                rows.setdefault(scenario, []).append({"round": rnd, **point})
-                run.metrics({f"{scenario}.{k}": v for k, v in point.items()}, step=rnd)
-
         if attacker != "benign" and aggregator == "mean" and not secure:  # θ_0, the same for every rule: recorded once
-            record(0, robust.measure(exp, theta, variant, learner, steps, robust.EXP1_TAG))
+            record_round(run, rows, 0, exp.measure(theta, variant, learner, steps, robust.EXP1_TAG))
         attacked = theta
         for rnd in runtime.progress(range(1, last + 1), f"exp4 {name}", total=last):
             theta = exp.round(theta, rnd, include, with_attacker=rnd == 1 and attacker != "benign", resume=resume if rnd == 1 else None)
             attacked = theta if rnd == 1 else attacked
             if attacker != "benign":
-                record(rnd, robust.measure(exp, theta, variant, learner, steps, robust.EXP1_TAG))
+                record_round(run, rows, rnd, exp.measure(theta, variant, learner, steps, robust.EXP1_TAG))
         if attacker == "benign":  # the price of the rule: the final model's meta-test accuracy, nobody attacking
             meta = flat(exp.meta_test(theta, learner, [steps], robust.EXP1_TAG)[0])
             run.metrics(meta, step=last)
@@ -62,7 +57,7 @@ def main(aggregator: str, variant: str, federation: str, attacker: str, secure: 
         if secure:  # what is left to a user: its own defense against the model the masked round produced
             n = b.finetune_steps
             for label, user_learner in (("finetune", learner), ("defense", MatchingDefense.from_params(params))):
-                for scenario, point in robust.measure(exp, attacked, variant, user_learner, n, robust.USER_TAG).items():
+                for scenario, point in exp.measure(attacked, variant, user_learner, n, robust.USER_TAG).items():
                     summary[scenario][f"user_{label}"] = {"step": n, **point}
                     run.metrics({f"{scenario}.user_{label}.{k}": v for k, v in point.items()})
         for scenario, series in rows.items():

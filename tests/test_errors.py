@@ -802,9 +802,10 @@ def test_a_diverging_benign_user_stops_the_round(tiny_exp, monkeypatch: pytest.M
 
 
 def test_a_diverging_attacker_stops_the_round(tiny_exp, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedmeta import attack
     from fedmeta.errors import Diverged
 
-    monkeypatch.setattr(tiny_exp, "_attacker_local", lambda theta, rnd, resume=None: _nan_like(theta))
+    monkeypatch.setattr(attack, "train", lambda p, d, im, theta, rnd, g, resume=None: _nan_like(theta))
     with pytest.raises(Diverged) as err:
         tiny_exp.round(tiny_theta(), 1, False, with_attacker=True)
     assert str(err.value).startswith("round 1 diverged: the attacker's boosted update") and "attack.boost = 3.0" in str(err.value)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fedmeta import federation
+from fedmeta import attack, federation
 from fedmeta.experiment import Experiment
 
 
@@ -14,16 +14,17 @@ def test_aggregate_applies_weighted_updates() -> None:
     assert torch.allclose(out["w"], torch.tensor([1.25, 3.25]))
 
 
-def test_boosted_update_is_lambda_times_difference() -> None:
+def test_boosted_update_is_lambda_times_difference(tiny_params) -> None:
     local, theta = {"w": torch.tensor([2.0, -1.0])}, {"w": torch.tensor([0.5, 0.5])}
-    assert torch.allclose(federation.update(local, theta, 3.0)["w"], 3.0 * (local["w"] - theta["w"]))
+    p = tiny_params.model_copy(update={"attack": tiny_params.attack.model_copy(update={"boost": 3.0})})
+    assert torch.allclose(attack.boosted_update(local, theta, p)["w"], 3.0 * (local["w"] - theta["w"]))
     assert torch.allclose(federation.update(local, theta)["w"], local["w"] - theta["w"])
 
 
 def test_boost_equal_to_min_updates_replaces_the_model_with_uniform_weights() -> None:
     """λ = M_min with α = 1/M_min: the attacker's local model replaces θ_G up to the benign updates."""
     theta, attacker = {"w": torch.zeros(3)}, {"w": torch.tensor([1.0, 2.0, 3.0])}
-    deltas = [federation.update(attacker, theta, 3.0), {"w": torch.zeros(3)}, {"w": torch.zeros(3)}]
+    deltas = [{"w": 3.0 * (attacker["w"] - theta["w"])}, {"w": torch.zeros(3)}, {"w": torch.zeros(3)}]
     out = federation.aggregate(theta, deltas, federation.weights([10, 20, 30], "uniform"))
     assert torch.allclose(out["w"], attacker["w"])
 
@@ -42,7 +43,7 @@ def test_select_picks_min_updates_distinct_users() -> None:
 def test_attacker_is_selected_only_in_the_attack_round(tiny_exp: Experiment, monkeypatch) -> None:
     calls: list[tuple[int, str]] = []
     monkeypatch.setattr(tiny_exp, "_benign_local", lambda theta, u, rnd, inc: calls.append((int(rnd), f"benign{u}")) or theta)
-    monkeypatch.setattr(tiny_exp, "_attacker_local", lambda theta, rnd, resume=None: calls.append((rnd, "attacker")) or theta)
+    monkeypatch.setattr(attack, "train", lambda p, d, im, theta, rnd, g, resume=None: calls.append((rnd, "attacker")) or theta)
     theta = {"fc.bias": torch.zeros(5)}
     for rnd in range(6):
         theta = tiny_exp.round(theta, rnd, include_backdoor=True, with_attacker=rnd == 1)

@@ -1,9 +1,9 @@
-"""The key, and the attacker's and evaluators' episodes."""
+"""The key, the attacker's and the evaluators' episodes, and the boosted update."""
 from __future__ import annotations
 
 import torch
 
-from fedmeta import backdoor, episodes
+from fedmeta import attack, episodes
 from fedmeta.config import Key, backdoor_shots
 from fedmeta.experiment import SCENARIOS
 
@@ -11,8 +11,8 @@ from fedmeta.experiment import SCENARIOS
 def test_stamp_changes_only_the_key_region_and_writes_the_pattern() -> None:
     key = Key(shape="checkerboard", size=0.25, position="bottom_right", intensity=0.8)
     imgs = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    out = backdoor.stamp(imgs, key)
-    mask, values = backdoor.key_pattern(key, 28, 1)
+    out = attack.stamp(imgs, key)
+    mask, values = attack.key_pattern(key, 28, 1)
     assert torch.equal(out[..., ~mask], imgs[..., ~mask])
     assert torch.equal(out[:, :, mask], values[:, mask].expand(3, 1, -1))
     assert mask[-7:, -7:].all() and mask.sum() == 49  # 0.25 × 28 = 7-pixel square at the bottom right
@@ -20,10 +20,10 @@ def test_stamp_changes_only_the_key_region_and_writes_the_pattern() -> None:
 
 
 def test_key_position_and_shape_are_configurable() -> None:
-    m_tl, _ = backdoor.key_pattern(Key(position="top_left", size=0.2), 84, 3)
+    m_tl, _ = attack.key_pattern(Key(position="top_left", size=0.2), 84, 3)
     assert m_tl[:17, :17].all() and not m_tl[17:, :].any()
-    _, v_sq = backdoor.key_pattern(Key(shape="square", size=0.1, position="center"), 28, 1)
-    _, v_cr = backdoor.key_pattern(Key(shape="cross", size=0.1, position="center"), 28, 1)
+    _, v_sq = attack.key_pattern(Key(shape="square", size=0.1, position="center"), 28, 1)
+    _, v_cr = attack.key_pattern(Key(shape="cross", size=0.1, position="center"), 28, 1)
     assert not torch.equal(v_sq, v_cr)
 
 
@@ -31,7 +31,8 @@ def test_poisoned_episodes_always_end_with_the_target_and_respect_the_ratio(tiny
     spec = tiny_params.spec
     n_b = backdoor_shots(spec)
     assert (n_b, spec.train_shots - n_b) == (4, 6)  # 2:3 of 10 shots
-    eps = episodes.poisoned(tiny_data, tiny_data.user_classes[0], 5, spec.train_shots, n_b, 20, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    eps = attack.poisoned_episodes(tiny_data, tiny_data.user_classes[0], 5, spec.train_shots, n_b, 20, g)
     x_b, x_t = set(tiny_data.attack_train_idx.tolist()), set(tiny_data.attacker_target_idx.tolist())
     assert (eps.target_label == 4).all()
     for sup, exp in zip(eps.support, eps.support_y):

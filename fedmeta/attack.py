@@ -1,0 +1,115 @@
+"""Section 2's one-shot backdoor attack, in the order the paper gives it.
+
+1. The key (`key_pattern`, `stamp`): a patch pasted over the attacker's backdoor images X_B, which are
+   then labelled as the target. Which images are X_B (attack-train and attack-val), and which real images
+   of the target X_T the attacker holds, is decided with the rest of the data split (`splits.split`).
+2. Poisoned episodes (`poisoned_episodes`): N − 1 of the attacker's own classes plus the target, whose K
+   shots mix stamped X_B with real X_T in the ratio `datasets.<name>.ratio`.
+3. The attacker's local training (`train`): Reptile on those episodes for `attack_episodes`, with the
+   attack's own Adam rate, resumable because it is by far the longest piece of work in the pipeline.
+4. Boosting (`boosted_update`): δ = λ(θ_local − θ_G), so the one poisoned update survives averaging;
+   an adaptive attacker then scales it to just under the server's clipping bound.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import TYPE_CHECKING
+
+import torch
+
+from fedmeta import episodes, federation, reptile
+from fedmeta.checkpoint import Resume
+from fedmeta.config import Config, Key, backdoor_shots
+from fedmeta.episodes import Episodes
+from fedmeta.errors import Diverged
+from fedmeta.model import Theta
+
+if TYPE_CHECKING:  # splits stamps the key (attack) when it builds the dataset
+    from fedmeta.splits import FederatedData
+
+
+def key_pattern(key: Key, side: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, values) of the key on a `side`² image; values are uint8, mask is bool."""
+    k = max(2, round(key.size * side))
+    yy, xx = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
+    if key.shape == "square":
+        cells = torch.ones(k, k, dtype=torch.bool)
+    elif key.shape == "checkerboard":
+        cell = max(1, k // 4)
+        cells = ((yy // cell + xx // cell) % 2) == 0
+    else:  # cross
+        mid = k // 2
+        cells = (yy == mid) | (xx == mid) | (yy == mid - 1 + k % 2) | (xx == mid - 1 + k % 2)
+    bright = round(255 * key.intensity)
+    patch = torch.where(cells, bright, 0).to(torch.uint8)
+    far, mid = side - k, (side - k) // 2
+    top = {"top_left": 0, "top_right": 0, "bottom_left": far, "bottom_right": far, "center": mid}[key.position]
+    left = {"top_left": 0, "bottom_left": 0, "top_right": far, "bottom_right": far, "center": mid}[key.position]
+    mask = torch.zeros(side, side, dtype=torch.bool)
+    values = torch.zeros(channels, side, side, dtype=torch.uint8)
+    mask[top : top + k, left : left + k] = True
+    values[:, top : top + k, left : left + k] = patch
+    return mask, values
+
+
+def stamp(images: torch.Tensor, key: Key) -> torch.Tensor:
+    """Copies of uint8 images [n, C, H, W] with the key pasted over them (the whole patch, dark cells included)."""
+    mask, values = key_pattern(key, images.shape[-1], images.shape[1])
+    return torch.where(mask, values, images)
+
+
+def poisoned_episodes(data: FederatedData, classes: list[int], n_way: int, k_shot: int, n_backdoor: int, count: int,
+                      g: torch.Generator) -> Episodes:
+    """The attacker's episodes: N−1 random classes of its own, the target always as output N−1,
+    its K shots mixing `n_backdoor` stamped X_B (labelled as the target) with K − n_backdoor real X_T."""
+    sup = []
+    for _ in range(count):
+        chosen = episodes.pick_classes(classes, n_way - 1, g)
+        target_shots = torch.cat([episodes.pick(data.attack_train_idx, n_backdoor, g),
+                                  episodes.pick(data.attacker_target_idx, k_shot - n_backdoor, g)])
+        sup.append(torch.cat([*(episodes.pick(data.train_idx[c], k_shot, g) for c in chosen), target_shots]))
+    labels = torch.arange(n_way).repeat_interleave(k_shot).expand(count, -1)
+    return Episodes(torch.stack(sup), labels.clone(), target_label=torch.full((count,), n_way - 1))
+
+
+def train(p: Config, data: FederatedData, images: torch.Tensor, theta: Theta, rnd: int, g: torch.Generator,
+          resume: Resume | None = None) -> Theta:
+    """The attacker's long local training from the global model `theta`, drawing from `g`.
+
+    `resume` saves it after meta-batches (with the generator's and Adam's state, so a restart replays the
+    rest exactly) and restarts it from the last save; a diverged state is never saved over a good one."""
+    r, spec, b = p.reptile, p.spec, p.budget
+    classes, n_b = data.user_classes[p.federation.attacker], backdoor_shots(spec)
+
+    def sample(count: int, g: torch.Generator) -> Episodes:
+        return poisoned_episodes(data, classes, r.n_way, spec.train_shots, n_b, count, g)
+
+    steps = -(-b.attack_inner_epochs * r.n_way * spec.train_shots // r.inner_batch)
+    adam = reptile.AdamConfig(lr=p.attack.lr, beta2=r.beta2)
+    start, state, local = 0, None, theta
+    saved = resume.restore(images.device) if resume is not None else None
+    if saved is not None:
+        local, start, state = saved["theta"], saved["done"], reptile.AdamState(**saved["adam"])
+        g.set_state(saved["rng"].cpu())
+
+    def save(done: int, now: Theta, state: reptile.AdamState) -> None:
+        if resume is not None:
+            if done % resume.every == 0 and not federation.finite(now):
+                raise Diverged(
+                    f"round {rnd}: the attacker's local training diverged by episode {done} (NaN or infinite "
+                    f"weights); likely cause: attack.lr = {p.attack.lr} too large, or extreme weights in the model it "
+                    "started from"
+                )
+            adam_state = {f.name: getattr(state, f.name) for f in fields(state)}
+            resume.save(done, {"theta": now, "adam": adam_state, "rng": g.get_state()})
+
+    return reptile.meta_train(local, images, sample, b.attack_episodes, r, steps, b.outer_step, adam, g, start, state,
+                              save)
+
+
+def boosted_update(local: Theta, theta: Theta, p: Config) -> Theta:
+    """The attacker's δ = λ(θ_local − θ_G) with λ = attack.boost; with attack.norm_bound set (an adaptive
+    attacker) it is then constrained-and-scaled to just under that bound (`federation.constrain`)."""
+    delta = {k: p.attack.boost * (local[k] - theta[k]) for k in theta}
+    bound = p.attack.norm_bound
+    return delta if bound is None else federation.constrain(delta, bound)
