@@ -60,7 +60,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fedmeta import kernels, lanes, model, reptile, runtime
+from fedmeta import fast, model, reptile, runtime
+from fedmeta.fast import kernels, lanes
 from fedmeta.config import Evaluation, Reptile
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.evaluation import FineTune, run as evaluate
@@ -542,7 +543,7 @@ def run(s: Settings) -> dict[str, Any]:
         "torch": torch.__version__,
         "device": _device_name(setup.device),
         "threads": torch.get_num_threads(),
-        "implementation": reptile.implementation(setup.device),
+        "implementation": fast.implementation(setup.device),
         "lanes": lanes.count(s.meta_batch),
         "kernels": kernels.select().tags(),
         "onednn": onednn_isa(),

@@ -6,7 +6,7 @@ the embedding f_θ, pulls it towards a fresh random initialisation
 query by attention over the episode's own support set. The user then
 fine-tunes on that support set alone: first only the per-class gates α_l and
 scales β_l (θ' fixed), then θ', α and β jointly. Like `evaluation.FineTune`,
-all E episodes run together (`lanes` on the CPU, `vmap` elsewhere).
+all E episodes run together (`vmap`, or `fast`'s faster computation of the same function).
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch.func import grad
+from torch.func import grad, vmap
 
-from fedmeta import lanes, model, reptile
+from fedmeta import fast, model, reptile
 from fedmeta.config import Defense, Config
 from fedmeta.errors import FedmetaError
 from fedmeta.evaluation import FineTune
@@ -97,7 +97,7 @@ def matching_log_probs(
     query_x: torch.Tensor,
     n_way: int,
     exclude: torch.Tensor | None = None,
-    by_hand: bool = False,
+    embed: Callable[..., torch.Tensor] = model.embed,
 ) -> torch.Tensor:
     """log P(y = l | x̂_q, S) [Q, N] for one episode.
 
@@ -106,10 +106,10 @@ def matching_log_probs(
     logsumexp over the class's scores minus logsumexp over all. Batch norm uses the support set's
     statistics only, so a query's label never depends on other queries.
     exclude [Q, k] (bool): support examples that may not serve as a query's reference (leave-one-out).
-    by_hand: as in `model.embed`.
+    embed: f_θ, `model.embed` or the same function computed otherwise (`fast.per_episode`).
     """
     k = support_x.shape[0]
-    emb = model.embed(theta, torch.cat([support_x, query_x]), k, by_hand)
+    emb = embed(theta, torch.cat([support_x, query_x]), k)
     return _match(emb[:k], emb[k:], support_y, head, n_way, exclude)
 
 
@@ -127,21 +127,6 @@ def _leave_one_out_loss(theta: Theta, head: Theta, support_x: torch.Tensor, supp
 
 _head_grad = grad(_leave_one_out_loss, argnums=1)
 _joint_grad = grad(_leave_one_out_loss, argnums=(0, 1))
-
-
-def _support_moments(support_x: torch.Tensor) -> model.Moments:
-    gram, colsum = model.patch_moments(support_x)
-    return gram.sum(0), colsum.sum(0)
-
-
-def _head_grads(feat: torch.Tensor, head: Theta, support_y: torch.Tensor, idx: torch.Tensor, joint: bool) -> tuple[Theta, torch.Tensor | None]:
-    """Autograd through the small matching head only: the head's gradients, and the embeddings' when `joint`."""
-    f = feat.detach().requires_grad_(joint)
-    leaves = {k: v.detach().requires_grad_() for k, v in head.items()}
-    with torch.enable_grad():
-        loss = _leave_one_out_nll(f, leaves, support_y, idx)
-        out = torch.autograd.grad(loss, [*leaves.values(), f] if joint else list(leaves.values()))
-    return dict(zip(leaves, out)), (out[-1] if joint else None)
 
 
 @dataclass
@@ -208,69 +193,30 @@ class MatchingDefense:
         per_class = (y[..., None] == torch.arange(self.n_way, device=y.device)).sum(1)
         if int(per_class.min()) < 2:
             raise FedmetaError("defense: leave-one-out training needs at least 2 support examples per class (k_shot >= 2)")
-        adam, on_lanes = self._adam, reptile.implementation(x.device) == "lanes"
-        if on_lanes and set(state.theta) == model.EMBEDDING_KEYS:
-            return self._train_lanes(state, x, y, batches)
-        theta, head, n_ep = state.theta, state.head, x.shape[0]
+        adam = self._adam
+        result = fast.matching_steps(state.theta, state.head, state.theta_adam, state.head_adam, state.step, x, y, batches,
+                                     self.cfg.head_steps, adam, _leave_one_out_nll)
+        if result is not None:
+            return MatchingState(*result, state.step + batches.shape[1])
+        theta, head = state.theta, state.head
         for s in range(batches.shape[1]):
             joint = state.step + s >= self.cfg.head_steps
             args = (theta, head, x, y, batches[:, s].to(x.device))
             if joint:
-                g_theta, g_head = lanes.per_episode(on_lanes, _joint_grad, n_ep, *args)
+                g_theta, g_head = vmap(_joint_grad)(*args)
                 theta = reptile.adam_update(theta, g_theta, state.theta_adam, adam)
             else:
-                g_head = lanes.per_episode(on_lanes, _head_grad, n_ep, *args)
+                g_head = vmap(_head_grad)(*args)
             head = reptile.adam_update(head, g_head, state.head_adam, adam)
         return MatchingState(theta, head, state.theta_adam, state.head_adam, state.step + batches.shape[1])
-
-    def _train_lanes(self, state: MatchingState, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor) -> MatchingState:
-        """The CPU path: each episode's steps on one lane (`lanes.run_chains`), the embedding's gradient by
-        hand, Adam in place on the episode's rows. While θ' is fixed (the head-only steps) an episode's
-        support embeddings are computed once per run of steps, not once per step."""
-        adam, steps = self._adam, batches.shape[1]
-        batches = batches.to(x.device)
-        with torch.no_grad():
-            theta, head = ({k: v.clone() for k, v in d.items()} for d in (state.theta, state.head))
-            theta_adam, head_adam = state.theta_adam.clone(), state.head_adam.clone()
-        first_joint = min(steps, max(0, self.cfg.head_steps - state.step))  # this call's first step that trains θ'
-        moments: dict[int, model.Moments] = {}  # per episode, computed by the lane that runs its first steps
-
-        def step_(params: Theta, grads: Theta, m: Theta, v: Theta, j: int, step: int) -> None:
-            """Adam in place on episode j's rows of params, m and v."""
-            keys = list(params)
-            reptile.adam_([params[k][j] for k in keys], [grads[k] for k in keys], [m[k][j] for k in keys], [v[k][j] for k in keys],
-                          step, adam.lr, adam.beta1, adam.beta2, adam.eps)
-
-        def do(j: int, first: int, end: int) -> None:
-            th = {k: v[j] for k, v in theta.items()}
-            feat: torch.Tensor | None = None
-            with torch.no_grad():
-                if j not in moments:  # a cut episode's last steps run after its first (lanes.run_chains)
-                    moments[j] = _support_moments(x[j])
-                for s in range(first, end):
-                    joint = s >= first_joint
-                    if joint or feat is None:
-                        feat, tape = model.scripted_features_forward(th, x[j], moments[j])
-                    g_head, g_feat = _head_grads(feat, {k: v[j] for k, v in head.items()}, y[j], batches[j, s], joint)
-                    if g_feat is not None:
-                        g_theta = model.scripted_features_backward(th, tape, g_feat)
-                        step_(theta, g_theta, theta_adam.m, theta_adam.v, j, theta_adam.step + s - first_joint + 1)
-                    step_(head, g_head, head_adam.m, head_adam.v, j, head_adam.step + s + 1)
-
-        lanes.run_chains(x.shape[0], steps, do)
-        theta_adam.step += steps - first_joint
-        head_adam.step += steps
-        return MatchingState(theta, head, theta_adam, head_adam, state.step + steps)
 
     def predict(self, state: MatchingState | tuple[Theta, reptile.AdamState], support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Labels [E, Q]: the most probable class under attention over the whole support set."""
         if not isinstance(state, MatchingState):
             return self._softmax.predict(state, support_x, support_y, x)
-        by_hand = reptile.implementation(x.device) == "lanes"  # then the episodes run on lanes, never under vmap
         with torch.no_grad():
-            log_probs = lanes.per_episode(
-                by_hand,
-                lambda t, h, sx, sy, q: matching_log_probs(t, h, sx, sy, q, self.n_way, by_hand=by_hand),
-                x.shape[0], state.theta, state.head, support_x, support_y, x,
+            log_probs = fast.per_episode(
+                lambda embed, t, h, sx, sy, q: matching_log_probs(t, h, sx, sy, q, self.n_way, embed=embed),
+                state.theta, state.head, support_x, support_y, x,
             )
         return log_probs.argmax(-1)

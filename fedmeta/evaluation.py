@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch.func import vmap
 
-from fedmeta import lanes, model, reptile
+from fedmeta import fast, model, reptile
 from fedmeta.config import Evaluation
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.errors import Diverged
@@ -43,7 +43,7 @@ class Learner(Protocol):
         ...
 
 
-def predict_logits(params: Theta, support_x: torch.Tensor, x: torch.Tensor, bn_mode: str) -> torch.Tensor:
+def predict_logits(theta: Theta, support_x: torch.Tensor, x: torch.Tensor, bn_mode: str) -> torch.Tensor:
     """Logits [E, Q, N] for queries x [E, Q, ...] under the chosen batch-norm mode.
 
     support: statistics of the support set only, so a query's label never depends on the other queries;
@@ -51,17 +51,16 @@ def predict_logits(params: Theta, support_x: torch.Tensor, x: torch.Tensor, bn_m
     support_plus_query: one batch per query made of the support set plus that query (the reference's alternative).
     """
     n_sup = support_x.shape[1]
-    by_hand = reptile.implementation(support_x.device) == "lanes"  # then one_episode runs on lanes, never under vmap
 
-    def one_episode(p: Theta, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def one_episode(embed: Callable[..., torch.Tensor], p: Theta, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         if bn_mode == "support":
-            return model.logits(p, torch.cat([s, q]), n_sup, by_hand)[n_sup:]
+            return model.classifier(p, embed(p, torch.cat([s, q]), n_sup))[n_sup:]
         if bn_mode == "transductive":
-            return model.logits(p, q, by_hand=by_hand)
+            return model.classifier(p, embed(p, q))
         batches = torch.cat([s.unsqueeze(0).expand(q.shape[0], *s.shape), q.unsqueeze(1)], dim=1)
         return vmap(lambda b: model.logits(p, b)[-1])(batches)
 
-    return lanes.per_episode(by_hand, one_episode, support_x.shape[0], params, support_x, x)
+    return fast.per_episode(one_episode, theta, support_x, x)
 
 
 @dataclass

@@ -9,8 +9,9 @@ import torch
 from torch.func import grad
 from typer.testing import CliRunner
 
-from fedmeta import model, reptile
+from fedmeta import fast, model, reptile
 from fedmeta.cli import app
+from fedmeta.fast import conv4
 
 
 @pytest.fixture()
@@ -81,8 +82,8 @@ def test_hand_written_gradient_equals_autograd(size: int, channels: int, width: 
     x[:, :, :12, :12] = 1.0
     y = torch.randint(5, (7,), generator=g)
     ref = grad(model.loss)(params, x, y)
-    for moments in (None, tuple(t.sum(0) for t in model.patch_moments(x))):
-        got = model.loss_grad(params, x, y, moments)
+    for moments in (None, tuple(t.sum(0) for t in conv4.patch_moments(x))):
+        got = conv4.loss_grad(params, x, y, moments)
         assert set(got) == set(ref)
         for k in ref:
             assert torch.allclose(got[k], ref[k], atol=1e-11, rtol=0), k
@@ -99,29 +100,29 @@ def test_embedding_by_hand_equals_embed(size: int, channels: int, n_ref: int | N
     x[:, :, :12, :12] = 1.0
     with torch.no_grad():
         ref = model.embed(params, x, n_ref)
-        got = model.embed(params, x, n_ref, by_hand=True)
+        got = conv4.embed(params, x, n_ref)
         assert got.shape == ref.shape
         assert torch.allclose(got, ref, atol=1e-11, rtol=0)
-        with_tape, tape = model.features_forward(params, x, None, n_ref)
+        with_tape, tape = conv4.features_forward(params, x, None, n_ref)
         assert tape is not None and torch.equal(with_tape, got)  # pooling without indices: the same maxima
         if n_ref is not None:
             moved = x.clone()
             moved[n_ref:] = 1 - moved[n_ref:]
-            assert torch.allclose(model.embed(params, moved, n_ref, by_hand=True)[:n_ref], got[:n_ref], atol=1e-11, rtol=0)
+            assert torch.allclose(conv4.embed(params, moved, n_ref)[:n_ref], got[:n_ref], atol=1e-11, rtol=0)
 
 
 def test_scripted_forward_and_backward_give_the_eager_bits(one_thread) -> None:
-    """The defense's lanes call `model.scripted_features_forward` / `_backward`; the JIT must not change a bit
+    """The defense's lanes call `conv4.scripted_features_forward` / `_backward`; the JIT must not change a bit
     (third call: after it has profiled and optimised them)."""
     g = torch.Generator().manual_seed(4)
     params = {k: v for k, v in model.init_conv4(1, 16, 28, 5, g).items() if not k.startswith("fc.")}
     x = (torch.rand(9, 1, 28, 28, generator=g) < 0.2).float()
     dfeat = torch.randn(9, 16, generator=g)
-    feat, tape = model.features_forward(params, x)
-    grads = model.features_backward(params, tape, dfeat)
+    feat, tape = conv4.features_forward(params, x)
+    grads = conv4.features_backward(params, tape, dfeat)
     for _ in range(3):
-        feat_s, tape_s = model.scripted_features_forward(params, x)
-        grads_s = model.scripted_features_backward(params, tape_s, dfeat)
+        feat_s, tape_s = conv4.scripted_features_forward(params, x)
+        grads_s = conv4.scripted_features_backward(params, tape_s, dfeat)
     assert torch.equal(feat, feat_s) and set(grads) == set(grads_s)
     assert all(torch.equal(grads[k], grads_s[k]) for k in grads)
 
@@ -144,7 +145,7 @@ def test_lanes_give_the_same_bits_as_one_lane(monkeypatch: pytest.MonkeyPatch, o
     runs = []
     for lanes in ("1", "2", "3"):
         monkeypatch.setenv("FEDMETA_LANES", lanes)
-        assert reptile.implementation(x.device) == "lanes"
+        assert fast.implementation(x.device) == "lanes"
         runs.append(reptile.adapt(reptile.expand(theta, 5), x, y, batches, cfg))
     assert torch.get_num_threads() == 1  # the lanes' own setting did not leak into the caller's thread
     (a, sa), *others = runs
@@ -189,13 +190,13 @@ def test_adapt_leaves_its_inputs_alone(monkeypatch: pytest.MonkeyPatch, impl: st
 
 @pytest.mark.parametrize("beta1", [0.0, 0.9])
 def test_compiled_inner_loop_gives_the_eager_bits(one_thread, beta1: float) -> None:
-    """The lanes run `reptile._episode_steps` as TorchScript (to leave the GIL free); it must compute exactly
+    """The lanes run `conv4.episode_steps` as TorchScript (to leave the GIL free); it must compute exactly
     what the Python function does, also once the JIT has profiled and optimised it (its third call)."""
     theta, x, y, batches = episodes(1, torch.float32, seed=2)
     keys = list(theta)
-    gram, colsum = model.patch_moments(x[0])
+    gram, colsum = conv4.patch_moments(x[0])
     runs = []
-    for steps, calls in ((reptile._episode_steps, 1), (reptile._compiled_episode_steps, 3)):
+    for steps, calls in ((conv4.episode_steps, 1), (conv4.compiled_episode_steps, 3)):
         for _ in range(calls):
             p, v = [theta[k].clone() for k in keys], [torch.zeros_like(theta[k]) for k in keys]
             m = [torch.zeros_like(theta[k]) for k in keys] if beta1 else []

@@ -93,7 +93,7 @@ def test_inference_pooling_gives_max_pool2d_values_exactly() -> None:
 
 def test_lanes_run_under_the_callers_grad_mode(monkeypatch) -> None:
     """Grad mode is per thread: predictions made under no_grad must not build graphs in the lane threads."""
-    from fedmeta import lanes
+    from fedmeta.fast import lanes
 
     monkeypatch.setenv("FEDMETA_LANES", "2")
     with torch.no_grad():

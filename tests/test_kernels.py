@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmeta import kernels
-from fedmeta.kernels import implementations as reference
+from fedmeta.fast import kernels
+from fedmeta.fast.kernels import implementations as reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,11 +159,12 @@ import warnings
 warnings.simplefilter("error" if {strict} else "always")
 import torch
 from torch.func import grad
-from fedmeta import kernels, model
+from fedmeta import model
+from fedmeta.fast import conv4, kernels
 g = torch.Generator().manual_seed(0)
 params = {{k: v.double() for k, v in model.init_conv4(1, 4, 16, 3, g).items()}}
 x, y = torch.rand(6, 1, 16, 16, generator=g, dtype=torch.float64), torch.arange(3).repeat(2)
-ref, got = grad(model.loss)(params, x, y), model.loss_grad(params, x, y)
+ref, got = grad(model.loss)(params, x, y), conv4.loss_grad(params, x, y)
 assert all(torch.allclose(got[k], ref[k], atol=1e-11, rtol=0) for k in ref)
 print(kernels.select().backend)
 """
@@ -188,15 +189,15 @@ def test_a_failed_build_falls_back_to_the_reference_with_one_warning(tmp_path: P
 
 
 def test_an_unknown_kernel_choice_is_refused() -> None:
-    out = _run("import fedmeta.model", FEDMETA_KERNELS="fast")
+    out = _run("import fedmeta.fast", FEDMETA_KERNELS="fast")
     assert out.returncode != 0
     assert "FEDMETA_KERNELS: expected one of auto, compiled, reference, portable, got 'fast'" in out.stderr
 
 
 PORTABLE = """
 import torch
-from fedmeta import kernels
-from fedmeta.kernels import implementations as reference
+from fedmeta.fast import kernels
+from fedmeta.fast.kernels import implementations as reference
 assert kernels.select().build == "portable" and torch.backends.cpu.get_cpu_capability() == "AVX2"
 g = torch.Generator().manual_seed(3)
 h = torch.randn(2, 64, 7, 7, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
@@ -221,7 +222,7 @@ def test_the_portable_build_computes_the_same_function() -> None:
 
 
 def test_portable_mode_is_refused_once_torch_has_chosen_its_isa() -> None:
-    code = "import os, torch; torch.ones(3).sum(); os.environ['FEDMETA_KERNELS'] = 'portable'; import fedmeta.model"
+    code = "import os, torch; torch.ones(3).sum(); os.environ['FEDMETA_KERNELS'] = 'portable'; import fedmeta.fast"
     out = _run(code, ATEN_CPU_CAPABILITY="default")
     assert out.returncode != 0
     assert "FEDMETA_KERNELS=portable:" in out.stderr and "not in force" in out.stderr

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fedmeta import lanes
+from fedmeta.fast import lanes
 
 
 @pytest.mark.parametrize("n_chains,length,n_lanes", [(5, 10, 2), (3, 10, 2), (5, 10, 3), (7, 3, 4), (40, 50, 2), (5, 10, 5), (4, 1, 3), (9, 4, 1)])

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
-from fedmeta import model, reptile
+from fedmeta import fast, model, reptile
 from fedmeta.errors import FedmetaError
+from fedmeta.fast import stacked
 
 IMPLEMENTATIONS = ("lanes", "stacked", "vmap")
 
@@ -107,11 +108,11 @@ def test_implementation_choice() -> None:
     """Lanes on the CPU and stacked elsewhere for a Conv4 (a meta tensor stands in for a GPU's), vmap for
     any other model; FEDMETA_ADAPT overrides the choice for a Conv4 only."""
     cpu, off_cpu = torch.device("cpu"), torch.device("meta")
-    assert reptile.implementation(cpu) == "lanes" and reptile.implementation(off_cpu) == "stacked"
-    assert reptile.implementation(cpu, conv4=False) == "vmap"
+    assert fast.implementation(cpu) == "lanes" and fast.implementation(off_cpu) == "stacked"
+    assert fast.implementation(cpu, conv4=False) == "vmap"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDMETA_ADAPT", "stacked")
-        assert reptile.implementation(cpu) == "stacked" and reptile.implementation(cpu, conv4=False) == "vmap"
+        assert fast.implementation(cpu) == "stacked" and fast.implementation(cpu, conv4=False) == "vmap"
 
 
 @pytest.mark.parametrize(("size", "channels"), [(28, 1), (30, 1), (36, 3)])
@@ -122,9 +123,9 @@ def test_stacked_loss_and_gradient_equal_vmap(size: int, channels: int) -> None:
     params = {k: v.double() + 0.1 * torch.randn(3, *v.shape, generator=g, dtype=torch.float64) for k, v in theta.items()}
     x = torch.rand(3, 7, channels, size, size, generator=g, dtype=torch.float64)
     y = torch.randint(5, (3, 7), generator=g)
-    assert torch.allclose(model.stacked_loss(params, x, y), vmap(model.loss)(params, x, y).sum(), atol=1e-12, rtol=0)
+    assert torch.allclose(stacked.stacked_loss(params, x, y), vmap(model.loss)(params, x, y).sum(), atol=1e-12, rtol=0)
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
-    got = torch.autograd.grad(model.stacked_loss(leaves, x, y), list(leaves.values()))
+    got = torch.autograd.grad(stacked.stacked_loss(leaves, x, y), list(leaves.values()))
     ref = vmap(grad(model.loss))(params, x, y)
     for k, gk in zip(leaves, got):
         assert torch.allclose(gk, ref[k], atol=1e-11, rtol=0), k

@@ -5,13 +5,13 @@ Episodes with their own weights are independent computations. On the CPU,
 there, and small kernels gain little from two intra-op threads. A lane is a
 Python thread with one intra-op thread (torch releases the GIL inside its
 kernels, and the inner loops and predictions run the hand-written Conv4 as
-TorchScript, `model.script`, which does not hold it between kernels either)
+TorchScript, `conv4.script`, which does not hold it between kernels either)
 that runs its share of the episodes with ordinary kernels: a contiguous
 slice of them (`run`), or an even share of their sequential steps
 (`run_chains`). Every step of an episode is computed on one thread whatever
 the lane count, so results do not depend on it.
 
-Whether lanes run at all is `reptile.implementation`'s choice (FEDMETA_ADAPT);
+Whether lanes run at all is `fast.implementation`'s choice (FEDMETA_ADAPT);
 FEDMETA_LANES=n sets the lane count (default: one per intra-op thread).
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ from functools import partial
 from typing import Any, TypeVar
 
 import torch
-from torch.func import vmap
 from torch.utils import _pytree as pytree
 
 from fedmeta.errors import FedmetaError
@@ -123,11 +122,9 @@ def run_chains(n_chains: int, length: int, do: Callable[[int, int, int], None]) 
     _on_lanes([partial(lane, pieces) for pieces in plan])
 
 
-def per_episode(on_lanes: bool, fn: Callable[..., Any], n_episodes: int, *args: Any) -> Any:
-    """`vmap(fn)(*args)`, computed on lanes when `on_lanes` (`reptile.implementation` says "lanes"): args are
-    tensors or dicts/tuples of tensors with a leading episode axis, and so is the result."""
-    if not on_lanes:
-        return vmap(fn)(*args)
+def per_episode(fn: Callable[..., Any], n_episodes: int, *args: Any) -> Any:
+    """What `vmap(fn)(*args)` computes, episode by episode on the lanes: args are tensors or dicts/tuples of
+    tensors with a leading episode axis, and so is the result."""
 
     def lane(sl: slice) -> Any:
         outs = [fn(*pytree.tree_map(lambda t: t[j], args)) for j in range(sl.start, sl.stop)]

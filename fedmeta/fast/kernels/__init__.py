@@ -38,7 +38,7 @@ import torch
 from fedmeta import PORTABLE_ENV, tracking
 from fedmeta.atomic import write_text
 from fedmeta.errors import FedmetaError
-from fedmeta.kernels import implementations
+from fedmeta.fast.kernels import implementations
 
 FOLDER = Path(__file__).parent
 SOURCES = [FOLDER / "block0.cpp", FOLDER / "conv3x3.cpp"]
@@ -50,7 +50,7 @@ MARGIN = 0.95  # compiled runs only where it took at most this share of torch's 
 
 
 class Ops(NamedTuple):
-    """The functions `model.features_forward` / `features_backward` call (TorchScript-compilable)."""
+    """The functions `conv4.features_forward` / `features_backward` call (TorchScript-compilable)."""
 
     block0_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     block0_backward: Callable[..., tuple[torch.Tensor, torch.Tensor]]

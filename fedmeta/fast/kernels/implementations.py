@@ -1,7 +1,7 @@
 """The four operations the hand-written Conv4 step needs from `kernels`, in two implementations each: the compiled C++
 (`block0.cpp`, `conv3x3.cpp`, reached through torch.ops.fedmeta) and the torch computations they replace (`*_reference`).
 
-Both are written in the TorchScript subset of Python (no `from __future__ import annotations`), so that `model.script`
+Both are written in the TorchScript subset of Python (no `from __future__ import annotations`), so that `conv4.script`
 compiles whichever `kernels.select` chose into the scripted step: the reference then runs in the JIT's interpreter
 too, without the GIL, and lanes in threads do not queue for it as they would for a Python-registered op.
 """
