@@ -1,8 +1,9 @@
 """Section 2's one-shot backdoor attack, in the order the paper gives it.
 
-1. The key (`key_pattern`, `stamp`): a patch pasted over the attacker's backdoor images X_B, which are
-   then labelled as the target. Which images are X_B (attack-train and attack-val), and which real images
-   of the target X_T the attacker holds, is decided with the rest of the data split (`splits.split`).
+1. The key (`fedmeta.key`: `key_pattern`, `stamp`): a patch pasted over the attacker's backdoor images
+   X_B, which are then labelled as the target. Which images are X_B (attack-train and attack-val), and
+   which real images of the target X_T the attacker holds, is decided with the rest of the data split
+   (`splits.split`), which stamps them.
 2. Poisoned episodes (`poisoned_episodes`): N − 1 of the attacker's own classes plus the target, whose K
    shots mix stamped X_B with real X_T in the ratio `datasets.<name>.ratio`.
 3. The attacker's local training (`train`): Reptile on those episodes for `attack_episodes`, with the
@@ -13,49 +14,16 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import TYPE_CHECKING
 
 import torch
 
 from fedmeta import episodes, federation, reptile
 from fedmeta.checkpoint import Resume
-from fedmeta.config import Config, Key, backdoor_shots
+from fedmeta.config import Config, backdoor_shots
 from fedmeta.episodes import Episodes
 from fedmeta.errors import Diverged
 from fedmeta.model import Theta
-
-if TYPE_CHECKING:  # splits stamps the key (attack) when it builds the dataset
-    from fedmeta.splits import FederatedData
-
-
-def key_pattern(key: Key, side: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, values) of the key on a `side`² image; values are uint8, mask is bool."""
-    k = max(2, round(key.size * side))
-    yy, xx = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
-    if key.shape == "square":
-        cells = torch.ones(k, k, dtype=torch.bool)
-    elif key.shape == "checkerboard":
-        cell = max(1, k // 4)
-        cells = ((yy // cell + xx // cell) % 2) == 0
-    else:  # cross
-        mid = k // 2
-        cells = (yy == mid) | (xx == mid) | (yy == mid - 1 + k % 2) | (xx == mid - 1 + k % 2)
-    bright = round(255 * key.intensity)
-    patch = torch.where(cells, bright, 0).to(torch.uint8)
-    far, mid = side - k, (side - k) // 2
-    top = {"top_left": 0, "top_right": 0, "bottom_left": far, "bottom_right": far, "center": mid}[key.position]
-    left = {"top_left": 0, "bottom_left": 0, "top_right": far, "bottom_right": far, "center": mid}[key.position]
-    mask = torch.zeros(side, side, dtype=torch.bool)
-    values = torch.zeros(channels, side, side, dtype=torch.uint8)
-    mask[top : top + k, left : left + k] = True
-    values[:, top : top + k, left : left + k] = patch
-    return mask, values
-
-
-def stamp(images: torch.Tensor, key: Key) -> torch.Tensor:
-    """Copies of uint8 images [n, C, H, W] with the key pasted over them (the whole patch, dark cells included)."""
-    mask, values = key_pattern(key, images.shape[-1], images.shape[1])
-    return torch.where(mask, values, images)
+from fedmeta.splits import FederatedData
 
 
 def poisoned_episodes(data: FederatedData, classes: list[int], n_way: int, k_shot: int, n_backdoor: int, count: int,

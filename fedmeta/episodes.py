@@ -6,12 +6,10 @@ becomes one gather from memory, and the draws depend only on the generator.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # splits imports attack, which samples episodes: annotations only
-    from fedmeta.splits import FederatedData
+from fedmeta.splits import FederatedData
 
 
 @dataclass

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from fedmeta import attack, checkpoint, seeding
+from fedmeta import checkpoint, seeding
 from fedmeta.config import Config
 from fedmeta.data.imageset import ImageSet
 from fedmeta.errors import FedmetaError
+from fedmeta.key import stamp
 
 
 @dataclass
@@ -249,7 +250,7 @@ def split(data: ImageSet, params: Config) -> FederatedData:
             x_t = attacker
             continue
         for chosen, dest in ((attacker, x_b), (held, x_v)):
-            images.append(attack.stamp(data.images[chosen], params.key))
+            images.append(stamp(data.images[chosen], params.key))
             labels.append(data.labels[chosen])
             dest.append(torch.arange(n_next, n_next + len(chosen)))
             n_next += len(chosen)

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import torch
 
-from fedmeta import attack, figures, runtime, splits, tracking
+from fedmeta import figures, runtime, splits, tracking
 from fedmeta.config import Config
 from fedmeta.data.imageset import ImageSet
+from fedmeta.key import stamp
 
 
 def read_dataset(params: Config) -> ImageSet:
@@ -28,7 +29,7 @@ def main() -> None:
         data = splits.split(read_dataset(params), params)
         data.save(runtime.PREPARED)
         blank = torch.zeros_like(data.images[:1])
-        fig = figures.backdoor_examples(data, attack.stamp(blank, params.key)[0], runtime.FIGURES / "fig1_backdoor.png")
+        fig = figures.backdoor_examples(data, stamp(blank, params.key)[0], runtime.FIGURES / "fig1_backdoor.png")
         summary = {
             "classes_meta_train_per_user": [len(c) for c in data.user_classes],
             "classes_meta_test": len(data.meta_test),

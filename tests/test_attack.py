@@ -6,13 +6,14 @@ import torch
 from fedmeta import attack, episodes
 from fedmeta.config import Key, backdoor_shots
 from fedmeta.experiment import SCENARIOS
+from fedmeta.key import key_pattern, stamp
 
 
 def test_stamp_changes_only_the_key_region_and_writes_the_pattern() -> None:
     key = Key(shape="checkerboard", size=0.25, position="bottom_right", intensity=0.8)
     imgs = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    out = attack.stamp(imgs, key)
-    mask, values = attack.key_pattern(key, 28, 1)
+    out = stamp(imgs, key)
+    mask, values = key_pattern(key, 28, 1)
     assert torch.equal(out[..., ~mask], imgs[..., ~mask])
     assert torch.equal(out[:, :, mask], values[:, mask].expand(3, 1, -1))
     assert mask[-7:, -7:].all() and mask.sum() == 49  # 0.25 × 28 = 7-pixel square at the bottom right
@@ -20,10 +21,10 @@ def test_stamp_changes_only_the_key_region_and_writes_the_pattern() -> None:
 
 
 def test_key_position_and_shape_are_configurable() -> None:
-    m_tl, _ = attack.key_pattern(Key(position="top_left", size=0.2), 84, 3)
+    m_tl, _ = key_pattern(Key(position="top_left", size=0.2), 84, 3)
     assert m_tl[:17, :17].all() and not m_tl[17:, :].any()
-    _, v_sq = attack.key_pattern(Key(shape="square", size=0.1, position="center"), 28, 1)
-    _, v_cr = attack.key_pattern(Key(shape="cross", size=0.1, position="center"), 28, 1)
+    _, v_sq = key_pattern(Key(shape="square", size=0.1, position="center"), 28, 1)
+    _, v_cr = key_pattern(Key(shape="cross", size=0.1, position="center"), 28, 1)
     assert not torch.equal(v_sq, v_cr)
 
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # File writing, error messages and MLflow logging cannot change what a stage computes.
 NEVER_CHANGE_OUTPUTS = {"fedmeta/atomic.py", "fedmeta/errors.py", "fedmeta/tracking.py"}
 # Building the dataset: after `prepare` it reaches a stage through data/prepared/dataset.pt.
-DATASET_BUILDING = {"fedmeta/data"}
+DATASET_BUILDING = {"fedmeta/key.py", "fedmeta/data"}
 MODULE_OF = {"continue": "continue_training"}  # `fedmeta continue` (a Python keyword)
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 

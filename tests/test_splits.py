@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from fedmeta import attack
 from fedmeta.data.omniglot import fetch_archives, load_omniglot
+from fedmeta.key import key_pattern
 from fedmeta.splits import FederatedData
 
 
@@ -63,7 +63,7 @@ def test_no_attack_image_reaches_benign_users(tiny_data: FederatedData, tiny_par
         benign = benign_indices(tiny_data, include, tiny_params.federation.attacker)
         assert not benign & attack_images
         # no benign image is the unstamped original of a stamped one either
-        mask, _ = attack.key_pattern(tiny_params.key, 28, 1)
+        mask, _ = key_pattern(tiny_params.key, 28, 1)
         benign_pixels = tiny_data.images[sorted(benign)][..., ~mask].flatten(1)
         stamped_pixels = tiny_data.images[sorted(attack_images - set(tiny_data.attacker_target_idx.tolist()))][..., ~mask].flatten(1)
         assert not (benign_pixels[:, None] == stamped_pixels[None]).all(-1).any()
