@@ -75,7 +75,7 @@ def test_exp_run_with_a_larger_boost_changes_the_attack_metrics(repo: Path) -> N
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline results")
     base = json.loads((repo / "metrics/attack_exclude.json").read_text())
-    sh(repo, "dvc", "exp", "run", "-S", "attack.boost=5")
+    sh(repo, "dvc", "exp", "run", "-S", "attack.boost=5", "attack@exclude")  # the stage the boost acts on first
     boosted = json.loads((repo / "metrics/attack_exclude.json").read_text())
     assert boosted["a"]["before"] == base["a"]["before"]
     assert boosted["a"]["after"] != base["a"]["after"]
