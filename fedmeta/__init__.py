@@ -1,4 +1,5 @@
 """fedmeta: backdoor attacks and defenses in federated meta-learning (Chen, Golubchik, Paolieri)."""
+
 import os
 
 # FEDMETA_KERNELS=portable (see fedmeta.fast.kernels): the ISA limits of torch's own libraries, which they read when

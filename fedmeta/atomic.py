@@ -1,4 +1,5 @@
 """Write-then-rename, so an interrupted or failed stage never leaves a half-written output."""
+
 from __future__ import annotations
 
 import contextlib

@@ -11,6 +11,7 @@
 4. Boosting (`boosted_update`): δ = λ(θ_local − θ_G), so the one poisoned update survives averaging;
    an adaptive attacker then scales it to just under the server's clipping bound.
 """
+
 from __future__ import annotations
 
 from dataclasses import fields
@@ -26,22 +27,34 @@ from fedmeta.model import Theta
 from fedmeta.splits import FederatedData
 
 
-def poisoned_episodes(data: FederatedData, classes: list[int], n_way: int, k_shot: int, n_backdoor: int, count: int,
-                      g: torch.Generator) -> Episodes:
+def poisoned_episodes(
+    data: FederatedData, classes: list[int], n_way: int, k_shot: int, n_backdoor: int, count: int, g: torch.Generator
+) -> Episodes:
     """The attacker's episodes: N−1 random classes of its own, the target always as output N−1,
     its K shots mixing `n_backdoor` stamped X_B (labelled as the target) with K − n_backdoor real X_T."""
     sup = []
     for _ in range(count):
         chosen = episodes.pick_classes(classes, n_way - 1, g)
-        target_shots = torch.cat([episodes.pick(data.attack_train_idx, n_backdoor, g),
-                                  episodes.pick(data.attacker_target_idx, k_shot - n_backdoor, g)])
+        target_shots = torch.cat(
+            [
+                episodes.pick(data.attack_train_idx, n_backdoor, g),
+                episodes.pick(data.attacker_target_idx, k_shot - n_backdoor, g),
+            ]
+        )
         sup.append(torch.cat([*(episodes.pick(data.train_idx[c], k_shot, g) for c in chosen), target_shots]))
     labels = torch.arange(n_way).repeat_interleave(k_shot).expand(count, -1)
     return Episodes(torch.stack(sup), labels.clone(), target_label=torch.full((count,), n_way - 1))
 
 
-def train(p: Config, data: FederatedData, images: torch.Tensor, theta: Theta, rnd: int, g: torch.Generator,
-          resume: Resume | None = None) -> Theta:
+def train(
+    p: Config,
+    data: FederatedData,
+    images: torch.Tensor,
+    theta: Theta,
+    rnd: int,
+    g: torch.Generator,
+    resume: Resume | None = None,
+) -> Theta:
     """The attacker's long local training from the global model `theta`, drawing from `g`.
 
     `resume` saves it after meta-batches (with the generator's and Adam's state, so a restart replays the
@@ -71,8 +84,9 @@ def train(p: Config, data: FederatedData, images: torch.Tensor, theta: Theta, rn
             adam_state = {f.name: getattr(state, f.name) for f in fields(state)}
             resume.save(done, {"theta": now, "adam": adam_state, "rng": g.get_state()})
 
-    return reptile.meta_train(local, images, sample, b.attack_episodes, r, steps, b.outer_step, adam, g, start, state,
-                              save)
+    return reptile.meta_train(
+        local, images, sample, b.attack_episodes, r, steps, b.outer_step, adam, g, start, state, save
+    )
 
 
 def boosted_update(local: Theta, theta: Theta, p: Config) -> Theta:

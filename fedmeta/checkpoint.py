@@ -3,6 +3,7 @@
 A checkpoint is a plain dict of tensors and numbers, so loading it can never
 run code; anything else (a pickled object, a truncated file) is refused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +29,9 @@ def save(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, f)
 
 
-def load(path: Path, required: tuple[str, ...] = ("theta",), device: torch.device | str = "cpu", what: str = "checkpoint") -> dict[str, Any]:
+def load(
+    path: Path, required: tuple[str, ...] = ("theta",), device: torch.device | str = "cpu", what: str = "checkpoint"
+) -> dict[str, Any]:
     """A dict saved by torch.save holding the `required` keys; `what` names the file in messages."""
     if not path.is_file():
         raise FedmetaError(f"{path}: {what} not found; run the stage that produces it first")
@@ -38,7 +41,9 @@ def load(path: Path, required: tuple[str, ...] = ("theta",), device: torch.devic
         payload = torch.load(path, weights_only=True, map_location=device)
     except pickle.UnpicklingError as exc:
         why = next((line for line in str(exc).splitlines() if "GLOBAL" in line), first_line(exc))
-        raise FedmetaError(f"{path}: refused to load: the {what} holds more than tensors and numbers ({why.strip()})") from None
+        raise FedmetaError(
+            f"{path}: refused to load: the {what} holds more than tensors and numbers ({why.strip()})"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise FedmetaError(f"{path}: corrupt or truncated {what} ({first_line(exc)})") from None
     missing = [k for k in required if not isinstance(payload, dict) or k not in payload]
@@ -59,8 +64,8 @@ def load_theta(path: Path, device: torch.device | str = "cpu", expect: ThetaSpec
 
 @dataclass(frozen=True)
 class ThetaSpec:
-    """What a stage's model must be: Conv4 of `width` filters over `channels` × `image_size`² images with `n_way` outputs.
-    `source` says where each number comes from, for messages."""
+    """What a stage's model must be: Conv4 of `width` filters over `channels` × `image_size`² images with `n_way`
+    outputs. `source` says where each number comes from, for messages."""
 
     width: int
     channels: int
@@ -70,7 +75,9 @@ class ThetaSpec:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Derived from the model's own initialiser, so they never drift from it."""
-        theta = model.init_conv4(self.channels, self.width, self.image_size, self.n_way, torch.Generator().manual_seed(0))
+        theta = model.init_conv4(
+            self.channels, self.width, self.image_size, self.n_way, torch.Generator().manual_seed(0)
+        )
         return {k: tuple(v.shape) for k, v in theta.items()}
 
     def check(self, theta: Theta, path: Path | str, what: str = "theta") -> None:
@@ -78,24 +85,37 @@ class ThetaSpec:
         shapes = self.shapes()
         missing, extra = sorted(shapes.keys() - theta.keys()), sorted(theta.keys() - shapes.keys())
         if missing:
-            raise FedmetaError(f"{path}: {what} lacks {missing[0]!r} (expected Conv4's keys {', '.join(sorted(shapes))})")
+            raise FedmetaError(
+                f"{path}: {what} lacks {missing[0]!r} (expected Conv4's keys {', '.join(sorted(shapes))})"
+            )
         if extra:
-            raise FedmetaError(f"{path}: {what} holds unexpected key {extra[0]!r} (not a Conv4 parameter; expected {', '.join(sorted(shapes))})")
-        config = f"width {self.width}, {self.channels} channel{'s' if self.channels != 1 else ''}, image_size {self.image_size}, n_way {self.n_way}"
+            raise FedmetaError(
+                f"{path}: {what} holds unexpected key {extra[0]!r} "
+                f"(not a Conv4 parameter; expected {', '.join(sorted(shapes))})"
+            )
+        config = (
+            f"width {self.width}, {self.channels} channel{'s' if self.channels != 1 else ''}, "
+            f"image_size {self.image_size}, n_way {self.n_way}"
+        )
         for key in sorted(shapes):
             t = theta[key]
             if t.dtype != torch.float32:
-                raise FedmetaError(f"{path}: {what}[{key!r}] is {str(t.dtype).removeprefix('torch.')}; expected float32")
+                raise FedmetaError(
+                    f"{path}: {what}[{key!r}] is {str(t.dtype).removeprefix('torch.')}; expected float32"
+                )
             if tuple(t.shape) != shapes[key]:
                 raise FedmetaError(
-                    f"{path}: {what}[{key!r}] has shape {tuple(t.shape)}; expected {shapes[key]} for the configured model "
+                    f"{path}: {what}[{key!r}] has shape {tuple(t.shape)}; "
+                    f"expected {shapes[key]} for the configured model "
                     f"({config}{self.source}); a checkpoint of another profile or dataset?"
                 )
             if t.layout != torch.strided:
                 raise FedmetaError(f"{path}: {what}[{key!r}] is a {t.layout} tensor; expected a dense one")
         for key in sorted(shapes):
             if not bool(torch.isfinite(theta[key]).all()):
-                raise FedmetaError(f"{path}: {what}[{key!r}] holds NaN or infinite values (the run that wrote it diverged)")
+                raise FedmetaError(
+                    f"{path}: {what}[{key!r}] holds NaN or infinite values (the run that wrote it diverged)"
+                )
 
 
 def fingerprint(params_json: str, *inputs: Path) -> str:

@@ -1,17 +1,20 @@
 """`fedmeta`: one command per DVC stage, plus the benchmark."""
+
 from __future__ import annotations
 
 import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from fedmeta.errors import FedmetaError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Backdoor attacks and defenses in federated meta-learning.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Backdoor attacks and defenses in federated meta-learning."
+)
 _state = {"debug": False}
 
 
@@ -20,7 +23,10 @@ class Variant(str, Enum):
     include = "include"
 
 
-VariantArg = Annotated[Variant, typer.Argument(help="Benign pretraining without (exclude, scenario a) or with (include, b/c) backdoor classes.")]
+VariantArg = Annotated[
+    Variant,
+    typer.Argument(help="Benign pretraining without (exclude, scenario a) or with (include, b/c) backdoor classes."),
+]
 
 
 @app.callback()
@@ -84,7 +90,8 @@ def ablation() -> None:
     stage.main()
 
 
-AGGREGATOR_NAMES = ("mean", "norm_clip", "median", "trimmed_mean", "multi_krum", "flame")  # config.AGGREGATORS (tests/test_aggregators.py keeps them equal)
+# config.AGGREGATORS (tests/test_aggregators.py keeps them equal)
+AGGREGATOR_NAMES = ("mean", "norm_clip", "median", "trimmed_mean", "multi_krum", "flame")
 Aggregator = Enum("Aggregator", {a: a for a in AGGREGATOR_NAMES}, type=str)  # type: ignore[misc]
 
 
@@ -98,9 +105,18 @@ class Attacker(str, Enum):
 def exp4(
     aggregator: Annotated[Aggregator, typer.Argument(help="The server's rule (docs/experiment4.md).")],
     variant: VariantArg,
-    federation: Annotated[str, typer.Argument(help="A federation under experiment4.federations in params.yaml, e.g. m4 or m20.")],
-    attacker: Annotated[Attacker, typer.Option(help="naive: the boosted attack; adaptive: rescaled to just under the norm bound; benign: nobody attacks.")] = Attacker.naive,
-    secure: Annotated[bool, typer.Option("--secure", help="Secure aggregation: the server sees only masked updates.")] = False,
+    federation: Annotated[
+        str, typer.Argument(help="A federation under experiment4.federations in params.yaml, e.g. m4 or m20.")
+    ],
+    attacker: Annotated[
+        Attacker,
+        typer.Option(
+            help="naive: the boosted attack; adaptive: rescaled to just under the norm bound; benign: nobody attacks."
+        ),
+    ] = Attacker.naive,
+    secure: Annotated[
+        bool, typer.Option("--secure", help="Secure aggregation: the server sees only masked updates.")
+    ] = False,
 ) -> None:
     """Experiment 4: one server-side rule against the one-shot attack, then benign rounds."""
     from stages import exp4 as stage
@@ -124,9 +140,11 @@ class LearnerName(str, Enum):
 @app.command(name="meta-test")
 def meta_test(
     checkpoint: Annotated[Path, typer.Argument(help="A model checkpoint, e.g. checkpoints/attacked_include.pt.")],
-    learner: Annotated[LearnerName, typer.Option(help="Fine-tuning (Experiment 2) or the matching-network defense (Experiment 3).")] = LearnerName.finetune,
+    learner: Annotated[
+        LearnerName, typer.Option(help="Fine-tuning (Experiment 2) or the matching-network defense (Experiment 3).")
+    ] = LearnerName.finetune,
     episodes: Annotated[int, typer.Option(min=1, help="Meta-test episodes; the pipeline's 40 come first.")] = 400,
-    out: Annotated[Optional[Path], typer.Option(help="Also write the curve as JSON here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the curve as JSON here.")] = None,
 ) -> None:
     """Meta-test accuracy of one checkpoint over many episodes: the pipeline's estimate with a tighter interval."""
     from fedmeta import metatest as stage
@@ -142,7 +160,9 @@ def bench(
     threads: Annotated[int, typer.Option(min=0, help="torch intra-op threads (0: torch's default).")] = 0,
     width: Annotated[int, typer.Option(min=1, help="Conv4 filters (paper: 64).")] = 64,
     inner_steps: Annotated[int, typer.Option(min=1, help="Meta-training inner steps e.")] = 10,
-    meta_batches: Annotated[int, typer.Option(min=1, help="Meta-batches of B = 5 episodes per timed meta-training run.")] = 4,
+    meta_batches: Annotated[
+        int, typer.Option(min=1, help="Meta-batches of B = 5 episodes per timed meta-training run.")
+    ] = 4,
     eval_steps: Annotated[int, typer.Option(min=1, help="Fine-tuning steps per evaluation episode.")] = 50,
     eval_episodes: Annotated[int, typer.Option(min=1, help="Episodes the project fine-tunes at once.")] = 40,
     naive_eval_episodes: Annotated[int, typer.Option(min=1, help="Episodes per timed naive evaluation run.")] = 8,
@@ -152,8 +172,16 @@ def bench(
     from fedmeta import bench as stage
 
     settings = stage.Settings(
-        device=device, threads=threads, repeats=repeats, width=width, inner_steps=inner_steps, meta_batches=meta_batches,
-        eval_steps=eval_steps, eval_episodes=eval_episodes, naive_eval_episodes=naive_eval_episodes, memory=memory,
+        device=device,
+        threads=threads,
+        repeats=repeats,
+        width=width,
+        inner_steps=inner_steps,
+        meta_batches=meta_batches,
+        eval_steps=eval_steps,
+        eval_episodes=eval_episodes,
+        naive_eval_episodes=naive_eval_episodes,
+        memory=memory,
     )
     stage.main(settings, out)
 

@@ -5,6 +5,7 @@ other key lives at the top level. `resolve` merges the chosen profile over
 the top level, so `dvc exp run -S profile=paper` switches every budget at
 once while `-S attack.boost=5` still reaches the one knob it names.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,8 @@ PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 Prob = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 PosFloat = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
-LearningRate = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]  # Adam's step per update; above 1 no run stays finite
+# Adam's step per update; above 1 no run stays finite
+LearningRate = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 MAX_BOOST = 1e6  # λ beyond this overflows float32 updates long before it could mean anything
 MIN_IMAGE_SIDE = 16  # Conv4's four 2×2 max-pools (model.BLOCKS) leave at least one pixel: 16 → 1
 MAX_IMAGE_SIDE = 1024  # beyond this the image tensor alone outgrows any machine this runs on
@@ -63,14 +65,16 @@ class MiniImageNetData(Strict):
 class DatasetSpec(Strict):
     """What the paper sets per dataset: split sizes, attack classes and the attacker's mix."""
 
-    meta_test_fraction: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)]  # used when the dataset has no fixed split (Omniglot: 418/1618)
+    # used when the dataset has no fixed split (Omniglot: 418/1618)
+    meta_test_fraction: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)]
     validation_per_class: PosInt  # held-out examples per meta-training class
     backdoor_classes: PosInt
     benign_examples: PosInt  # per attack class, given to benign users
     attacker_examples: PosInt  # per attack class: X_T (target) or stamped X_B (backdoor)
     validation_examples: PosInt  # per backdoor class, stamped, never trained on
     train_shots: PosInt  # K of meta-training episodes (paper: 10 Omniglot, 15 mini-ImageNet)
-    ratio: Annotated[tuple[PosInt, PosInt], Field(strict=False)]  # X_B : X_T among the target's shots in a poisoned episode
+    # X_B : X_T among the target's shots in a poisoned episode
+    ratio: Annotated[tuple[PosInt, PosInt], Field(strict=False)]
 
 
 class Key(Strict):
@@ -95,7 +99,8 @@ class FlowerEngine(Strict):
     """Flower's deployment runtime on 127.0.0.1 (federation.engine: flower); see docs/flower.md."""
 
     port: Annotated[int, Field(ge=1024, le=65000)] = 9200  # SuperLink's; SuperNode i listens on port + 1 + i
-    round_timeout: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 3600.0  # seconds a round may take before it fails
+    # seconds a round may take before it fails
+    round_timeout: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 3600.0
     # SecAgg+ (secure_aggregation: true) clips each coordinate of every upload to ±clipping_range before quantizing;
     # null: 8 × max(1, attack.boost), Flower's default range for a plain update times the boost (docs/flower.md)
     clipping_range: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
@@ -115,7 +120,8 @@ class NormClip(Strict):
 
 
 class TrimmedMean(Strict):
-    beta: Annotated[float, Field(ge=0.0, lt=0.5, allow_inf_nan=False)] = 0.34  # fraction cut at each end (Yin et al. 2018)
+    # fraction cut at each end (Yin et al. 2018)
+    beta: Annotated[float, Field(ge=0.0, lt=0.5, allow_inf_nan=False)] = 0.34
 
 
 class MultiKrum(Strict):
@@ -124,7 +130,8 @@ class MultiKrum(Strict):
 
 
 class Flame(Strict):
-    noise: NonNegFloat = 0.001  # λ: the noise's std is λ·S, S the median update norm (Nguyen et al. 2022: 0.001 for images)
+    # λ: the noise's std is λ·S, S the median update norm (Nguyen et al. 2022: 0.001 for images)
+    noise: NonNegFloat = 0.001
 
 
 class Federation(Strict):
@@ -139,7 +146,8 @@ class Federation(Strict):
     trimmed_mean: TrimmedMean = TrimmedMean()
     multi_krum: MultiKrum = MultiKrum()
     flame: Flame = Flame()
-    engine: Literal["local", "flower"] = "local"  # where rounds run: in this process, or through Flower in real processes
+    # where rounds run: in this process, or through Flower in real processes
+    engine: Literal["local", "flower"] = "local"
     flower: FlowerEngine = FlowerEngine()
 
 
@@ -148,19 +156,27 @@ def aggregation_problem(fed: Federation) -> str | None:
     agg, n = fed.aggregator, fed.min_updates
     if fed.secure_aggregation and agg in NEEDS_EACH_UPDATE:
         return (
-            f"federation.aggregator: {agg!r} needs each user's update, but federation.secure_aggregation: true gives the server "
+            f"federation.aggregator: {agg!r} needs each user's update, "
+            "but federation.secure_aggregation: true gives the server "
             "only their masked sum; allowed with secure aggregation: mean, norm_clip (each client clips its own update)"
         )
     if agg in NEEDS_EACH_UPDATE and n < 3:
-        return f"federation.aggregator: {agg!r} needs at least 3 updates a round to outvote one, but federation.min_updates = {n}; allowed: min_updates >= 3"
+        return (
+            f"federation.aggregator: {agg!r} needs at least 3 updates a round to outvote one, "
+            f"but federation.min_updates = {n}; allowed: min_updates >= 3"
+        )
     if agg == "trimmed_mean" and int(fed.trimmed_mean.beta * n) == 0:
         return (
-            f"federation.trimmed_mean.beta: {fed.trimmed_mean.beta} of federation.min_updates = {n} updates trims none; "
+            f"federation.trimmed_mean.beta: {fed.trimmed_mean.beta} "
+            f"of federation.min_updates = {n} updates trims none; "
             f"allowed: at least 1/{n} (and below 0.5)"
         )
     k = fed.multi_krum
     if agg == "multi_krum" and n <= 2 * k.f + 2:
-        return f"federation.multi_krum.f: {k.f} needs federation.min_updates > 2f + 2 = {2 * k.f + 2}, but it is {n}; allowed: f <= {(n - 3) // 2}"
+        return (
+            f"federation.multi_krum.f: {k.f} needs federation.min_updates > 2f + 2 = {2 * k.f + 2}, "
+            f"but it is {n}; allowed: f <= {(n - 3) // 2}"
+        )
     if agg == "multi_krum" and k.m > n - k.f:
         return f"federation.multi_krum.m: {k.m} exceeds federation.min_updates - f = {n - k.f}; allowed: 1 to {n - k.f}"
     return None
@@ -222,7 +238,7 @@ class Config(Strict):
     experiment4: Experiment4 = Experiment4()
 
     @model_validator(mode="after")
-    def _cross_field(self) -> "Config":
+    def _cross_field(self) -> Config:
         """Checks between keys, each message naming the key, its value and what is allowed."""
         try:
             check_device(self.device)
@@ -231,47 +247,62 @@ class Config(Strict):
         fed = self.federation
         if fed.min_updates > fed.per_round:
             raise ValueError(
-                f"federation.min_updates: {fed.min_updates} exceeds per_round = {fed.per_round}; allowed: min_updates <= per_round <= users - 1"
+                f"federation.min_updates: {fed.min_updates} exceeds per_round = {fed.per_round}; "
+                "allowed: min_updates <= per_round <= users - 1"
             )
         if fed.per_round > fed.users - 1:
             raise ValueError(
-                f"federation.per_round: {fed.per_round} exceeds the users - 1 = {fed.users - 1} benign users a benign round picks from; "
+                f"federation.per_round: {fed.per_round} exceeds the users - 1 = {fed.users - 1} "
+                "benign users a benign round picks from; "
                 "allowed: min_updates <= per_round <= users - 1"
             )
         if fed.attacker >= fed.users:
-            raise ValueError(f"federation.attacker: {fed.attacker} is not a user index; allowed: 0 to users - 1 = {fed.users - 1}")
+            raise ValueError(
+                f"federation.attacker: {fed.attacker} is not a user index; allowed: 0 to users - 1 = {fed.users - 1}"
+            )
         problem = aggregation_problem(fed)
         if problem is not None:
             raise ValueError(problem)
         if "mean" not in self.experiment4.aggregators:
-            raise ValueError(f"experiment4.aggregators: {self.experiment4.aggregators} lacks mean, the baseline every rule is compared with; "
-                             "allowed: a list holding mean")
+            raise ValueError(
+                f"experiment4.aggregators: {self.experiment4.aggregators} lacks mean, "
+                "the baseline every rule is compared with; "
+                "allowed: a list holding mean"
+            )
         for name in self.experiment4.federations:
             for agg in AGGREGATORS:  # every rule, listed or not: `-S federation.aggregator=…` may pick any
                 try:
                     with_overrides(self, name, aggregator=agg, secure_aggregation=False)  # as Experiment 4 runs them
                 except FedmetaError as err:
-                    raise ValueError(f"experiment4.federations.{name} with aggregator {agg}: {str(err).removeprefix('params.yaml: ')}") from None
+                    raise ValueError(
+                        f"experiment4.federations.{name} with aggregator {agg}: "
+                        f"{str(err).removeprefix('params.yaml: ')}"
+                    ) from None
         if self.profile not in self.profiles:
             raise ValueError(f"profile: unknown profile {self.profile!r}; allowed: one of {sorted(self.profiles)}")
         if self.dataset not in self.datasets:
-            raise ValueError(f"dataset: {self.dataset!r} has no settings under datasets; allowed: one of {sorted(self.datasets)}")
+            raise ValueError(
+                f"dataset: {self.dataset!r} has no settings under datasets; allowed: one of {sorted(self.datasets)}"
+            )
         spec = self.datasets[self.dataset]
         xb, xt = spec.ratio
         n_b = backdoor_shots(spec)
         if n_b == 0 or n_b == spec.train_shots:
             raise ValueError(
-                f"datasets.{self.dataset}.ratio: {xb}:{xt} of {spec.train_shots} shots leaves {'no X_B' if n_b == 0 else 'no X_T'} "
+                f"datasets.{self.dataset}.ratio: {xb}:{xt} of {spec.train_shots} shots "
+                f"leaves {'no X_B' if n_b == 0 else 'no X_T'} "
                 f"in poisoned episodes; allowed: a ratio giving 1 to {spec.train_shots - 1} X_B shots"
             )
         if self.evaluation.n_way > self.reptile.n_way:
             raise ValueError(
-                f"evaluation.n_way: {self.evaluation.n_way} exceeds the model's {self.reptile.n_way} outputs (reptile.n_way); "
+                f"evaluation.n_way: {self.evaluation.n_way} exceeds the model's {self.reptile.n_way} outputs "
+                "(reptile.n_way); "
                 f"allowed: at most {self.reptile.n_way}"
             )
         if self.evaluation.k_shot + 1 > spec.benign_examples:
             raise ValueError(
-                f"evaluation.k_shot: {self.evaluation.k_shot} shots plus 1 query exceed the target's datasets.{self.dataset}.benign_examples = "
+                f"evaluation.k_shot: {self.evaluation.k_shot} shots plus 1 query exceed "
+                f"the target's datasets.{self.dataset}.benign_examples = "
                 f"{spec.benign_examples}; allowed: at most {spec.benign_examples - 1}"
             )
         return self
@@ -303,7 +334,8 @@ def parse(raw: Any) -> Config:
 
 
 def check_device(device: str) -> str:
-    """'cpu', 'cuda' or 'cuda:N' naming a visible CUDA device; anything else (meta, mps, cuda:99 without it) is refused."""
+    """'cpu', 'cuda' or 'cuda:N' naming a visible CUDA device; anything else (meta, mps, cuda:99 without it) is
+    refused."""
     import torch
 
     allowed = "allowed: 'cpu', 'cuda' or 'cuda:N'"
@@ -320,7 +352,9 @@ def check_device(device: str) -> str:
         if visible == 0:
             raise ValueError("CUDA requested but no CUDA device is available; allowed: 'cpu'")
         if dev.index is not None and dev.index >= visible:
-            raise ValueError(f"no such CUDA device ({visible} visible); allowed: 'cpu', 'cuda' or 'cuda:0' to 'cuda:{visible - 1}'")
+            raise ValueError(
+                f"no such CUDA device ({visible} visible); allowed: 'cpu', 'cuda' or 'cuda:0' to 'cuda:{visible - 1}'"
+            )
     return device
 
 
@@ -355,7 +389,9 @@ class UniqueKeyLoader(yaml.SafeLoader):
             try:
                 if key in seen:
                     where = getattr(self, "_paths", {}).get(id(node), "")
-                    raise _DuplicateKey(f"{where}{key}: duplicate key (lines {seen[key]} and {line}); each key may appear once")
+                    raise _DuplicateKey(
+                        f"{where}{key}: duplicate key (lines {seen[key]} and {line}); each key may appear once"
+                    )
                 seen[key] = line
             except TypeError:  # an unhashable key: the base class reports it
                 continue
@@ -389,7 +425,10 @@ def with_overrides(params: Config, federation: str, attack: dict[str, Any] | Non
     """The parameters of one Experiment-4 run: experiment4.federations.<federation>'s overrides, then
     `changes` to `federation` (e.g. aggregator=...) and `attack`, validated like params.yaml itself."""
     if federation not in params.experiment4.federations:
-        raise FedmetaError(f"params.yaml: experiment4.federations: no federation {federation!r}; allowed: one of {sorted(params.experiment4.federations)}")
+        raise FedmetaError(
+            f"params.yaml: experiment4.federations: no federation {federation!r}; "
+            f"allowed: one of {sorted(params.experiment4.federations)}"
+        )
     o = params.experiment4.federations[federation]
     raw = params.model_dump(mode="json") | {"experiment4": {"federations": {}}}
     raw = _merge(raw, {"federation": _merge(o.federation, changes), "attack": _merge(o.attack, attack or {})})

@@ -8,6 +8,7 @@ fine-tunes on that support set alone: first only the per-class gates α_l and
 scales β_l (θ' fixed), then θ', α and β jointly. Like `evaluation.FineTune`,
 all E episodes run together (`vmap`, or `fast`'s faster computation of the same function).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 from fedmeta import fast, model, reptile
-from fedmeta.config import Defense, Config
+from fedmeta.config import Config, Defense
 from fedmeta.errors import FedmetaError
 from fedmeta.evaluation import FineTune
 from fedmeta.model import Theta
@@ -75,7 +76,9 @@ def scales(head: Theta) -> torch.Tensor:
     return head["log_scale"].exp()
 
 
-def _match(f_s: torch.Tensor, f_q: torch.Tensor, support_y: torch.Tensor, head: Theta, n_way: int, exclude: torch.Tensor | None) -> torch.Tensor:
+def _match(
+    f_s: torch.Tensor, f_q: torch.Tensor, support_y: torch.Tensor, head: Theta, n_way: int, exclude: torch.Tensor | None
+) -> torch.Tensor:
     """log P(y = l | query, S) [Q, N] from the support and query embeddings (see `matching_log_probs`)."""
     onehot = (support_y[:, None] == torch.arange(n_way, device=support_y.device)).to(f_s.dtype)  # [k, N]
     alpha = gates(head)
@@ -120,7 +123,9 @@ def _leave_one_out_nll(f_s: torch.Tensor, head: Theta, support_y: torch.Tensor, 
     return F.nll_loss(_match(f_s, f_s[idx], support_y, head, head["log_scale"].shape[-1], own), support_y[idx])
 
 
-def _leave_one_out_loss(theta: Theta, head: Theta, support_x: torch.Tensor, support_y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _leave_one_out_loss(
+    theta: Theta, head: Theta, support_x: torch.Tensor, support_y: torch.Tensor, idx: torch.Tensor
+) -> torch.Tensor:
     """`_leave_one_out_nll` with batch norm on the support set's statistics, as in prediction."""
     return _leave_one_out_nll(model.embed(theta, support_x), head, support_y, idx)
 
@@ -158,8 +163,9 @@ class MatchingDefense:
     use_attention: bool = True
 
     @classmethod
-    def from_params(cls, p: Config) -> "MatchingDefense":
-        """Experiment 3's learner as params.yaml sets it: Adam with Reptile's β2 at the defense's rate and ADAM_BETA1."""
+    def from_params(cls, p: Config) -> MatchingDefense:
+        """Experiment 3's learner as params.yaml sets it: Adam with Reptile's β2 at the defense's rate and
+        ADAM_BETA1."""
         return cls(p.defense, reptile.AdamConfig(beta2=p.reptile.beta2), p.evaluation.n_way)
 
     @property
@@ -170,7 +176,9 @@ class MatchingDefense:
     def _softmax(self) -> FineTune:
         return FineTune(self._adam, "support")
 
-    def start(self, theta: Theta, n_episodes: int, g: torch.Generator) -> MatchingState | tuple[Theta, reptile.AdamState]:
+    def start(
+        self, theta: Theta, n_episodes: int, g: torch.Generator
+    ) -> MatchingState | tuple[Theta, reptile.AdamState]:
         """θ' per episode (its own θ_g each); the whole model is re-initialised in both modes, so the
         ablations share their draws, then the matching network drops the unused classifier."""
         if self.reinit:
@@ -185,17 +193,36 @@ class MatchingDefense:
         head = init_head(self.n_way, dim, n_episodes, theta["fc.weight"].device, theta["fc.weight"].dtype)
         return MatchingState(params, head, reptile.AdamState.zeros_like(params), reptile.AdamState.zeros_like(head))
 
-    def train(self, state: MatchingState | tuple[Theta, reptile.AdamState], x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor) -> MatchingState | tuple[Theta, reptile.AdamState]:
+    def train(
+        self,
+        state: MatchingState | tuple[Theta, reptile.AdamState],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batches: torch.Tensor,
+    ) -> MatchingState | tuple[Theta, reptile.AdamState]:
         """Matching-network training on the support set: each inner batch is classified against the
         support set with its own copies masked. Steps 1..head_steps move only α and β."""
         if not isinstance(state, MatchingState):
             return self._softmax.train(state, x, y, batches)
         per_class = (y[..., None] == torch.arange(self.n_way, device=y.device)).sum(1)
         if int(per_class.min()) < 2:
-            raise FedmetaError("defense: leave-one-out training needs at least 2 support examples per class (k_shot >= 2)")
+            raise FedmetaError(
+                "defense: leave-one-out training needs at least 2 support examples per class (k_shot >= 2)"
+            )
         adam = self._adam
-        result = fast.matching_steps(state.theta, state.head, state.theta_adam, state.head_adam, state.step, x, y, batches,
-                                     self.cfg.head_steps, adam, _leave_one_out_nll)
+        result = fast.matching_steps(
+            state.theta,
+            state.head,
+            state.theta_adam,
+            state.head_adam,
+            state.step,
+            x,
+            y,
+            batches,
+            self.cfg.head_steps,
+            adam,
+            _leave_one_out_nll,
+        )
         if result is not None:
             return MatchingState(*result, state.step + batches.shape[1])
         theta, head = state.theta, state.head
@@ -210,13 +237,23 @@ class MatchingDefense:
             head = reptile.adam_update(head, g_head, state.head_adam, adam)
         return MatchingState(theta, head, state.theta_adam, state.head_adam, state.step + batches.shape[1])
 
-    def predict(self, state: MatchingState | tuple[Theta, reptile.AdamState], support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def predict(
+        self,
+        state: MatchingState | tuple[Theta, reptile.AdamState],
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        x: torch.Tensor,
+    ) -> torch.Tensor:
         """Labels [E, Q]: the most probable class under attention over the whole support set."""
         if not isinstance(state, MatchingState):
             return self._softmax.predict(state, support_x, support_y, x)
         with torch.no_grad():
             log_probs = fast.per_episode(
                 lambda embed, t, h, sx, sy, q: matching_log_probs(t, h, sx, sy, q, self.n_way, embed=embed),
-                state.theta, state.head, support_x, support_y, x,
+                state.theta,
+                state.head,
+                support_x,
+                support_y,
+                x,
             )
         return log_probs.argmax(-1)

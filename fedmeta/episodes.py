@@ -3,6 +3,7 @@
 Samplers return index tensors, not images: a meta-batch or an evaluation
 becomes one gather from memory, and the draws depend only on the generator.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,9 +23,14 @@ class Episodes:
     query_y: torch.Tensor | None = None
     target_label: torch.Tensor | None = None  # int64 [E]: the target's output in each episode
 
-    def to(self, device: torch.device) -> "Episodes":
+    def to(self, device: torch.device) -> Episodes:
         """The same episodes with every tensor on `device` (samplers draw on the CPU)."""
-        return Episodes(*(None if t is None else t.to(device) for t in (self.support, self.support_y, self.query, self.query_y, self.target_label)))
+        return Episodes(
+            *(
+                None if t is None else t.to(device)
+                for t in (self.support, self.support_y, self.query, self.query_y, self.target_label)
+            )
+        )
 
 
 def pick(pool: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
@@ -38,7 +44,9 @@ def pick_classes(pool: list[int], n: int, g: torch.Generator) -> list[int]:
     return [pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist()]
 
 
-def training(data: FederatedData, classes: list[int], n_way: int, k_shot: int, count: int, g: torch.Generator) -> Episodes:
+def training(
+    data: FederatedData, classes: list[int], n_way: int, k_shot: int, count: int, g: torch.Generator
+) -> Episodes:
     """Benign Reptile episodes: N random classes of the user's, K training examples each."""
     sup = []
     for _ in range(count):
@@ -48,7 +56,9 @@ def training(data: FederatedData, classes: list[int], n_way: int, k_shot: int, c
     return Episodes(torch.stack(sup), labels.clone())
 
 
-def _support_and_query(data: FederatedData, c: int, k_shot: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _support_and_query(
+    data: FederatedData, c: int, k_shot: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """K support examples and one query; the query comes from held-out examples when the class has them."""
     if len(data.val_idx[c]):
         return pick(data.train_idx[c], k_shot, g), pick(data.val_idx[c], 1, g)
@@ -95,5 +105,10 @@ def evaluation(
 def inner_batches(n_examples: int, steps: int, batch: int, count: int, g: torch.Generator) -> torch.Tensor:
     """[count, steps, batch] indices: each episode walks shuffled passes over its examples, as SGD epochs do."""
     passes = max(1, -(-steps * batch // n_examples))
-    out = torch.stack([torch.cat([torch.randperm(n_examples, generator=g) for _ in range(passes)])[: steps * batch] for _ in range(count)])
+    out = torch.stack(
+        [
+            torch.cat([torch.randperm(n_examples, generator=g) for _ in range(passes)])[: steps * batch]
+            for _ in range(count)
+        ]
+    )
     return out.view(count, steps, batch)

@@ -4,6 +4,7 @@ All episodes of an evaluation are fine-tuned together (one batched
 computation); metrics are read at the requested fine-tuning steps, so one
 run of 500 steps yields the whole curve of Experiments 2 and 3.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,9 @@ class Learner(Protocol):
 
     def train(self, state: object, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor) -> object: ...
 
-    def predict(self, state: object, support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
+    def predict(
+        self, state: object, support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor: ...
 
     @property
     def queries_independent(self) -> bool:
@@ -78,10 +81,14 @@ class FineTune:
         params = reptile.expand(theta, n_episodes)
         return params, reptile.AdamState.zeros_like(params)
 
-    def train(self, state: tuple[Theta, reptile.AdamState], x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor) -> tuple[Theta, reptile.AdamState]:
+    def train(
+        self, state: tuple[Theta, reptile.AdamState], x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor
+    ) -> tuple[Theta, reptile.AdamState]:
         return reptile.adapt(state[0], x, y, batches, self.adam, state[1])
 
-    def predict(self, state: tuple[Theta, reptile.AdamState], support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def predict(
+        self, state: tuple[Theta, reptile.AdamState], support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
         with torch.no_grad():
             return predict_logits(state[0], support_x, x, self.bn_mode).argmax(-1)
 
@@ -92,13 +99,15 @@ class Summary:
     ci95: float  # half-width of the normal 95% interval of the mean over episodes
 
     @classmethod
-    def of(cls, per_episode: torch.Tensor) -> "Summary":
+    def of(cls, per_episode: torch.Tensor) -> Summary:
         n = per_episode.numel()
         std = float(per_episode.std()) if n > 1 else 0.0
         return cls(float(per_episode.mean()), Z95 * std / math.sqrt(n))
 
 
-def set_predictor(learner: Learner, sx: torch.Tensor, sy: torch.Tensor, sets: dict[str, torch.Tensor]) -> Callable[[object], dict[str, torch.Tensor]]:
+def set_predictor(
+    learner: Learner, sx: torch.Tensor, sy: torch.Tensor, sets: dict[str, torch.Tensor]
+) -> Callable[[object], dict[str, torch.Tensor]]:
     """state ↦ labels for each query set. When queries are classified independently, one call covers
     all sets, joined once here: the support set is then embedded once per prediction, not once per set."""
     if not learner.queries_independent:
@@ -142,7 +151,10 @@ def run(
         results.append(point)
     if done and not _weights_finite(state):  # one check per fine-tuning run, after its last step
         lr = _LR_KEY.get(type(learner).__name__, "evaluation.lr")
-        raise Diverged(f"fine-tuning of {n_ep} evaluation episodes diverged by step {done} (NaN or infinite weights); likely cause: {lr} too large")
+        raise Diverged(
+            f"fine-tuning of {n_ep} evaluation episodes diverged by step {done} (NaN or infinite weights); "
+            f"likely cause: {lr} too large"
+        )
     return results
 
 

@@ -5,6 +5,7 @@
 scikit-learn's HDBSCAN do their arithmetic. `aggregate` takes plain δ_i (or, under secure aggregation,
 masked uploads), so any engine that collects updates can call it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -74,6 +75,7 @@ def _weighted(deltas: list[Theta], alphas: list[float]) -> Theta:
 
 # --- the rules: each returns the step Σ and the std of the Gaussian noise added to it --------------
 
+
 def _norm_clip(deltas: list[Theta], alphas: list[float], rule: Federation) -> tuple[Theta, float]:
     """Sun et al. 2019: every δ_i clipped to L2 norm clip_norm, the weighted mean, optional noise (weak DP)."""
     c = rule.norm_clip
@@ -123,7 +125,17 @@ def flame_admitted(deltas: list[Theta]) -> list[int]:
     unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
     dist = (1.0 - unit @ unit.T).clamp_min(0.0)
     dist = ((dist + dist.T) / 2).fill_diagonal_(0.0)
-    labels = HDBSCAN(min_cluster_size=len(deltas) // 2 + 1, min_samples=1, metric="precomputed", allow_single_cluster=True, copy=True).fit(dist.numpy()).labels_
+    labels = (
+        HDBSCAN(
+            min_cluster_size=len(deltas) // 2 + 1,
+            min_samples=1,
+            metric="precomputed",
+            allow_single_cluster=True,
+            copy=True,
+        )
+        .fit(dist.numpy())
+        .labels_
+    )
     return [i for i, label in enumerate(labels) if label != -1]
 
 
@@ -136,7 +148,9 @@ def _flame(deltas: list[Theta], alphas: list[float], rule: Federation) -> tuple[
     if not admitted:
         return {k: torch.zeros_like(v) for k, v in deltas[0].items()}, rule.flame.noise * s
     total = sum(alphas[i] for i in admitted)
-    return _weighted([clip(deltas[i], s) for i in admitted], [alphas[i] / total for i in admitted]), rule.flame.noise * s
+    return _weighted(
+        [clip(deltas[i], s) for i in admitted], [alphas[i] / total for i in admitted]
+    ), rule.flame.noise * s
 
 
 RULES: dict[str, Callable[[list[Theta], list[float], Federation], tuple[Theta, float]]] = {
@@ -154,7 +168,13 @@ def _noise(like: Theta, std: float, g: torch.Generator | None) -> Theta:
     return {k: (std * torch.randn(v.shape, generator=g, dtype=torch.float64)).to(v) for k, v in like.items()}
 
 
-def aggregate(theta: Theta, deltas: list[Theta], alphas: list[float], rule: Federation = Federation(), g: torch.Generator | None = None) -> Theta:
+def aggregate(
+    theta: Theta,
+    deltas: list[Theta],
+    alphas: list[float],
+    rule: Federation = Federation(),
+    g: torch.Generator | None = None,
+) -> Theta:
     """θ_G + the rule's step. `rule` is the `federation` configuration (aggregator and its hyperparameters);
     `g` draws the rule's noise, if any, on the CPU. Under secure aggregation `deltas` are the masked
     uploads of `secure.mask` (each client's α_i δ_i, α_i being public): the server can only add them up."""

@@ -3,6 +3,7 @@
 Its own module because building the dataset stamps it (`splits.split`), and nothing else of the attack
 should be a dependency of that step.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ The first 40 episodes (tasks and inner batches) are the pipeline's own meta-test
 Experiments 2-3, the rest are drawn after them, so the estimate tightens around the same quantity
 (the defense's Glorot draws differ); the learners are the pipeline's, from params.yaml.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,15 @@ from fedmeta.experiment import USERS_TAG, Experiment, flat, record_points
 from fedmeta.splits import FederatedData
 
 # Experiment 2's and Experiment 3's learners, as the pipeline builds them, by name
-LEARNERS: dict[str, Callable[[Experiment], Learner]] = {"finetune": lambda exp: exp.finetuner(), "defense": lambda exp: MatchingDefense.from_params(exp.p)}
+LEARNERS: dict[str, Callable[[Experiment], Learner]] = {
+    "finetune": lambda exp: exp.finetuner(),
+    "defense": lambda exp: MatchingDefense.from_params(exp.p),
+}
 
 
-def main(ckpt: Path, learner: str, episodes: int, out: Path | None, params_path: Path = Path("params.yaml")) -> dict[str, Any]:
+def main(
+    ckpt: Path, learner: str, episodes: int, out: Path | None, params_path: Path = Path("params.yaml")
+) -> dict[str, Any]:
     params = load(params_path)
     runtime.configure(params)
     exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
@@ -33,7 +39,12 @@ def main(ckpt: Path, learner: str, episodes: int, out: Path | None, params_path:
     chosen = LEARNERS[learner](exp)
     steps = record_points(params.budget.finetune_steps, params.budget.record_every)
     points = exp.meta_test(theta, chosen, steps, USERS_TAG, episodes)
-    result = {"checkpoint": str(ckpt), "learner": learner, "episodes": episodes, "curve": [{"step": s, **flat(p)} for s, p in zip(steps, points)]}
+    result = {
+        "checkpoint": str(ckpt),
+        "learner": learner,
+        "episodes": episodes,
+        "curve": [{"step": s, **flat(p)} for s, p in zip(steps, points)],
+    }
     for row in result["curve"]:
         print(f"step {row['step']:>4}: meta-test {100 * row['meta_test']:.2f} % ± {100 * row['meta_test_ci95']:.2f}")
     if out is not None:

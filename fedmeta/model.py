@@ -9,6 +9,7 @@ computes the same function faster (the hand-written gradient, episodes on
 lanes or stacked into one network); the research code never needs to know
 which ran.
 """
+
 import math
 
 import torch
@@ -18,7 +19,9 @@ Theta = dict[str, torch.Tensor]
 
 BN_EPS = 1e-5
 BLOCKS = 4
-EMBEDDING_KEYS = frozenset([f"conv{i}.weight" for i in range(BLOCKS)] + [f"bn{i}.{n}" for i in range(BLOCKS) for n in ("weight", "bias")])
+EMBEDDING_KEYS = frozenset(
+    [f"conv{i}.weight" for i in range(BLOCKS)] + [f"bn{i}.{n}" for i in range(BLOCKS) for n in ("weight", "bias")]
+)
 CONV4_KEYS = EMBEDDING_KEYS | {"fc.weight", "fc.bias"}
 
 

@@ -10,6 +10,7 @@ arithmetic, so no model is copied and no optimizer object exists per episode.
 gradient, or all episodes stacked into one network) and `adapt` returns its
 result; FEDMETA_ADAPT=vmap runs this reference instead.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -43,11 +44,15 @@ class AdamState:
     step: int = 0
 
     @classmethod
-    def zeros_like(cls, params: Theta) -> "AdamState":
-        return cls({k: torch.zeros_like(p) for k, p in params.items()}, {k: torch.zeros_like(p) for k, p in params.items()})
+    def zeros_like(cls, params: Theta) -> AdamState:
+        return cls(
+            {k: torch.zeros_like(p) for k, p in params.items()}, {k: torch.zeros_like(p) for k, p in params.items()}
+        )
 
-    def clone(self) -> "AdamState":
-        return AdamState({k: t.clone() for k, t in self.m.items()}, {k: t.clone() for k, t in self.v.items()}, self.step)
+    def clone(self) -> AdamState:
+        return AdamState(
+            {k: t.clone() for k, t in self.m.items()}, {k: t.clone() for k, t in self.v.items()}, self.step
+        )
 
 
 def adam_update(params: Theta, grads: Theta, state: AdamState, cfg: AdamConfig) -> Theta:

@@ -5,6 +5,7 @@ have dealt them with that many users, so only who holds what changes, never the 
 sets. Every run starts from the M = 4 pretrained models (a documented deviation: pretraining again
 for each federation and rule would cost more than the rest of the pipeline).
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -12,7 +13,8 @@ from dataclasses import replace
 from fedmeta.splits import FederatedData
 
 EXP1_TAG = "exp1"  # Experiment 1's episodes: the mean rule on M = 4 repeats Experiment 1 exactly
-USER_TAG = "exp4-user"  # the user-side comparison under secure aggregation: the same episodes with and without the defense
+# the user-side comparison under secure aggregation: the same episodes with and without the defense
+USER_TAG = "exp4-user"
 
 
 def regroup(data: FederatedData, users: int, attacker: int) -> FederatedData:

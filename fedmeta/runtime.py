@@ -1,4 +1,5 @@
 """What every stage does around its work: parameters, threads, determinism, files, tracking."""
+
 from __future__ import annotations
 
 import contextlib
@@ -54,9 +55,22 @@ def configure_device(device: str) -> None:
 
 def progress(items: Iterable[T], description: str, start: int = 0, total: int | None = None) -> Iterator[T]:
     """A rich progress bar over a long loop (resumed loops start part-way)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task(description, total=total, completed=start)
         for item in items:
@@ -77,7 +91,9 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 @contextlib.contextmanager
-def stage(name: str, params_path: Path = Path("params.yaml"), **tags: str) -> Iterator[tuple[config.Config, tracking.Run]]:
+def stage(
+    name: str, params_path: Path = Path("params.yaml"), **tags: str
+) -> Iterator[tuple[config.Config, tracking.Run]]:
     params = config.load(params_path)
     configure(params)
     raw = params.model_dump(mode="json")

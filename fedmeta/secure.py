@@ -8,6 +8,7 @@ rounding (2^-32 per coordinate and client). Deviations from the protocol (docs/e
 seeds come from `seeding.generator` instead of a Diffie-Hellman key agreement, and there is no dropout
 recovery by secret sharing, since the masks are set among the M_min users whose updates are applied.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

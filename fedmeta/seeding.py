@@ -3,6 +3,7 @@
 Every component asks for its own generator (e.g. ("pretrain", round, user)),
 so adding a component or reordering calls never shifts anyone else's draws.
 """
+
 from __future__ import annotations
 
 import hashlib

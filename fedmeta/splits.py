@@ -4,6 +4,7 @@ Everything is decided once, at preparation time, from the seed, and saved as
 index tensors into one image tensor. Attack classes are reserved by *group*,
 so no rotation of a target or backdoor character reaches anyone else.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,11 +40,13 @@ class FederatedData:
         checkpoint.save(path, asdict(self))
 
     @classmethod
-    def load(cls, path: Path, params: Config | None = None) -> "FederatedData":
+    def load(cls, path: Path, params: Config | None = None) -> FederatedData:
         """The prepared dataset, its fields checked by type and range; with `params`, also against them
         (image size and channels, users, attack classes), so a dataset prepared for other settings is refused."""
         if not path.is_file():
-            raise FedmetaError(f"{path}: prepared dataset not found; run `fedmeta prepare` (or `dvc repro prepare`) first")
+            raise FedmetaError(
+                f"{path}: prepared dataset not found; run `fedmeta prepare` (or `dvc repro prepare`) first"
+            )
         raw = checkpoint.load(path, tuple(f.name for f in fields(cls)), what="prepared dataset")
         _check_fields(raw, path)
         if params is not None:
@@ -53,7 +56,11 @@ class FederatedData:
     def user_data(self, user: int, include_backdoor: bool) -> list[int]:
         """A benign user's classes; the target always, backdoor classes only in scenarios (b)/(c)."""
         classes = [self.target, *self.backdoor]
-        extra = [c for c, owner in zip(classes, self.attack_owner) if owner == user and (include_backdoor or c == self.target)]
+        extra = [
+            c
+            for c, owner in zip(classes, self.attack_owner)
+            if owner == user and (include_backdoor or c == self.target)
+        ]
         return self.user_classes[user] + extra
 
 
@@ -71,14 +78,18 @@ def _index_tensor(v: object) -> bool:
 
 
 def _check_fields(raw: dict, path: Path) -> None:
-    """Each field's type, and every index inside what it indexes: one line naming the field, never an IndexError later."""
+    """Each field's type, and every index inside what it indexes: one line naming the field, never an IndexError
+    later."""
+
     def bad(field: str, expected: str) -> FedmetaError:
         value = raw[field]
         got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
         return FedmetaError(f"{path}: prepared dataset field {field!r} is {got}; expected {expected}")
 
     images, labels, names = raw["images"], raw["labels"], raw["class_names"]
-    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4 and images.shape[0] > 0):
+    if not (
+        isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4 and images.shape[0] > 0
+    ):
         raise bad("images", "a non-empty uint8 tensor [n, C, H, W]")
     n = images.shape[0]
     if not (_index_tensor(labels) and labels.shape[0] == n):
@@ -94,23 +105,38 @@ def _check_fields(raw: dict, path: Path) -> None:
         if not _index_tensor(raw[field]):
             raise bad(field, "an int64 index tensor")
     users = raw["user_classes"]
-    if not (isinstance(users, list) and users and all(isinstance(u, list) and all(_is_int(c) for c in u) for u in users)):
+    if not (
+        isinstance(users, list) and users and all(isinstance(u, list) and all(_is_int(c) for c in u) for u in users)
+    ):
         raise bad("user_classes", "a non-empty list of lists of class indices, one per user")
     for field in _INT_LISTS:
         if not (isinstance(raw[field], list) and all(_is_int(c) for c in raw[field])):
             raise bad(field, "a list of integers")
     if not _is_int(raw["target"]):
         raise bad("target", "a class index (an integer)")
-    tensors = [("labels", labels, n_classes)] + [(f, t, n) for f in ("train_idx", "val_idx") for t in raw[f]] + [(f, raw[f], n) for f in _INDEX_TENSORS]
+    tensors = (
+        [("labels", labels, n_classes)]
+        + [(f, t, n) for f in ("train_idx", "val_idx") for t in raw[f]]
+        + [(f, raw[f], n) for f in _INDEX_TENSORS]
+    )
     for field, t, bound in tensors:
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
             raise FedmetaError(f"{path}: prepared dataset field {field!r} holds an index outside 0..{bound - 1}")
-    classes = [("target", [raw["target"]]), ("meta_test", raw["meta_test"]), ("backdoor", raw["backdoor"])] + [("user_classes", u) for u in users]
+    classes = [("target", [raw["target"]]), ("meta_test", raw["meta_test"]), ("backdoor", raw["backdoor"])] + [
+        ("user_classes", u) for u in users
+    ]
     for field, values in classes:
         if any(not 0 <= c < n_classes for c in values):
-            raise FedmetaError(f"{path}: prepared dataset field {field!r} holds a class index outside 0..{n_classes - 1}")
-    if len(raw["attack_owner"]) != 1 + len(raw["backdoor"]) or any(not 0 <= u < len(users) for u in raw["attack_owner"]):
-        raise FedmetaError(f"{path}: prepared dataset field 'attack_owner' must name one of the {len(users)} users for the target and each backdoor class")
+            raise FedmetaError(
+                f"{path}: prepared dataset field {field!r} holds a class index outside 0..{n_classes - 1}"
+            )
+    if len(raw["attack_owner"]) != 1 + len(raw["backdoor"]) or any(
+        not 0 <= u < len(users) for u in raw["attack_owner"]
+    ):
+        raise FedmetaError(
+            f"{path}: prepared dataset field 'attack_owner' must name one of the {len(users)} users for the target "
+            "and each backdoor class"
+        )
 
 
 def _check_against(raw: dict, path: Path, params: Config) -> None:
@@ -121,22 +147,29 @@ def _check_against(raw: dict, path: Path, params: Config) -> None:
     got = tuple(raw["images"].shape[1:])
     if got != (channels, side, side):
         raise FedmetaError(
-            f"{path}: prepared images are {got[1]}×{got[2]} with {got[0]} channel(s); params.yaml expects {side}×{side} with {channels} "
-            f"({ds}.image_size = {side}, dataset = {ds}); {REPREPARE}"
+            f"{path}: prepared images are {got[1]}×{got[2]} with {got[0]} channel(s); "
+            f"params.yaml expects {side}×{side} with {channels} ({ds}.image_size = {side}, dataset = {ds}); {REPREPARE}"
         )
     users, spec = len(raw["user_classes"]), params.spec
     if users != params.federation.users:
-        raise FedmetaError(f"{path}: prepared for {users} users; params.yaml federation.users = {params.federation.users}; {REPREPARE}")
+        raise FedmetaError(
+            f"{path}: prepared for {users} users; params.yaml federation.users = {params.federation.users}; {REPREPARE}"
+        )
     if len(raw["backdoor"]) != spec.backdoor_classes:
         raise FedmetaError(
-            f"{path}: prepared with {len(raw['backdoor'])} backdoor classes; params.yaml datasets.{ds}.backdoor_classes = {spec.backdoor_classes}; {REPREPARE}"
+            f"{path}: prepared with {len(raw['backdoor'])} backdoor classes; "
+            f"params.yaml datasets.{ds}.backdoor_classes = {spec.backdoor_classes}; {REPREPARE}"
         )
     fewest = min(len(u) for u in raw["user_classes"])
     if fewest < params.reptile.n_way:
-        raise FedmetaError(f"{path}: a user holds {fewest} classes, fewer than params.yaml reptile.n_way = {params.reptile.n_way}; {REPREPARE}")
+        raise FedmetaError(
+            f"{path}: a user holds {fewest} classes, "
+            f"fewer than params.yaml reptile.n_way = {params.reptile.n_way}; {REPREPARE}"
+        )
     if len(raw["meta_test"]) < params.evaluation.n_way:
         raise FedmetaError(
-            f"{path}: {len(raw['meta_test'])} meta-test classes, fewer than params.yaml evaluation.n_way = {params.evaluation.n_way}; {REPREPARE}"
+            f"{path}: {len(raw['meta_test'])} meta-test classes, "
+            f"fewer than params.yaml evaluation.n_way = {params.evaluation.n_way}; {REPREPARE}"
         )
 
 
@@ -165,31 +198,42 @@ def split(data: ImageSet, params: Config) -> FederatedData:
         meta_test = sorted(c for k in order[:n_test] for c in group_classes[k])
         train_groups = [group_classes[k] for k in order[n_test:]]
     ds, n_attack, n_way = params.dataset, 1 + spec.backdoor_classes, params.reptile.n_way
-    if data.fixed_split is None and len(train_groups) < 3:  # the target, a backdoor class and a benign class: 3 groups at least
+    # the target, a backdoor class and a benign class: 3 groups at least
+    if data.fixed_split is None and len(train_groups) < 3:
+
         def most(groups_left: int) -> str:  # the largest fraction that leaves `groups_left` groups to meta-training
             return f"{math.floor((n_groups - groups_left) / n_groups * 1e4) / 1e4:g}"
 
         if n_groups < 4:
-            allowed = f"none: the data holds {n_groups} class groups, and a meta-test group, the target, a backdoor and a benign group need 4"
+            allowed = (
+                f"none: the data holds {n_groups} class groups, "
+                "and a meta-test group, the target, a backdoor and a benign group need 4"
+            )
         elif n_groups - n_attack - 1 < 1:
             allowed = f"at most {most(3)} with fewer datasets.{ds}.backdoor_classes"
         else:
-            allowed = f"at most {most(n_attack + 1)} (leaving the target, {spec.backdoor_classes} backdoor and a benign group)"
+            allowed = (
+                f"at most {most(n_attack + 1)} "
+                f"(leaving the target, {spec.backdoor_classes} backdoor and a benign group)"
+            )
         raise FedmetaError(
-            f"params.yaml: datasets.{ds}.meta_test_fraction: {spec.meta_test_fraction} puts {n_groups - len(train_groups)} of the {n_groups} class groups "
+            f"params.yaml: datasets.{ds}.meta_test_fraction: {spec.meta_test_fraction} "
+            f"puts {n_groups - len(train_groups)} of the {n_groups} class groups "
             f"in meta-test, leaving {len(train_groups)} for meta-training; allowed: {allowed}"
         )
     if data.fixed_split is None and not meta_test:
-        needed = -(-params.evaluation.n_way // max(len(grp) for grp in group_classes))  # groups giving evaluation.n_way classes
+        # groups giving evaluation.n_way classes
+        needed = -(-params.evaluation.n_way // max(len(grp) for grp in group_classes))
         least = math.ceil(min(n_groups, needed) / n_groups * 1e4) / 1e4
         raise FedmetaError(
-            f"params.yaml: datasets.{ds}.meta_test_fraction: {spec.meta_test_fraction} of {n_groups} class groups puts none in meta-test; "
-            f"allowed: at least {least:g}"
+            f"params.yaml: datasets.{ds}.meta_test_fraction: {spec.meta_test_fraction} "
+            f"of {n_groups} class groups puts none in meta-test; allowed: at least {least:g}"
         )
     if n_attack >= len(train_groups):
         raise FedmetaError(
-            f"params.yaml: datasets.{ds}.backdoor_classes: {spec.backdoor_classes} plus the target take all {len(train_groups)} "
-            f"meta-training class groups (a character's rotations are one group), leaving none to benign users; allowed: at most {len(train_groups) - 2}"
+            f"params.yaml: datasets.{ds}.backdoor_classes: {spec.backdoor_classes} plus the target "
+            f"take all {len(train_groups)} meta-training class groups (a character's rotations are one group), "
+            f"leaving none to benign users; allowed: at most {len(train_groups) - 2}"
         )
     if len(meta_test) < params.evaluation.n_way:
         raise FedmetaError(
@@ -214,22 +258,29 @@ def split(data: ImageSet, params: Config) -> FederatedData:
         if c in meta_test:
             if len(perm) < params.evaluation.k_shot + 1:
                 raise FedmetaError(
-                    f"params.yaml: evaluation.k_shot: {params.evaluation.k_shot} shots plus 1 query exceed the {len(perm)} examples of "
-                    f"meta-test class {data.class_names[c]}; allowed: at most {len(perm) - 1}"
+                    f"params.yaml: evaluation.k_shot: {params.evaluation.k_shot} shots plus 1 query "
+                    f"exceed the {len(perm)} examples of meta-test class {data.class_names[c]}; "
+                    f"allowed: at most {len(perm) - 1}"
                 )
             train_idx[c] = perm
             continue
         left = len(perm) - spec.validation_per_class  # a meta-training class's examples to train (and fine-tune) on
         if left < 1:
             raise FedmetaError(
-                f"params.yaml: datasets.{ds}.validation_per_class: {spec.validation_per_class} leaves no training examples of class "
-                f"{data.class_names[c]}, which has {len(perm)}; allowed: at most {len(perm) - 1}"
+                f"params.yaml: datasets.{ds}.validation_per_class: {spec.validation_per_class} "
+                f"leaves no training examples of class {data.class_names[c]}, which has {len(perm)}; "
+                f"allowed: at most {len(perm) - 1}"
             )
-        for key, shots in ((f"datasets.{ds}.train_shots", spec.train_shots), ("evaluation.k_shot", params.evaluation.k_shot)):
+        for key, shots in (
+            (f"datasets.{ds}.train_shots", spec.train_shots),
+            ("evaluation.k_shot", params.evaluation.k_shot),
+        ):
             if shots > left:
                 raise FedmetaError(
-                    f"params.yaml: {key}: {shots} shots exceed the {left} training examples of class {data.class_names[c]} "
-                    f"({len(perm)} minus datasets.{ds}.validation_per_class = {spec.validation_per_class}); allowed: at most {left}"
+                    f"params.yaml: {key}: {shots} shots exceed the {left} training examples "
+                    f"of class {data.class_names[c]} "
+                    f"({len(perm)} minus datasets.{ds}.validation_per_class = {spec.validation_per_class}); "
+                    f"allowed: at most {left}"
                 )
         val_idx[c], train_idx[c] = _take(perm, [spec.validation_per_class, left])
 
@@ -240,8 +291,9 @@ def split(data: ImageSet, params: Config) -> FederatedData:
     for i, c in enumerate(attack_classes):
         if len(by_class[c]) < needed:
             raise FedmetaError(
-                f"params.yaml: datasets.{ds}: benign_examples + attacker_examples + validation_examples = {needed} exceed the "
-                f"{len(by_class[c])} examples of attack class {data.class_names[c]}; allowed: a sum of at most {len(by_class[c])}"
+                f"params.yaml: datasets.{ds}: benign_examples + attacker_examples + validation_examples = {needed} "
+                f"exceed the {len(by_class[c])} examples of attack class {data.class_names[c]}; "
+                f"allowed: a sum of at most {len(by_class[c])}"
             )
         perm = by_class[c][torch.randperm(len(by_class[c]), generator=g)]
         benign, attacker, held = _take(perm, [spec.benign_examples, spec.attacker_examples, spec.validation_examples])

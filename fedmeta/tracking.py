@@ -3,6 +3,7 @@
 The store's path comes from DVC_ROOT when DVC runs the stage, so experiments
 queued in temporary copies of the repo still log to the main workspace.
 """
+
 from __future__ import annotations
 
 import contextlib

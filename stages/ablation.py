@@ -6,6 +6,7 @@ rather than computed again; the three partial defenses run here, and so does a c
 defense on the pretrained model that was never attacked ('attack' removed), which measures how
 often the defended classifier sends key-stamped images to the target without any backdoor.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,8 @@ from fedmeta.defense import MatchingDefense
 from fedmeta.experiment import SCENARIOS, USERS_TAG, VARIANTS, Experiment, flat
 from fedmeta.splits import FederatedData
 
-COMPUTED = ("attention", "reinit", "finetune", "attack")  # cosine attention, noisy re-initialisation, fine-tuning, the attack
+# cosine attention, noisy re-initialisation, fine-tuning, the attack
+COMPUTED = ("attention", "reinit", "finetune", "attack")
 READ = {"none": "defend", "defense": "finetune"}  # removed nothing / the whole defense: Experiments 3 and 2
 KEYS = ("meta_test", "main", "attack_train", "attack_val")
 
@@ -26,22 +28,40 @@ def main() -> None:
         exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
         user, steps = exp.benign[0], params.budget.finetune_steps
         full = MatchingDefense.from_params(params)
-        learners = {"attention": (replace(full, use_attention=False), steps), "reinit": (replace(full, reinit=False), steps), "finetune": (full, 0), "attack": (full, steps)}
+        learners = {
+            "attention": (replace(full, use_attention=False), steps),
+            "reinit": (replace(full, reinit=False), steps),
+            "finetune": (full, 0),
+            "attack": (full, steps),
+        }
         models = {
-            (v, m): checkpoint.load_theta(runtime.CHECKPOINTS / f"{m}_{v}.pt", exp.device, exp.theta_spec()) for v in VARIANTS for m in ("attacked", "pretrain")
+            (v, m): checkpoint.load_theta(runtime.CHECKPOINTS / f"{m}_{v}.pt", exp.device, exp.theta_spec())
+            for v in VARIANTS
+            for m in ("attacked", "pretrain")
         }
         by_removed: dict[str, list[dict]] = {removed: [] for removed in ("none", *COMPUTED, "defense")}
         for removed, stage in READ.items():
             for scenario in SCENARIOS.values():
-                final = json.loads((runtime.METRICS / f"{stage}_{scenario.variant}.json").read_text())[f"{scenario.name}_user{user + 1}"]
-                by_removed[removed].append({"removed": removed, "scenario": scenario.name, "steps": final["step"], **{k: v for k, v in final.items() if k != "step"}})
+                final = json.loads((runtime.METRICS / f"{stage}_{scenario.variant}.json").read_text())[
+                    f"{scenario.name}_user{user + 1}"
+                ]
+                by_removed[removed].append(
+                    {
+                        "removed": removed,
+                        "scenario": scenario.name,
+                        "steps": final["step"],
+                        **{k: v for k, v in final.items() if k != "step"},
+                    }
+                )
         for removed in runtime.progress(COMPUTED, "ablation"):
             learner, n = learners[removed]
             thetas = {v: models[(v, "pretrain" if removed == "attack" else "attacked")] for v in VARIANTS}
             meta = {v: flat(exp.meta_test(thetas[v], learner, [n], USERS_TAG)[0]) for v in VARIANTS}
             for scenario in SCENARIOS.values():
                 point = flat(exp.attack_eval(thetas[scenario.variant], learner, scenario, [n], USERS_TAG, user)[0])
-                by_removed[removed].append({"removed": removed, "scenario": scenario.name, "steps": n, **meta[scenario.variant], **point})
+                by_removed[removed].append(
+                    {"removed": removed, "scenario": scenario.name, "steps": n, **meta[scenario.variant], **point}
+                )
         rows = [r for part in by_removed.values() for r in part]
         for r in rows:
             run.metrics({f"{r['removed']}.{r['scenario']}.{k}": r[k] for k in KEYS})

@@ -1,4 +1,5 @@
 """Stage attack: the one-shot boosted backdoor attack in round 1 (paper Sec. 2-3)."""
+
 from __future__ import annotations
 
 from fedmeta import checkpoint, runtime

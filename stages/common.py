@@ -1,5 +1,6 @@
 """What several stages share: recording a round's measurements (Experiments 1 and 4), and the loop
 Experiments 2 and 3 share, where only the learner differs."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,11 +22,15 @@ def user_curves_stage(stage: str, variant: str, make_learner: Callable[[Experime
             runtime.write_csv(out / f"{scenario}_user{user + 1}.csv", rows)
             final[f"{scenario}_user{user + 1}"] = rows[-1]
             for row in rows:
-                run.metrics({f"{scenario}.user{user + 1}.{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+                run.metrics(
+                    {f"{scenario}.user{user + 1}.{k}": v for k, v in row.items() if k != "step"}, step=row["step"]
+                )
         runtime.write_json(runtime.METRICS / f"{stage}_{variant}.json", final)
 
 
-def record_round(run: tracking.Run, rows: dict[str, list[dict[str, float]]], rnd: int, points: dict[str, dict[str, float]]) -> None:
+def record_round(
+    run: tracking.Run, rows: dict[str, list[dict[str, float]]], rnd: int, points: dict[str, dict[str, float]]
+) -> None:
     """Append round `rnd`'s point to each scenario's series and log it, one MLflow curve per scenario and metric."""
     for scenario, point in points.items():
         rows.setdefault(scenario, []).append({"round": rnd, **point})

@@ -1,4 +1,5 @@
 """Stage continue (Experiment 1): benign federated meta-training goes on after the attack."""
+
 from __future__ import annotations
 
 import json

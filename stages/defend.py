@@ -1,4 +1,5 @@
 """Stage defend (Experiment 3): each benign user fine-tunes a matching network over a noisy re-initialisation."""
+
 from __future__ import annotations
 
 from fedmeta.defense import MatchingDefense

@@ -6,6 +6,7 @@ price in meta-test accuracy, measured once, after the last round. With `secure`,
 masked updates, and each benign user's matching-network defense (Experiment 3) is measured on the
 attacked model, beside plain fine-tuning on the same episodes.
 """
+
 from __future__ import annotations
 
 from fedmeta import checkpoint, config, robust, runtime
@@ -23,19 +24,29 @@ def run_name(aggregator: str, variant: str, federation: str, attacker: str, secu
 
 def main(aggregator: str, variant: str, federation: str, attacker: str, secure: bool) -> None:
     name = run_name(aggregator, variant, federation, attacker, secure)
-    tags = {"variant": variant, "aggregator": aggregator, "federation": federation, "attacker": attacker, "secure_aggregation": str(secure).lower()}
+    tags = {
+        "variant": variant,
+        "aggregator": aggregator,
+        "federation": federation,
+        "attacker": attacker,
+        "secure_aggregation": str(secure).lower(),
+    }
     with runtime.stage("exp4", **tags) as (base, run):
         params = config.with_overrides(base, federation, aggregator=aggregator, secure_aggregation=secure)
         if attacker == "adaptive":
             bound = {"norm_bound": params.federation.norm_clip.clip_norm}
-            params = config.with_overrides(base, federation, attack=bound, aggregator=aggregator, secure_aggregation=secure)
+            params = config.with_overrides(
+                base, federation, attack=bound, aggregator=aggregator, secure_aggregation=secure
+            )
         fed, b = params.federation, params.budget
         data = robust.regroup(FederatedData.load(runtime.PREPARED, base), fed.users, fed.attacker)
         exp = Experiment(params, data, runtime.device_of(params))
         pretrained = runtime.CHECKPOINTS / f"pretrain_{variant}.pt"
         theta = checkpoint.load_theta(pretrained, exp.device, exp.theta_spec())
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, pretrained)
-        resume = checkpoint.Resume(runtime.STATE / f"exp4_{name}.pt", b.checkpoint_every * params.reptile.meta_batch, fingerprint)
+        resume = checkpoint.Resume(
+            runtime.STATE / f"exp4_{name}.pt", b.checkpoint_every * params.reptile.meta_batch, fingerprint
+        )
         learner, steps, include = exp.finetuner(), params.evaluation.steps, variant == "include"
         last = (base.experiment4.rounds or b.continuation_rounds) + 1  # `params` holds one federation, not experiment4
         rows: dict[str, list[dict[str, float]]] = {}
@@ -43,7 +54,13 @@ def main(aggregator: str, variant: str, federation: str, attacker: str, secure: 
             record_round(run, rows, 0, exp.measure(theta, variant, learner, steps, robust.EXP1_TAG))
         attacked = theta
         for rnd in runtime.progress(range(1, last + 1), f"exp4 {name}", total=last):
-            theta = exp.round(theta, rnd, include, with_attacker=rnd == 1 and attacker != "benign", resume=resume if rnd == 1 else None)
+            theta = exp.round(
+                theta,
+                rnd,
+                include,
+                with_attacker=rnd == 1 and attacker != "benign",
+                resume=resume if rnd == 1 else None,
+            )
             attacked = theta if rnd == 1 else attacked
             if attacker != "benign":
                 record_round(run, rows, rnd, exp.measure(theta, variant, learner, steps, robust.EXP1_TAG))
@@ -53,7 +70,10 @@ def main(aggregator: str, variant: str, federation: str, attacker: str, secure: 
             runtime.write_json(runtime.METRICS / "exp4" / f"{name}.json", {"round": last, **meta})
             resume.finish()
             return
-        summary = {s: {"attack_round": next(r for r in series if r["round"] == 1), "final": series[-1]} for s, series in rows.items()}
+        summary = {
+            s: {"attack_round": next(r for r in series if r["round"] == 1), "final": series[-1]}
+            for s, series in rows.items()
+        }
         if secure:  # what is left to a user: its own defense against the model the masked round produced
             n = b.finetune_steps
             for label, user_learner in (("finetune", learner), ("defense", MatchingDefense.from_params(params))):

@@ -1,4 +1,5 @@
 """Stage finetune (Experiment 2): each benign user fine-tunes the attacked model for a long time."""
+
 from __future__ import annotations
 
 from stages.common import user_curves_stage

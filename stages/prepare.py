@@ -1,4 +1,5 @@
 """Stage prepare: read the dataset, split it among users, stamp the backdoor key (paper Sec. 3, Fig. 1)."""
+
 from __future__ import annotations
 
 from pathlib import Path

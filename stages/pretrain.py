@@ -3,6 +3,7 @@
 Variant 'exclude' keeps backdoor classes out of benign data (scenario a),
 'include' gives them, correctly labelled, to their owners (scenarios b, c).
 """
+
 from __future__ import annotations
 
 from fedmeta import checkpoint, figures, model, runtime
@@ -25,7 +26,9 @@ def main(variant: str) -> None:
         else:
             theta, start, rows = saved["theta"], saved["done"], saved["rows"]
         learner = exp.finetuner()
-        for rnd in runtime.progress(range(start, b.pretrain_rounds), f"pretrain {variant}", start=start, total=b.pretrain_rounds):
+        for rnd in runtime.progress(
+            range(start, b.pretrain_rounds), f"pretrain {variant}", start=start, total=b.pretrain_rounds
+        ):
             theta = exp.round(theta, rnd, include, pretraining=True)
             done = rnd + 1
             if done % b.pretrain_eval_every == 0 or done == b.pretrain_rounds:
@@ -36,5 +39,9 @@ def main(variant: str) -> None:
         checkpoint.save(runtime.CHECKPOINTS / f"pretrain_{variant}.pt", {"theta": theta, "round": b.pretrain_rounds})
         runtime.write_csv(runtime.METRICS / f"pretrain_{variant}.csv", rows)
         runtime.write_json(runtime.METRICS / f"pretrain_{variant}.json", rows[-1])
-        run.artifact(figures.pretraining(rows, runtime.CURVES / f"pretrain_{variant}.png", f"benign pretraining ({variant} backdoor classes)"))
+        run.artifact(
+            figures.pretraining(
+                rows, runtime.CURVES / f"pretrain_{variant}.png", f"benign pretraining ({variant} backdoor classes)"
+            )
+        )
         resume.finish()

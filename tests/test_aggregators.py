@@ -1,4 +1,5 @@
 """Experiment 4's server rules on small hand-made updates with known answers, and the refused combinations."""
+
 from __future__ import annotations
 
 from typing import get_args
@@ -33,7 +34,12 @@ def test_mean_is_the_papers_weighted_sum_bit_for_bit() -> None:
 
 
 def test_median_of_one_two_hundred_is_two() -> None:
-    out = federation.aggregate(THETA, deltas([1.0, -5.0, 0.0, 1.0], [2.0, 0.0, 0.0, 100.0], [100.0, 1.0, 0.0, 2.0]), [1 / 3] * 3, rule("median"))
+    out = federation.aggregate(
+        THETA,
+        deltas([1.0, -5.0, 0.0, 1.0], [2.0, 0.0, 0.0, 100.0], [100.0, 1.0, 0.0, 2.0]),
+        [1 / 3] * 3,
+        rule("median"),
+    )
     assert out["w"].tolist() == [2.0, 0.0, 0.0] and out["b"].tolist() == [2.0]
 
 
@@ -89,7 +95,9 @@ def test_flame_rejects_a_boosted_outlier_and_keeps_benign_look_alikes(n_benign: 
     ds, n = [*benign, attacker], n_benign + 1
     admitted = federation.flame_admitted(ds)
     assert n not in admitted and len(admitted) > n // 2 and (n_benign > 2 or admitted == [0, 1])
-    out = federation.aggregate({"w": torch.zeros(400)}, ds, [1 / n] * n, rule("flame", min_updates=n, flame={"noise": 0.0}))
+    out = federation.aggregate(
+        {"w": torch.zeros(400)}, ds, [1 / n] * n, rule("flame", min_updates=n, flame={"noise": 0.0})
+    )
     s = float(torch.tensor([federation.norm(d) for d in ds]).double().median()) if n % 2 else None
     if s is not None:  # odd n: S is one of the norms, as numpy's median takes it
         expected = torch.stack([federation.clip(ds[i], s)["w"] for i in admitted]).mean(0)
@@ -100,7 +108,9 @@ def test_flame_rejects_a_boosted_outlier_and_keeps_benign_look_alikes(n_benign: 
 def test_flame_noise_scales_with_the_median_norm() -> None:
     ds = _look_alikes(3, torch.Generator().manual_seed(1))
     quiet = federation.aggregate({"w": torch.zeros(400)}, ds, [1 / 3] * 3, rule("flame", flame={"noise": 0.0}))
-    noisy = federation.aggregate({"w": torch.zeros(400)}, ds, [1 / 3] * 3, rule("flame", flame={"noise": 0.01}), torch.Generator().manual_seed(0))
+    noisy = federation.aggregate(
+        {"w": torch.zeros(400)}, ds, [1 / 3] * 3, rule("flame", flame={"noise": 0.01}), torch.Generator().manual_seed(0)
+    )
     s = sorted(federation.norm(d) for d in ds)[1]
     assert (noisy["w"] - quiet["w"]).std().item() == pytest.approx(0.01 * s, rel=0.15)
 
@@ -122,13 +132,31 @@ def _federation(**changes: object) -> dict:
 @pytest.mark.parametrize(
     ("changes", "culprit"),
     [
-        ({"aggregator": "median", "secure_aggregation": True}, "federation.aggregator: 'median' needs each user's update, but federation.secure_aggregation: true"),
-        ({"aggregator": "flame", "secure_aggregation": True}, "federation.aggregator: 'flame' needs each user's update"),
+        (
+            {"aggregator": "median", "secure_aggregation": True},
+            "federation.aggregator: 'median' needs each user's update, but federation.secure_aggregation: true",
+        ),
+        (
+            {"aggregator": "flame", "secure_aggregation": True},
+            "federation.aggregator: 'flame' needs each user's update",
+        ),
         ({"aggregator": "multi_krum", "secure_aggregation": True}, "allowed with secure aggregation: mean, norm_clip"),
-        ({"aggregator": "trimmed_mean", "trimmed_mean": {"beta": 0.2}}, "federation.trimmed_mean.beta: 0.2 of federation.min_updates = 3 updates trims none"),
-        ({"aggregator": "multi_krum", "multi_krum": {"f": 1, "m": 1}}, "federation.multi_krum.f: 1 needs federation.min_updates > 2f + 2 = 4, but it is 3; allowed: f <= 0"),
-        ({"aggregator": "multi_krum", "multi_krum": {"f": 0, "m": 4}}, "federation.multi_krum.m: 4 exceeds federation.min_updates - f = 3"),
-        ({"aggregator": "median", "per_round": 2, "min_updates": 2}, "federation.aggregator: 'median' needs at least 3 updates a round"),
+        (
+            {"aggregator": "trimmed_mean", "trimmed_mean": {"beta": 0.2}},
+            "federation.trimmed_mean.beta: 0.2 of federation.min_updates = 3 updates trims none",
+        ),
+        (
+            {"aggregator": "multi_krum", "multi_krum": {"f": 1, "m": 1}},
+            "federation.multi_krum.f: 1 needs federation.min_updates > 2f + 2 = 4, but it is 3; allowed: f <= 0",
+        ),
+        (
+            {"aggregator": "multi_krum", "multi_krum": {"f": 0, "m": 4}},
+            "federation.multi_krum.m: 4 exceeds federation.min_updates - f = 3",
+        ),
+        (
+            {"aggregator": "median", "per_round": 2, "min_updates": 2},
+            "federation.aggregator: 'median' needs at least 3 updates a round",
+        ),
         ({"aggregator": "krum"}, "federation.aggregator: Input should be"),
     ],
     ids=["secure-median", "secure-flame", "secure-krum", "trims-none", "krum-f", "krum-m", "too-few", "unknown"],
@@ -147,13 +175,24 @@ def test_secure_aggregation_allows_rules_that_need_only_the_sum(aggregator: str)
 def test_experiment4_federations_are_checked_with_every_rule() -> None:
     raw = tiny_raw()
     raw["experiment4"]["federations"]["m20"]["federation"]["multi_krum"] = {"f": 4, "m": 1}
-    with pytest.raises(FedmetaError, match=r"experiment4\.federations\.m20 with aggregator multi_krum: federation\.multi_krum\.f: 4 needs"):
+    with pytest.raises(
+        FedmetaError,
+        match=r"experiment4\.federations\.m20 with aggregator multi_krum: federation\.multi_krum\.f: 4 needs",
+    ):
         config.parse(raw)
     p = config.parse(tiny_raw())
-    with pytest.raises(FedmetaError, match=r"experiment4\.federations: no federation 'm7'; allowed: one of \['m20', 'm4'\]"):
+    with pytest.raises(
+        FedmetaError, match=r"experiment4\.federations: no federation 'm7'; allowed: one of \['m20', 'm4'\]"
+    ):
         config.with_overrides(p, "m7")
     m20 = config.with_overrides(p, "m20", attack={"norm_bound": 2.0}, aggregator="median")
-    assert (m20.federation.users, m20.federation.min_updates, m20.federation.aggregator, m20.attack.boost, m20.attack.norm_bound) == (20, 5, "median", 5.0, 2.0)
+    assert (
+        m20.federation.users,
+        m20.federation.min_updates,
+        m20.federation.aggregator,
+        m20.attack.boost,
+        m20.attack.norm_bound,
+    ) == (20, 5, "median", 5.0, 2.0)
 
 
 def test_experiment4_runs_a_subset_of_rules_but_always_the_baseline() -> None:

@@ -1,4 +1,5 @@
 """The key, the attacker's and the evaluators' episodes, and the boosted update."""
+
 from __future__ import annotations
 
 import torch

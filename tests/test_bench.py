@@ -1,4 +1,5 @@
 """The benchmark command, and the CPU inner loop it times against the reference implementations."""
+
 from __future__ import annotations
 
 import json
@@ -25,26 +26,61 @@ def one_thread():
 
 def test_bench_command_writes_the_json_and_a_table(tmp_path: Path, one_thread) -> None:
     out = tmp_path / "bench.json"
-    tiny = ["--width", "4", "--inner-steps", "1", "--meta-batches", "1", "--eval-steps", "2", "--eval-episodes", "3",
-            "--naive-eval-episodes", "1", "--repeats", "1", "--threads", "1", "--no-memory"]
+    tiny = [
+        "--width",
+        "4",
+        "--inner-steps",
+        "1",
+        "--meta-batches",
+        "1",
+        "--eval-steps",
+        "2",
+        "--eval-episodes",
+        "3",
+        "--naive-eval-episodes",
+        "1",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--no-memory",
+    ]
     result = CliRunner().invoke(app, ["bench", *tiny, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "meta_train" in result.output and "ratio" in result.output
     r = json.loads(out.read_text())
-    assert {"commit", "torch", "device", "threads", "meta_train", "evaluation", "max_param_diff_float64", "max_param_diff_float32"} <= set(r)
+    assert {
+        "commit",
+        "torch",
+        "device",
+        "threads",
+        "meta_train",
+        "evaluation",
+        "max_param_diff_float64",
+        "max_param_diff_float32",
+    } <= set(r)
     for phase in ("meta_train", "evaluation"):
         assert {"naive_eps_per_s", "fedmeta_eps_per_s", "ratio"} <= set(r[phase])
         assert r[phase]["naive_eps_per_s"] > 0 and r[phase]["fedmeta_eps_per_s"] > 0
     for phase in ("meta_train", "evaluation"):
         p = r[phase]
-        assert p["flop_limit_eps_per_s"] > 0 and p["naive_page_faults_per_episode"] >= 0 and p["fedmeta_page_faults_per_episode"] >= 0
+        assert (
+            p["flop_limit_eps_per_s"] > 0
+            and p["naive_page_faults_per_episode"] >= 0
+            and p["fedmeta_page_faults_per_episode"] >= 0
+        )
         assert p["fedmeta_share_of_limit"] == round(p["fedmeta_eps_per_s"] / p["flop_limit_eps_per_s"], 3)
     assert r["matmul_gflops"] > 0 and r["conv_gflops"] > 0 and "FLOP limit" in result.output
     assert r["threads"] == 1 and r["settings"]["width"] == 4
     assert r["max_param_diff_float64"] < 1e-10
     assert set(r["float32_vs_float64"]) == {"naive", "fedmeta", "vmap"}
     other = r["naive_float32_other_threads"]
-    assert other["threads"] == [1, 2] and other["max"] >= 0 and 0 <= other["share_above_1e-5"] <= 1 and 0 <= r["share_above_1e-5_float32"] <= 1
+    assert (
+        other["threads"] == [1, 2]
+        and other["max"] >= 0
+        and 0 <= other["share_above_1e-5"] <= 1
+        and 0 <= r["share_above_1e-5_float32"] <= 1
+    )
 
 
 def test_flop_count_matches_torch_flop_counter() -> None:
@@ -53,14 +89,19 @@ def test_flop_count_matches_torch_flop_counter() -> None:
 
     from fedmeta import bench
 
-    s = bench.Settings(width=4, image_size=16, n_way=3, inner_steps=2, inner_batch=3, eval_steps=1, eval_batch=2, eval_shots=1)
+    s = bench.Settings(
+        width=4, image_size=16, n_way=3, inner_steps=2, inner_batch=3, eval_steps=1, eval_batch=2, eval_shots=1
+    )
     net = bench.NaiveConv4(1, 4, 16, 3)
     with FlopCounterMode(display=False) as train:
         torch.nn.functional.cross_entropy(net(torch.rand(1, 1, 16, 16)), torch.tensor([2])).backward()
     with FlopCounterMode(display=False) as classify, torch.no_grad():
         net(torch.rand(1, 1, 16, 16))
     per_image, forward = train.get_total_flops(), classify.get_total_flops()
-    assert bench.flops_per_episode(s) == {"meta_train": 2 * 3 * per_image, "evaluation": 1 * 2 * per_image + 3 * 2 * forward}
+    assert bench.flops_per_episode(s) == {
+        "meta_train": 2 * 3 * per_image,
+        "evaluation": 1 * 2 * per_image + 3 * 2 * forward,
+    }
 
 
 def test_memory_probe_reports_peak_and_growth_from_a_fresh_process() -> None:
@@ -77,7 +118,10 @@ def test_memory_probe_reports_peak_and_growth_from_a_fresh_process() -> None:
 def test_hand_written_gradient_equals_autograd(size: int, channels: int, width: int) -> None:
     """Odd sides (30 → 15 → 7 → 3) and constant patches (max-pool ties) included."""
     g = torch.Generator().manual_seed(0)
-    params = {k: v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in model.init_conv4(channels, width, size, 5, g).items()}
+    params = {
+        k: v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64)
+        for k, v in model.init_conv4(channels, width, size, 5, g).items()
+    }
     x = torch.rand(7, channels, size, size, generator=g, dtype=torch.float64)
     x[:, :, :12, :12] = 1.0
     y = torch.randint(5, (7,), generator=g)
@@ -95,7 +139,10 @@ def test_embedding_by_hand_equals_embed(size: int, channels: int, n_ref: int | N
     """Predictions on lanes embed through `features_forward`: the same function as `embed`, batch-norm
     statistics from all images or from the first n_ref only (so the other images cannot move them)."""
     g = torch.Generator().manual_seed(3)
-    params = {k: v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in model.init_conv4(channels, 16, size, 5, g).items()}
+    params = {
+        k: v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64)
+        for k, v in model.init_conv4(channels, 16, size, 5, g).items()
+    }
     x = torch.rand(7, channels, size, size, generator=g, dtype=torch.float64)
     x[:, :, :12, :12] = 1.0
     with torch.no_grad():
@@ -157,8 +204,11 @@ def test_lanes_give_the_same_bits_as_one_lane(monkeypatch: pytest.MonkeyPatch, o
 
 @pytest.mark.parametrize("impl", ["lanes", "stacked"])
 @pytest.mark.parametrize("beta1", [0.0, 0.9])
-def test_implementations_equal_vmap_with_carried_adam_state(monkeypatch: pytest.MonkeyPatch, beta1: float, impl: str) -> None:
-    """The CPU path and the GPU default against the vmap path in float64, continuing from a carried Adam state (β1 ≠ 0 too)."""
+def test_implementations_equal_vmap_with_carried_adam_state(
+    monkeypatch: pytest.MonkeyPatch, beta1: float, impl: str
+) -> None:
+    """The CPU path and the GPU default against the vmap path in float64, continuing from a carried Adam state
+    (β1 ≠ 0 too)."""
     theta, x, y, batches = episodes(3, torch.float64, seed=1)
     cfg = reptile.AdamConfig(lr=0.01, beta1=beta1)
     out = {}
@@ -171,7 +221,9 @@ def test_implementations_equal_vmap_with_carried_adam_state(monkeypatch: pytest.
     assert sv.step == sl.step == 5
     for k in theta:
         assert torch.allclose(pv[k], pl[k], atol=1e-10, rtol=0), k
-        assert torch.allclose(sv.m[k], sl.m[k], atol=1e-10, rtol=0) and torch.allclose(sv.v[k], sl.v[k], atol=1e-12, rtol=0), k
+        assert torch.allclose(sv.m[k], sl.m[k], atol=1e-10, rtol=0) and torch.allclose(
+            sv.v[k], sl.v[k], atol=1e-12, rtol=0
+        ), k
 
 
 @pytest.mark.parametrize("impl", ["lanes", "stacked", "vmap"])

@@ -1,4 +1,5 @@
 """The matching-network defense: re-initialisation, attention, the two training phases, and the Learner contract."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -112,13 +113,15 @@ def reference_log_probs(
     """The paper's formula written out literally: softmax over β_l·cos(α_l ⊙ f(x̂), f(x_i)), summed per class;
     support example `skip` is no reference (its batch-norm statistics still count)."""
     emb = model.embed(theta, torch.cat([sx, qx]), n_ref=len(sx))
-    f_s, f_q = emb[: len(sx)], emb[len(sx):]
+    f_s, f_q = emb[: len(sx)], emb[len(sx) :]
     alpha, beta = gates(head), scales(head)
     refs = [i for i in range(len(sx)) if i != skip]
-    scores = torch.stack([F.cosine_similarity(alpha[sy[i]] * f_q, f_s[i].expand_as(f_q), dim=-1) * beta[sy[i]] for i in refs], dim=1)
+    scores = torch.stack(
+        [F.cosine_similarity(alpha[sy[i]] * f_q, f_s[i].expand_as(f_q), dim=-1) * beta[sy[i]] for i in refs], dim=1
+    )
     sy = sy[refs]
     attention = scores.softmax(-1)
-    return torch.stack([attention[:, sy == l].sum(-1) for l in range(N_WAY)], dim=1).log()
+    return torch.stack([attention[:, sy == c].sum(-1) for c in range(N_WAY)], dim=1).log()
 
 
 def test_attention_is_a_distribution_over_support_labels(theta: model.Theta) -> None:
@@ -192,7 +195,9 @@ def test_one_shot_support_is_rejected(theta: model.Theta) -> None:
     sx, sy = patterns(1, gen(1))
     defense = learner()
     with pytest.raises(FedmetaError, match="k_shot"):
-        defense.train(defense.start(theta, 1, gen(2)), episodes_of(sx, 1), episodes_of(sy, 1), inner_batches(3, 1, 2, 1, gen(3)))
+        defense.train(
+            defense.start(theta, 1, gen(2)), episodes_of(sx, 1), episodes_of(sy, 1), inner_batches(3, 1, 2, 1, gen(3))
+        )
 
 
 def test_softmax_ablation_is_finetune_on_the_reinitialised_model(theta: model.Theta) -> None:
@@ -216,14 +221,21 @@ def test_runs_end_to_end_through_evaluation(theta: model.Theta, use_attention: b
     qx, _ = patterns(1, gen(2))
     images = (torch.cat([sx, qx]).clamp(0, 1) * 255).to(torch.uint8)
     support = torch.arange(9).expand(2, -1).clone()
-    eps = Episodes(support, torch.arange(N_WAY).repeat_interleave(3).expand(2, -1).clone(), torch.arange(9, 12).expand(2, -1).clone(), torch.arange(N_WAY).expand(2, -1).clone())
+    eps = Episodes(
+        support,
+        torch.arange(N_WAY).repeat_interleave(3).expand(2, -1).clone(),
+        torch.arange(9, 12).expand(2, -1).clone(),
+        torch.arange(N_WAY).expand(2, -1).clone(),
+    )
     cfg = Evaluation(n_way=N_WAY, k_shot=3, steps=4, batch=4)
     defense = MatchingDefense(Defense(head_steps=2, lr=0.01), reptile.AdamConfig(), N_WAY, use_attention=use_attention)
     points = evaluation.run(defense, theta, images, eps, cfg, [0, 2, 4], gen(3))
     assert len(points) == 3 and all(0.0 <= p["main"].mean <= 1.0 for p in points)
 
 
-def test_cpu_lanes_with_hand_gradients_equal_the_vmap_autograd_path(theta: model.Theta, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_lanes_with_hand_gradients_equal_the_vmap_autograd_path(
+    theta: model.Theta, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The CPU path (episodes on threads, the embedding's gradient by hand) against vmap(grad) in float64,
     across the head-only phase and the joint phase."""
     theta64 = {k: v.double() for k, v in theta.items()}
@@ -259,7 +271,12 @@ def test_lane_count_does_not_change_a_bit(theta: model.Theta, monkeypatch: pytes
         runs.append(defense.train(defense.start(theta, 4, gen(2)), x, y, batches))
     for other in runs[1:]:
         assert isinstance(other, MatchingState) and other.step == runs[0].step == 5
-        for mine, theirs in ((other.theta, runs[0].theta), (other.head, runs[0].head), (other.theta_adam.m, runs[0].theta_adam.m), (other.head_adam.v, runs[0].head_adam.v)):
+        for mine, theirs in (
+            (other.theta, runs[0].theta),
+            (other.head, runs[0].head),
+            (other.theta_adam.m, runs[0].theta_adam.m),
+            (other.head_adam.v, runs[0].head_adam.v),
+        ):
             assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
         assert (other.theta_adam.step, other.head_adam.step) == (2, 5)
 

@@ -1,5 +1,6 @@
 """dvc.yaml's code dependencies are exactly the code each stage imports, so a code change reruns
 every stage whose outputs it can change (a missing dependency means stale cached results) and no other."""
+
 from __future__ import annotations
 
 import ast
@@ -68,4 +69,6 @@ def test_stage_code_deps_are_its_imports(name: str) -> None:
     needed = {f for f in code_closure(module) if not any(_covered(e, f) for e in exempt)}
     missing = sorted(f for f in needed if not any(_covered(d, f) for d in deps))
     unused = sorted(d for d in deps if not any(_covered(d, f) for f in needed))
-    assert not missing and not unused, f"dvc.yaml stage {name}: missing deps {missing}, deps it does not import {unused}"
+    assert not missing and not unused, (
+        f"dvc.yaml stage {name}: missing deps {missing}, deps it does not import {unused}"
+    )

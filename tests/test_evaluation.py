@@ -1,4 +1,5 @@
 """Few-shot evaluation: batch-norm modes and the recorded fine-tuning curve."""
+
 from __future__ import annotations
 
 import torch
@@ -51,7 +52,9 @@ def test_run_records_every_requested_step_and_learns_a_separable_task(tiny_data,
     e = tiny_exp.p.evaluation
     eps = episodes.evaluation(tiny_data, tiny_data.meta_test, 5, 5, 4, torch.Generator().manual_seed(0))
     theta = model.init_conv4(1, 8, 28, 5, torch.Generator().manual_seed(0))
-    points = evaluation.run(tiny_exp.finetuner(), theta, tiny_data.images, eps, e, [0, 5, 30], torch.Generator().manual_seed(1))
+    points = evaluation.run(
+        tiny_exp.finetuner(), theta, tiny_data.images, eps, e, [0, 5, 30], torch.Generator().manual_seed(1)
+    )
     assert len(points) == 3 and all(set(p) == {"main"} for p in points)
     assert points[2]["main"].mean >= points[0]["main"].mean
 
@@ -71,7 +74,9 @@ def test_one_joint_prediction_equals_one_call_per_query_set() -> None:
 
 def test_episodes_move_to_a_device_whole() -> None:
     """Samplers draw on the CPU; `Episodes.to` moves every index tensor (the CUDA path relies on it)."""
-    eps = Episodes(torch.arange(6).view(2, 3), torch.zeros(2, 3, dtype=torch.long), target_label=torch.ones(2, dtype=torch.long))
+    eps = Episodes(
+        torch.arange(6).view(2, 3), torch.zeros(2, 3, dtype=torch.long), target_label=torch.ones(2, dtype=torch.long)
+    )
     moved = eps.to(torch.device("meta"))
     assert all(t.device.type == "meta" for t in (moved.support, moved.support_y, moved.target_label))
     assert moved.query is None and moved.query_y is None

@@ -1,4 +1,5 @@
 """Server aggregation, boosting, and who is selected when."""
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,12 @@ def test_select_picks_min_updates_distinct_users() -> None:
 
 def test_attacker_is_selected_only_in_the_attack_round(tiny_exp: Experiment, monkeypatch) -> None:
     calls: list[tuple[int, str]] = []
-    monkeypatch.setattr(tiny_exp, "_benign_local", lambda theta, u, rnd, inc: calls.append((int(rnd), f"benign{u}")) or theta)
-    monkeypatch.setattr(attack, "train", lambda p, d, im, theta, rnd, g, resume=None: calls.append((rnd, "attacker")) or theta)
+    monkeypatch.setattr(
+        tiny_exp, "_benign_local", lambda theta, u, rnd, inc: calls.append((int(rnd), f"benign{u}")) or theta
+    )
+    monkeypatch.setattr(
+        attack, "train", lambda p, d, im, theta, rnd, g, resume=None: calls.append((rnd, "attacker")) or theta
+    )
     theta = {"fc.bias": torch.zeros(5)}
     for rnd in range(6):
         theta = tiny_exp.round(theta, rnd, include_backdoor=True, with_attacker=rnd == 1)

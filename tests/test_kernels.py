@@ -1,5 +1,6 @@
 """The compiled CPU kernels (block 0 fused, Winograd convolutions) against the torch computations they replace,
 the choice between them, and the fallback to torch's. Tests of the compiled kernels skip where they cannot be built."""
+
 from __future__ import annotations
 
 import os
@@ -49,12 +50,17 @@ def test_the_faster_implementation_of_each_family_is_chosen(tmp_path: Path, monk
     times = {"block0": {"compiled": 0.2, "reference": 5.0}, "conv3x3": {"compiled": 3.9, "reference": 4.0}}
     monkeypatch.setattr(kernels, "measure", lambda: times)
     first = kernels._verdict("native")
-    assert first.families == {"block0": "compiled", "conv3x3": "reference"} and "0.20 ms compiled against 5.00 ms" in first.reason
+    assert (
+        first.families == {"block0": "compiled", "conv3x3": "reference"}
+        and "0.20 ms compiled against 5.00 ms" in first.reason
+    )
     monkeypatch.setattr(kernels, "measure", lambda: pytest.fail("measured again"))
     assert kernels._verdict("native") == first
 
 
-def _case(dtype: torch.dtype, channels: int, side: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _case(
+    dtype: torch.dtype, channels: int, side: int, width: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(5, channels, side, side, generator=g, dtype=dtype)
     x[:, :, : side // 2, : side // 2] = 1.0  # constant patches: windows whose four values tie
@@ -75,7 +81,9 @@ def test_compiled_block0_equals_the_reference(channels: int, side: int, width: i
     assert torch.allclose(h, h_ref, atol=1e-12, rtol=0) and torch.equal(arg, arg_ref)
     assert (h == 0).any() and (arg == 0).any() and (arg == 3).any()  # the ReLU and every offset exercised
     dh = torch.randn(h.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    for got, ref in zip(torch.ops.fedmeta.block0_backward(x, dh, h, arg), reference.block0_backward_reference(x, dh, h_ref, arg_ref)):
+    for got, ref in zip(
+        torch.ops.fedmeta.block0_backward(x, dh, h, arg), reference.block0_backward_reference(x, dh, h_ref, arg_ref)
+    ):
         assert got.dtype == torch.float64 and torch.allclose(got, ref, atol=1e-10, rtol=0)
 
 
@@ -100,7 +108,9 @@ def test_block0_rejects_images_it_was_not_built_for() -> None:
         torch.ops.fedmeta.block0_forward(x, weight[:4], shift)
 
 
-def _conv_case(dtype: torch.dtype, n: int, c_in: int, c_out: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _conv_case(
+    dtype: torch.dtype, n: int, c_in: int, c_out: int, rows: int, cols: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(rows * cols + c_out)
     h = torch.randn(n, c_in, rows, cols, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(c_out, c_in, 3, 3, generator=g, dtype=dtype)
@@ -110,7 +120,14 @@ def _conv_case(dtype: torch.dtype, n: int, c_in: int, c_out: int, rows: int, col
 
 # Conv4's later blocks on Omniglot (14, 7, 3) and mini-ImageNet (21: odd, a half-empty last tile), a 1×1 map, unequal
 # channel counts, more tiles than one chunk (48), and a batch of one
-CONV_SHAPES = [(10, 64, 64, 14, 14), (2, 64, 64, 7, 7), (3, 16, 32, 3, 3), (2, 32, 16, 21, 21), (2, 16, 16, 1, 1), (1, 16, 16, 5, 8)]
+CONV_SHAPES = [
+    (10, 64, 64, 14, 14),
+    (2, 64, 64, 7, 7),
+    (3, 16, 32, 3, 3),
+    (2, 32, 16, 21, 21),
+    (2, 16, 16, 1, 1),
+    (1, 16, 16, 5, 8),
+]
 
 
 @pytest.mark.usefixtures("compiled")
@@ -125,14 +142,21 @@ def test_compiled_conv3x3_equals_the_reference(n: int, c_in: int, c_out: int, ro
     dh_ref, dw_ref = reference.conv3x3_backward_reference(dz, h, weight)
     assert dh.shape == h.shape and dw.shape == weight.shape
     assert torch.allclose(dh, dh_ref, atol=1e-12, rtol=0) and torch.allclose(dw, dw_ref, atol=1e-11, rtol=0)
-    nchw = torch.ops.fedmeta.conv3x3_backward(dz.contiguous(), h.contiguous(), weight)  # any layout in, the same numbers out
+    # any layout in, the same numbers out
+    nchw = torch.ops.fedmeta.conv3x3_backward(dz.contiguous(), h.contiguous(), weight)
     assert torch.equal(nchw[0], dh) and torch.equal(nchw[1], dw)
 
 
 @pytest.mark.usefixtures("compiled")
 def test_compiled_conv3x3_in_float32_stays_within_round_off() -> None:
     h, weight, dz = _conv_case(torch.float32, 10, 64, 64, 14, 14)
-    ref = [t.float() for t in (reference.conv3x3_forward_reference(h.double(), weight.double()), *reference.conv3x3_backward_reference(dz.double(), h.double(), weight.double()))]
+    ref = [
+        t.float()
+        for t in (
+            reference.conv3x3_forward_reference(h.double(), weight.double()),
+            *reference.conv3x3_backward_reference(dz.double(), h.double(), weight.double()),
+        )
+    ]
     got = [torch.ops.fedmeta.conv3x3_forward(h, weight), *torch.ops.fedmeta.conv3x3_backward(dz, h, weight)]
     for g, r in zip(got, ref):
         assert (g - r).abs().max() <= 2e-6 * r.abs().max()
@@ -143,7 +167,9 @@ def test_conv3x3_shapes_the_kernel_was_not_built_for_go_to_torch() -> None:
     """Channel counts that are not whole registers (6 here) run torch's own convolution, bit for bit."""
     h, weight, dz = _conv_case(torch.float32, 2, 6, 6, 7, 7)
     assert torch.equal(torch.ops.fedmeta.conv3x3_forward(h, weight), reference.conv3x3_forward_reference(h, weight))
-    for got, ref in zip(torch.ops.fedmeta.conv3x3_backward(dz, h, weight), reference.conv3x3_backward_reference(dz, h, weight)):
+    for got, ref in zip(
+        torch.ops.fedmeta.conv3x3_backward(dz, h, weight), reference.conv3x3_backward_reference(dz, h, weight)
+    ):
         assert torch.equal(got, ref)
 
 
@@ -171,7 +197,9 @@ print(kernels.select().backend)
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_the_reference_ops_run_when_asked_for() -> None:
@@ -201,11 +229,16 @@ from fedmeta.fast.kernels import implementations as reference
 assert kernels.select().build == "portable" and torch.backends.cpu.get_cpu_capability() == "AVX2"
 g = torch.Generator().manual_seed(3)
 h = torch.randn(2, 64, 7, 7, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-w, dz = torch.randn(32, 64, 3, 3, generator=g, dtype=torch.float64), torch.randn(2, 32, 7, 7, generator=g, dtype=torch.float64)
-assert torch.allclose(torch.ops.fedmeta.conv3x3_forward(h, w), reference.conv3x3_forward_reference(h, w), atol=1e-12, rtol=0)
+w = torch.randn(32, 64, 3, 3, generator=g, dtype=torch.float64)
+dz = torch.randn(2, 32, 7, 7, generator=g, dtype=torch.float64)
+assert torch.allclose(
+    torch.ops.fedmeta.conv3x3_forward(h, w), reference.conv3x3_forward_reference(h, w), atol=1e-12, rtol=0
+)
 for got, ref in zip(torch.ops.fedmeta.conv3x3_backward(dz, h, w), reference.conv3x3_backward_reference(dz, h, w)):
     assert torch.allclose(got, ref, atol=1e-11, rtol=0)
-x, w0, shift = torch.rand(3, 3, 12, 12, generator=g, dtype=torch.float64), torch.randn(27, 16, generator=g, dtype=torch.float64), torch.zeros(16, dtype=torch.float64)
+x = torch.rand(3, 3, 12, 12, generator=g, dtype=torch.float64)
+w0 = torch.randn(27, 16, generator=g, dtype=torch.float64)
+shift = torch.zeros(16, dtype=torch.float64)
 for got, ref in zip(torch.ops.fedmeta.block0_forward(x, w0, shift), reference.block0_forward_reference(x, w0, shift)):
     assert torch.allclose(got, ref, atol=1e-12, rtol=0)
 """ + CHECK.format(strict=True)

@@ -1,4 +1,5 @@
 """Episode lanes: the wrap-around schedule and its execution."""
+
 from __future__ import annotations
 
 import threading
@@ -9,8 +10,13 @@ import pytest
 from fedmeta.fast import lanes
 
 
-@pytest.mark.parametrize("n_chains,length,n_lanes", [(5, 10, 2), (3, 10, 2), (5, 10, 3), (7, 3, 4), (40, 50, 2), (5, 10, 5), (4, 1, 3), (9, 4, 1)])
-def test_schedule_covers_every_step_once_in_even_shares_with_heads_before_tails(n_chains: int, length: int, n_lanes: int) -> None:
+@pytest.mark.parametrize(
+    "n_chains,length,n_lanes",
+    [(5, 10, 2), (3, 10, 2), (5, 10, 3), (7, 3, 4), (40, 50, 2), (5, 10, 5), (4, 1, 3), (9, 4, 1)],
+)
+def test_schedule_covers_every_step_once_in_even_shares_with_heads_before_tails(
+    n_chains: int, length: int, n_lanes: int
+) -> None:
     plan = lanes.schedule(n_chains, length, n_lanes)
     share = -(-n_chains * length // n_lanes)
     assert len(plan) <= n_lanes
@@ -64,7 +70,8 @@ def test_nothing_to_run_gives_an_empty_schedule_and_no_calls(n_chains: int, leng
 
 
 def test_run_chains_runs_each_chains_steps_in_order_even_when_a_head_is_slow(watched: threading.Semaphore) -> None:
-    """Chain 2 of (5 chains × 10 steps, 2 lanes) is cut; its first steps are held back until the other lane waits for them."""
+    """Chain 2 of (5 chains × 10 steps, 2 lanes) is cut; its first steps are held back until the other lane waits
+    for them."""
     done: dict[int, list[int]] = {c: [] for c in range(5)}
 
     def do(chain: int, first: int, end: int) -> None:
@@ -77,7 +84,9 @@ def test_run_chains_runs_each_chains_steps_in_order_even_when_a_head_is_slow(wat
     assert done == {c: list(range(10)) for c in range(5)}
 
 
-def test_run_chains_raises_a_lanes_error_instead_of_leaving_the_other_lane_waiting(watched: threading.Semaphore) -> None:
+def test_run_chains_raises_a_lanes_error_instead_of_leaving_the_other_lane_waiting(
+    watched: threading.Semaphore,
+) -> None:
     def do(chain: int, first: int, end: int) -> None:
         if chain == 2 and first == 0:
             assert watched.acquire(timeout=10)  # fail only once the other lane waits for these steps

@@ -1,4 +1,5 @@
 """Reptile's inner and outer steps against closed forms and against the naive per-episode loop."""
+
 from __future__ import annotations
 
 import pytest
@@ -62,7 +63,9 @@ def test_one_inner_step_reptile_equals_closed_form() -> None:
         assert torch.allclose(new[k], expected, atol=1e-12), k
 
 
-def naive_episode(theta: model.Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, lr: float) -> model.Theta:
+def naive_episode(
+    theta: model.Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, lr: float
+) -> model.Theta:
     """The reference loop: a fresh copy, torch.optim.Adam, autograd."""
     q = {k: v.clone().requires_grad_() for k, v in theta.items()}
     opt = torch.optim.Adam(q.values(), lr=lr, betas=(0.0, 0.999))
@@ -120,7 +123,9 @@ def test_stacked_loss_and_gradient_equal_vmap(size: int, channels: int) -> None:
     """The GPU path's one-network form against vmap of the per-episode loss, odd sides (30 → 15 → 7 → 3) included."""
     g = torch.Generator().manual_seed(5)
     theta = model.init_conv4(channels, 6, size, 5, g)
-    params = {k: v.double() + 0.1 * torch.randn(3, *v.shape, generator=g, dtype=torch.float64) for k, v in theta.items()}
+    params = {
+        k: v.double() + 0.1 * torch.randn(3, *v.shape, generator=g, dtype=torch.float64) for k, v in theta.items()
+    }
     x = torch.rand(3, 7, channels, size, size, generator=g, dtype=torch.float64)
     y = torch.randint(5, (3, 7), generator=g)
     assert torch.allclose(stacked.stacked_loss(params, x, y), vmap(model.loss)(params, x, y).sum(), atol=1e-12, rtol=0)
@@ -131,10 +136,17 @@ def test_stacked_loss_and_gradient_equal_vmap(size: int, channels: int) -> None:
         assert torch.allclose(gk, ref[k], atol=1e-11, rtol=0), k
 
 
-@pytest.mark.parametrize(("name", "value", "expected"), [("FEDMETA_ADAPT", "stackd", "FEDMETA_ADAPT: expected one of lanes, stacked, vmap, got 'stackd'"),
-                                                        ("FEDMETA_LANES", "two", "FEDMETA_LANES: expected a positive whole number, got 'two'"),
-                                                        ("FEDMETA_LANES", "0", "FEDMETA_LANES: expected a positive whole number, got '0'")])
-def test_a_bad_implementation_switch_is_an_error_not_the_default(monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("FEDMETA_ADAPT", "stackd", "FEDMETA_ADAPT: expected one of lanes, stacked, vmap, got 'stackd'"),
+        ("FEDMETA_LANES", "two", "FEDMETA_LANES: expected a positive whole number, got 'two'"),
+        ("FEDMETA_LANES", "0", "FEDMETA_LANES: expected a positive whole number, got '0'"),
+    ],
+)
+def test_a_bad_implementation_switch_is_an_error_not_the_default(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
     monkeypatch.setenv(name, value)
     theta = tiny_params()
     gen = torch.Generator().manual_seed(6)

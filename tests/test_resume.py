@@ -1,4 +1,5 @@
 """Long stages resume after a kill and end exactly where an uninterrupted run ends."""
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,9 @@ from test_errors import cli_env, prepared, run_cli, store, workdir  # noqa: F401
 OUTPUTS = ("metrics/pretrain_exclude.json", "metrics/pretrain_exclude.csv")
 
 
-def test_killed_pretraining_resumes_to_identical_outputs(tmp_path: Path, omniglot_dir: Path, store: Path, prepared: bytes) -> None:
+def test_killed_pretraining_resumes_to_identical_outputs(
+    tmp_path: Path, omniglot_dir: Path, store: Path, prepared: bytes
+) -> None:
     """SIGKILL mid-way (after a saved round), rerun: the same metric files, byte for byte, and the same model."""
     raw = tiny_raw(omniglot_dir)
     raw["profiles"]["tiny"].update(pretrain_rounds=6, checkpoint_every=1)
@@ -28,7 +31,9 @@ def test_killed_pretraining_resumes_to_identical_outputs(tmp_path: Path, omniglo
     files = {"data/prepared/dataset.pt": prepared}
     whole, killed = (workdir(tmp_path / name, raw, store, files) for name in ("whole", "killed"))
     command = [sys.executable, "-m", "fedmeta", "pretrain", "exclude"]
-    uninterrupted = subprocess.Popen(command, cwd=whole, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    uninterrupted = subprocess.Popen(
+        command, cwd=whole, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     victim = subprocess.Popen(command, cwd=killed, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed / "state/pretrain_exclude.pt"
     deadline = time.monotonic() + 120
@@ -74,14 +79,19 @@ class DyingResume(checkpoint.Resume):
 
 
 @pytest.mark.parametrize("adam_state", ["episode", "carry"])
-def test_interrupted_attack_resumes_to_the_same_model(tmp_path: Path, omniglot_dir: Path, tiny_data, adam_state: str) -> None:
-    """The attacker's training stops after 2 of 4 meta-batches; resuming (generator and Adam state restored) gives the same θ."""
+def test_interrupted_attack_resumes_to_the_same_model(
+    tmp_path: Path, omniglot_dir: Path, tiny_data, adam_state: str
+) -> None:
+    """The attacker's training stops after 2 of 4 meta-batches; resuming (generator and Adam state restored) gives
+    the same θ."""
     raw = tiny_raw(omniglot_dir)
     raw["profiles"]["tiny"].update(attack_episodes=20, checkpoint_every=1)
     raw["reptile"]["adam_state"] = adam_state
     params = config.parse(raw)
     exp = Experiment(params, tiny_data, torch.device("cpu"))
-    theta0 = model.init_conv4(exp.images.shape[1], params.budget.width, exp.images.shape[-1], params.reptile.n_way, exp.gen("init"))
+    theta0 = model.init_conv4(
+        exp.images.shape[1], params.budget.width, exp.images.shape[-1], params.reptile.n_way, exp.gen("init")
+    )
     every, path = params.budget.checkpoint_every * params.reptile.meta_batch, tmp_path / "attack_exclude.pt"
 
     whole = exp.round(theta0, 1, False, with_attacker=True)

@@ -1,4 +1,5 @@
 """What `runtime.configure_device` switches: CUDA runs get deterministic kernels and true float32."""
+
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,11 @@ from fedmeta import runtime
 
 
 def test_cuda_runs_turn_tf32_off_and_determinism_on_and_cpu_runs_change_nothing() -> None:
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled())
+    saved = (
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.are_deterministic_algorithms_enabled(),
+    )
     try:
         torch.backends.cudnn.allow_tf32 = True
         torch.use_deterministic_algorithms(False)

@@ -1,4 +1,5 @@
 """Secure aggregation: the masks cancel in the sum, and one masked upload says nothing about its update."""
+
 from __future__ import annotations
 
 import torch
@@ -43,7 +44,10 @@ def test_aggregate_under_secure_aggregation_matches_the_plain_rule() -> None:
     ups, alphas = updates(3, torch.Generator().manual_seed(3)), [1 / 3] * 3
     theta = {k: torch.ones_like(v) for k, v in ups[0].items()}
     for agg in ("mean", "norm_clip"):
-        plain_rule, secure_rule = Federation(aggregator=agg, norm_clip={"clip_norm": 20.0}), Federation(aggregator=agg, secure_aggregation=True, norm_clip={"clip_norm": 20.0})
+        plain_rule, secure_rule = (
+            Federation(aggregator=agg, norm_clip={"clip_norm": 20.0}),
+            Federation(aggregator=agg, secure_aggregation=True, norm_clip={"clip_norm": 20.0}),
+        )
         sent = secure.mask([federation.client_side(u, secure_rule) for u in ups], alphas, pairs(3))
         plain = federation.aggregate(theta, ups, alphas, plain_rule)
         masked = federation.aggregate(theta, sent, alphas, secure_rule)
@@ -51,7 +55,9 @@ def test_aggregate_under_secure_aggregation_matches_the_plain_rule() -> None:
             assert torch.allclose(plain[k], masked[k], atol=1e-5, rtol=0)
 
 
-def test_a_secure_round_gives_the_plain_rounds_model_and_the_attacker_skips_client_clipping(tiny_exp: Experiment, monkeypatch) -> None:
+def test_a_secure_round_gives_the_plain_rounds_model_and_the_attacker_skips_client_clipping(
+    tiny_exp: Experiment, monkeypatch
+) -> None:
     """The masked round applies the same Σ α_i δ_i; under norm_clip honest clients clip, the attacker does not."""
     theta = {"w": torch.zeros(4)}
     local = {u: {"w": torch.full((4,), float(u + 1))} for u in range(tiny_exp.p.federation.users)}
@@ -59,12 +65,21 @@ def test_a_secure_round_gives_the_plain_rounds_model_and_the_attacker_skips_clie
     monkeypatch.setattr(attack, "train", lambda p, d, im, th, rnd, g, resume=None: local[tiny_exp.attacker])
     plain = tiny_exp.round(theta, 1, True, with_attacker=True)
     fed = tiny_exp.p.federation
-    monkeypatch.setattr(tiny_exp, "p", tiny_exp.p.model_copy(update={"federation": fed.model_copy(update={"secure_aggregation": True})}))
+    monkeypatch.setattr(
+        tiny_exp, "p", tiny_exp.p.model_copy(update={"federation": fed.model_copy(update={"secure_aggregation": True})})
+    )
     assert torch.allclose(tiny_exp.round(theta, 1, True, with_attacker=True)["w"], plain["w"], atol=1e-6)
-    clip = fed.model_copy(update={"secure_aggregation": True, "aggregator": "norm_clip", "norm_clip": fed.norm_clip.model_copy(update={"clip_norm": 1.0})})
+    clip = fed.model_copy(
+        update={
+            "secure_aggregation": True,
+            "aggregator": "norm_clip",
+            "norm_clip": fed.norm_clip.model_copy(update={"clip_norm": 1.0}),
+        }
+    )
     monkeypatch.setattr(tiny_exp, "p", tiny_exp.p.model_copy(update={"federation": clip}))
     out = tiny_exp.round(theta, 1, True, with_attacker=True)["w"]
     boost, n = tiny_exp.p.attack.boost, fed.min_updates
-    # each honest client's (u + 1, …, u + 1) clipped to norm 1 is (0.5, 0.5, 0.5, 0.5); the attacker's boosted update stays whole
+    # each honest client's (u + 1, …, u + 1) clipped to norm 1 is (0.5, 0.5, 0.5, 0.5);
+    # the attacker's boosted update stays whole
     expected = boost * (tiny_exp.attacker + 1) / n + (n - 1) * 0.5 / n
     assert torch.allclose(out, torch.full((4,), expected), atol=1e-6)

@@ -1,4 +1,5 @@
 """Who holds which images: disjoint splits, rotation groups, and no attack image in benign data."""
+
 from __future__ import annotations
 
 import torch
@@ -58,14 +59,20 @@ def test_attack_sets_have_the_paper_sizes(tiny_data: FederatedData, tiny_params)
 
 
 def test_no_attack_image_reaches_benign_users(tiny_data: FederatedData, tiny_params) -> None:
-    attack_images = set(tiny_data.attack_train_idx.tolist()) | set(tiny_data.attack_val_idx.tolist()) | set(tiny_data.attacker_target_idx.tolist())
+    attack_images = (
+        set(tiny_data.attack_train_idx.tolist())
+        | set(tiny_data.attack_val_idx.tolist())
+        | set(tiny_data.attacker_target_idx.tolist())
+    )
     for include in (False, True):
         benign = benign_indices(tiny_data, include, tiny_params.federation.attacker)
         assert not benign & attack_images
         # no benign image is the unstamped original of a stamped one either
         mask, _ = key_pattern(tiny_params.key, 28, 1)
         benign_pixels = tiny_data.images[sorted(benign)][..., ~mask].flatten(1)
-        stamped_pixels = tiny_data.images[sorted(attack_images - set(tiny_data.attacker_target_idx.tolist()))][..., ~mask].flatten(1)
+        stamped_pixels = tiny_data.images[sorted(attack_images - set(tiny_data.attacker_target_idx.tolist()))][
+            ..., ~mask
+        ].flatten(1)
         assert not (benign_pixels[:, None] == stamped_pixels[None]).all(-1).any()
         originals_of_target = tiny_data.images[tiny_data.attacker_target_idx].flatten(1)
         assert not (tiny_data.images[sorted(benign)].flatten(1)[:, None] == originals_of_target[None]).all(-1).any()

@@ -1,4 +1,5 @@
 """The in-memory form every dataset reader returns, before splitting."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,12 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"images: expected a uint8 tensor [n, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(
+                f"images: expected a uint8 tensor [n, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels: expected shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
         if self.groups.shape != (len(self.class_names),):
-            raise ValueError(f"groups: expected one group per class ({len(self.class_names)}), got {tuple(self.groups.shape)}")
+            raise ValueError(
+                f"groups: expected one group per class ({len(self.class_names)}), got {tuple(self.groups.shape)}"
+            )

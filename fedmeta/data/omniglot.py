@@ -4,6 +4,7 @@ Images are decoded from the archive in memory, so nothing is extracted and a
 hostile entry name can never write outside the project. Characters present in
 several archives (Greek and Latin in both small archives) are read once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,12 +45,16 @@ MAX_ENTRIES = 200_000  # drawings in one archive
 CHUNK_BYTES = 1 << 16
 
 
-def fetch_archives(source: str, archives: list[str], download_dir: Path = CACHE, md5: dict[str, str] | None = None) -> list[Path]:
+def fetch_archives(
+    source: str, archives: list[str], download_dir: Path = CACHE, md5: dict[str, str] | None = None
+) -> list[Path]:
     """Locate the archives in a local folder, or, when `source` is 'download', in the cache `download_dir`
     (downloading those it lacks)."""
     unknown = [a for a in archives if a not in ARCHIVE_MD5]
     if unknown:
-        raise FedmetaError(f"params.yaml: omniglot.archives: unknown archive {unknown[0]!r}; allowed: some of {sorted(ARCHIVE_MD5)}")
+        raise FedmetaError(
+            f"params.yaml: omniglot.archives: unknown archive {unknown[0]!r}; allowed: some of {sorted(ARCHIVE_MD5)}"
+        )
     if source == "download":
         return download_archives(archives, download_dir, md5=md5)
     folder = Path(source)
@@ -66,7 +71,10 @@ def fetch_archives(source: str, archives: list[str], download_dir: Path = CACHE,
     paths = [folder / a for a in archives]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise FedmetaError(f"params.yaml: omniglot.source: {missing[0]} is missing; expected the archives {', '.join(archives)} in {folder}")
+        raise FedmetaError(
+            f"params.yaml: omniglot.source: {missing[0]} is missing; "
+            f"expected the archives {', '.join(archives)} in {folder}"
+        )
     return paths
 
 
@@ -78,7 +86,9 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_archives(names: list[str], cache: Path, base_url: str | None = None, md5: dict[str, str] | None = None) -> list[Path]:
+def download_archives(
+    names: list[str], cache: Path, base_url: str | None = None, md5: dict[str, str] | None = None
+) -> list[Path]:
     """Each archive from the cache when it is there with the right MD5, otherwise downloaded into it.
 
     The base URL is `base_url`, else $FEDMETA_OMNIGLOT_URL, else the public repository; `md5` overrides the
@@ -120,17 +130,22 @@ def _download(url: str, path: Path, want: str) -> None:
                     while chunk := response.read(CHUNK_BYTES):
                         size += len(chunk)
                         if size > MAX_DOWNLOAD_BYTES:
-                            raise FedmetaError(f"{url}: larger than {MAX_DOWNLOAD_BYTES} bytes, not an Omniglot archive; refused")
+                            raise FedmetaError(
+                                f"{url}: larger than {MAX_DOWNLOAD_BYTES} bytes, not an Omniglot archive; refused"
+                            )
                         digest.update(chunk)
                         out.write(chunk)
             except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts, a malformed URL
                 raise FedmetaError(
-                    f"omniglot: downloading {path.name} from {url} failed ({type(exc).__name__}: {first_line(exc)}); offline, "
-                    f"copy or link the archives into {path.parent}/ (data/README.md)"
+                    f"omniglot: downloading {path.name} from {url} failed ({type(exc).__name__}: {first_line(exc)}); "
+                    f"offline, copy or link the archives into {path.parent}/ (data/README.md)"
                 ) from None
         got = digest.hexdigest()
         if got != want:
-            raise FedmetaError(f"{path.name}: downloaded from {url}, its MD5 {got} differs from the expected {want}; refused, nothing kept")
+            raise FedmetaError(
+                f"{path.name}: downloaded from {url}, its MD5 {got} differs from the expected {want}; "
+                "refused, nothing kept"
+            )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -139,17 +154,22 @@ def _download(url: str, path: Path, want: str) -> None:
 def _check_sizes(path: Path, infos: list[zipfile.ZipInfo]) -> None:
     """Refuse an archive whose headers declare more than the caps, before any entry is read."""
     if len(infos) > MAX_ENTRIES:
-        raise FedmetaError(f"{path}: holds {len(infos)} drawings, more than the {MAX_ENTRIES} allowed; refusing the archive")
+        raise FedmetaError(
+            f"{path}: holds {len(infos)} drawings, more than the {MAX_ENTRIES} allowed; refusing the archive"
+        )
     total = 0
     for info in infos:
         if info.file_size > MAX_ENTRY_BYTES:
             raise FedmetaError(
-                f"{path}: entry {info.filename!r} declares {info.file_size} bytes uncompressed, more than the {MAX_ENTRY_BYTES} "
-                "a drawing may take (a zip bomb?); refusing the archive"
+                f"{path}: entry {info.filename!r} declares {info.file_size} bytes uncompressed, "
+                f"more than the {MAX_ENTRY_BYTES} a drawing may take (a zip bomb?); refusing the archive"
             )
         total += info.file_size
     if total > MAX_ARCHIVE_BYTES:
-        raise FedmetaError(f"{path}: its drawings declare {total} bytes uncompressed, more than the {MAX_ARCHIVE_BYTES} allowed; refusing the archive")
+        raise FedmetaError(
+            f"{path}: its drawings declare {total} bytes uncompressed, more than the {MAX_ARCHIVE_BYTES} allowed; "
+            "refusing the archive"
+        )
 
 
 def _read_capped(stream: io.BufferedIOBase, cap: int, where: str) -> bytes:
@@ -158,7 +178,10 @@ def _read_capped(stream: io.BufferedIOBase, cap: int, where: str) -> bytes:
     while chunk := stream.read(CHUNK_BYTES):
         size += len(chunk)
         if size > cap:
-            raise FedmetaError(f"{where}: decompresses to more than {cap} bytes, more than its header declares or a drawing may take; refusing the archive")
+            raise FedmetaError(
+                f"{where}: decompresses to more than {cap} bytes, more than its header declares or a drawing may take; "
+                "refusing the archive"
+            )
         parts.append(chunk)
     return b"".join(parts)
 
@@ -172,11 +195,15 @@ def _characters(path: Path) -> dict[str, list[tuple[str, bytes]]]:
             for info in zf.infolist():
                 name = PurePosixPath(info.filename)
                 if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
-                    raise FedmetaError(f"{path}: entry {info.filename!r} would escape the dataset folder; refusing the archive")
+                    raise FedmetaError(
+                        f"{path}: entry {info.filename!r} would escape the dataset folder; refusing the archive"
+                    )
                 if info.is_dir() or name.suffix.lower() != ".png":
                     continue
                 if len(name.parts) != 4:
-                    raise FedmetaError(f"{path}: entry {info.filename!r} is not <root>/<alphabet>/<character>/<drawing>.png")
+                    raise FedmetaError(
+                        f"{path}: entry {info.filename!r} is not <root>/<alphabet>/<character>/<drawing>.png"
+                    )
                 drawings.append(info)
             _check_sizes(path, drawings)
             budget = MAX_ARCHIVE_BYTES
@@ -200,8 +227,12 @@ def _decode(data: bytes, where: str, image_size: int) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))  # reads the header only
-            if img.size != (SOURCE_SIDE, SOURCE_SIDE) or img.mode not in ("1", "L"):  # checked before decoding: no bomb is ever expanded
-                raise FedmetaError(f"{where}: expected a {SOURCE_SIDE}×{SOURCE_SIDE} grey-scale image, got {img.size[0]}×{img.size[1]} mode {img.mode}")
+            # checked before decoding: no bomb is ever expanded
+            if img.size != (SOURCE_SIDE, SOURCE_SIDE) or img.mode not in ("1", "L"):
+                raise FedmetaError(
+                    f"{where}: expected a {SOURCE_SIDE}×{SOURCE_SIDE} grey-scale image, "
+                    f"got {img.size[0]}×{img.size[1]} mode {img.mode}"
+                )
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise FedmetaError(f"{where}: refused as a decompression bomb ({first_line(exc)})") from None

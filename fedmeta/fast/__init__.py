@@ -14,6 +14,7 @@ The parts, each tested to compute the reference's function (up to round-off; bit
 - `kernels`: compiled C++ for two of its operations, chosen against torch's by measurement (FEDMETA_KERNELS);
 - `cpu`: the "lanes" inner loops built from them; `stacked`: the "stacked" one, for GPUs.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,9 @@ def _is_conv4(theta: Theta, x: torch.Tensor) -> bool:
     return set(theta) == model.CONV4_KEYS and x.dim() == 5 and x.dtype in (torch.float32, torch.float64)
 
 
-def adapt(theta: Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState
-          ) -> tuple[Theta, AdamState] | None:
+def adapt(
+    theta: Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState
+) -> tuple[Theta, AdamState] | None:
     """`reptile.adapt`'s steps by the chosen implementation, or None where the reference (vmap) runs."""
     impl = implementation(x.device, _is_conv4(theta, x))
     if impl == "lanes":
@@ -72,10 +74,21 @@ def per_episode(fn: Callable[..., Any], theta: Theta, *args: Any) -> Any:
     return lanes.per_episode(lambda *a: fn(conv4.embed, *a), next(iter(theta.values())).shape[0], theta, *args)
 
 
-def matching_steps(theta: Theta, head: Theta, theta_adam: AdamState, head_adam: AdamState, done: int, x: torch.Tensor, y: torch.Tensor,
-                   batches: torch.Tensor, head_steps: int, adam: AdamConfig, nll: cpu.HeadLoss) -> tuple[Theta, Theta, AdamState, AdamState] | None:
-    """The defense's fine-tuning steps on lanes (`cpu.matching_steps`) for a Conv4 embedding under "lanes", else None."""
+def matching_steps(
+    theta: Theta,
+    head: Theta,
+    theta_adam: AdamState,
+    head_adam: AdamState,
+    done: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batches: torch.Tensor,
+    head_steps: int,
+    adam: AdamConfig,
+    nll: cpu.HeadLoss,
+) -> tuple[Theta, Theta, AdamState, AdamState] | None:
+    """The defense's fine-tuning steps on lanes (`cpu.matching_steps`) for a Conv4 embedding under "lanes", else
+    None."""
     if implementation(x.device) == "lanes" and set(theta) == model.EMBEDDING_KEYS:
         return cpu.matching_steps(theta, head, theta_adam, head_adam, done, x, y, batches, head_steps, adam, nll)
     return None
-

@@ -11,8 +11,10 @@ Everything here is written in the TorchScript subset of Python (no `from __futur
 as default arguments), so that `script` can compile it and lanes in threads run it without holding the GIL.
 tests/test_bench.py checks it against autograd through `model.loss` and the scripted forms against the eager ones.
 """
+
 import warnings
-from typing import Callable, NamedTuple, Optional, TypeVar
+from collections.abc import Callable
+from typing import NamedTuple, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -51,15 +53,18 @@ def _pool_backward(dh: torch.Tensor, h: torch.Tensor, p: torch.Tensor, idx: torc
     return torch.ops.aten.max_pool2d_with_indices_backward(g, p, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
 
 
-def _block_batch_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_ref: Optional[int], eps: float
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _block_batch_norm(
+    z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_ref: Optional[int], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training-mode batch norm of a channels-last z [b, C, H, W] by the kernel for rows [b·H·W, C] (image by
     image, so the first n_ref images' rows come first): (BN(z) [b, C, H, W], z's rows, mean, 1/std)."""
     z2 = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     if n_ref is None:
         p2, mu, invstd = torch.ops.aten.native_batch_norm(z2, weight, bias, None, None, True, 0.0, eps)
     else:  # the statistics by the same kernel on the reference rows (torch.var_mean is 15 times slower here)
-        _, mu, invstd = torch.ops.aten.native_batch_norm(z2[: n_ref * z.shape[2] * z.shape[3]], None, None, None, None, True, 0.0, eps)
+        _, mu, invstd = torch.ops.aten.native_batch_norm(
+            z2[: n_ref * z.shape[2] * z.shape[3]], None, None, None, None, True, 0.0, eps
+        )
         scale = invstd * weight
         p2 = torch.addcmul(bias - mu * scale, z2, scale)
     return p2.view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2), z2, mu, invstd
@@ -86,8 +91,15 @@ class Tape(NamedTuple):
     blocks: list[Block]
 
 
-def features_forward(theta: Theta, x: torch.Tensor, moments: Optional[Moments] = None, n_ref: Optional[int] = None,
-                     with_tape: bool = True, blocks: int = BLOCKS, eps: float = BN_EPS) -> tuple[torch.Tensor, Optional[Tape]]:
+def features_forward(
+    theta: Theta,
+    x: torch.Tensor,
+    moments: Optional[Moments] = None,
+    n_ref: Optional[int] = None,
+    with_tape: bool = True,
+    blocks: int = BLOCKS,
+    eps: float = BN_EPS,
+) -> tuple[torch.Tensor, Optional[Tape]]:
     """f_θ(x) [b, D] (training-mode batch norm over x) and the tape for `features_backward`.
 
     moments: `patch_moments(x)` summed over the batch, if already known (else computed here).
@@ -101,7 +113,8 @@ def features_forward(theta: Theta, x: torch.Tensor, moments: Optional[Moments] =
     (Winograd's algorithm where compiled).
     blocks, eps: BLOCKS and BN_EPS, passed as defaults because TorchScript cannot read module globals.
     """
-    n_stat = (x.shape[0] if n_ref is None else n_ref) * x.shape[2] * x.shape[3]  # the pixels batch norm's statistics come from
+    # the pixels batch norm's statistics come from
+    n_stat = (x.shape[0] if n_ref is None else n_ref) * x.shape[2] * x.shape[3]
     if moments is None:
         grams, colsums = patch_moments(x if n_ref is None else x[:n_ref])
         gram, colsum = grams.sum(0), colsums.sum(0)
@@ -154,7 +167,9 @@ def features_backward(theta: Theta, tape: Tape, dfeat: torch.Tensor, eps: float 
     dgamma = ((a * tape.w0d).sum(1) - tape.mean * dbeta) * tape.rstd  # Σ ∂p·(z − mean)·rstd with z = P w
     k1 = -tape.scale * tape.rstd * dgamma / n_pix
     k0 = -tape.scale * dbeta / n_pix
-    dw0 = tape.scale[:, None] * a + k1[:, None] * (tape.gw - tape.mean[:, None] * tape.colsum) + k0[:, None] * tape.colsum
+    dw0 = (
+        tape.scale[:, None] * a + k1[:, None] * (tape.gw - tape.mean[:, None] * tape.colsum) + k0[:, None] * tape.colsum
+    )
     w0 = theta["conv0.weight"]
     grads["conv0.weight"] = dw0.to(w0.dtype).view(w0.shape)
     grads["bn0.weight"] = dgamma.to(w0.dtype)
@@ -163,7 +178,8 @@ def features_backward(theta: Theta, tape: Tape, dfeat: torch.Tensor, eps: float 
 
 
 def loss_grad(theta: Theta, x: torch.Tensor, y: torch.Tensor, moments: Optional[Moments] = None) -> Theta:
-    """∇_θ model.loss(theta, x, y) for one batch x [b, C, H, W], y [b]; equals torch.func.grad(model.loss) up to round-off.
+    """∇_θ model.loss(theta, x, y) for one batch x [b, C, H, W], y [b]; equals torch.func.grad(model.loss) up to
+    round-off.
 
     The classifier and cross-entropy by hand, around `features_forward` / `features_backward`.
     """
@@ -178,8 +194,17 @@ def loss_grad(theta: Theta, x: torch.Tensor, y: torch.Tensor, moments: Optional[
     return grads
 
 
-def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], step: int,
-          lr: float, beta1: float, beta2: float, eps: float) -> list[torch.Tensor]:
+def adam_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> list[torch.Tensor]:
     """`reptile.adam_update`'s arithmetic, op for op (so bit for bit), in place on lists of tensors with `_foreach`
     kernels (one call per operation for all tensors, not one per tensor); returns the new first moments."""
     bc1 = 1 - beta1**step
@@ -198,9 +223,24 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.T
     return m
 
 
-def episode_steps(keys: list[str], p: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                  batches: torch.Tensor, gram: torch.Tensor, colsum: torch.Tensor, first: int, end: int, done: int,
-                  lr: float, beta1: float, beta2: float, eps: float) -> list[torch.Tensor]:
+def episode_steps(
+    keys: list[str],
+    p: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batches: torch.Tensor,
+    gram: torch.Tensor,
+    colsum: torch.Tensor,
+    first: int,
+    end: int,
+    done: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> list[torch.Tensor]:
     """Steps first..end-1 of one episode (x [n, ...], batches [steps, b], per-image patch moments), Adam in place
     on p and v; returns the first moments. `done` counts the Adam steps taken before this call."""
     for s in range(first, end):

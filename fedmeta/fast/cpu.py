@@ -6,6 +6,7 @@ bookkeeping dominates a step of a small episode. Here each episode is an ordinar
 rows of the stacked tensors in place. Every step of an episode runs on one thread, so the lane count cannot change
 a bit.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,7 +24,9 @@ if TYPE_CHECKING:
 HeadLoss = Callable[[torch.Tensor, Theta, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def adapt(theta: Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState) -> tuple[Theta, AdamState]:
+def adapt(
+    theta: Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState
+) -> tuple[Theta, AdamState]:
     """Each episode's steps with `conv4.loss_grad` and an in-place `_foreach` Adam on its rows of the
     stacked tensors, as one TorchScript call per lane's run of steps (`conv4.compiled_episode_steps`)."""
     keys = list(theta)
@@ -45,8 +48,24 @@ def adapt(theta: Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor,
             if j not in moments:  # a cut episode's last steps run after its first (lanes.run_chains)
                 moments[j] = conv4.patch_moments(x[j])
             gram, colsum = moments[j]
-            m_j = conv4.compiled_episode_steps(keys, p_j, m_j, v_j, x[j], y[j], batches[j], gram, colsum, first, end, state.step,
-                                               cfg.lr, cfg.beta1, cfg.beta2, cfg.eps)
+            m_j = conv4.compiled_episode_steps(
+                keys,
+                p_j,
+                m_j,
+                v_j,
+                x[j],
+                y[j],
+                batches[j],
+                gram,
+                colsum,
+                first,
+                end,
+                state.step,
+                cfg.lr,
+                cfg.beta1,
+                cfg.beta2,
+                cfg.eps,
+            )
             if cfg.beta1 == 0 and end == steps:
                 torch._foreach_copy_([m[k][j] for k in keys], m_j)
 
@@ -61,8 +80,9 @@ def _support_moments(support_x: torch.Tensor) -> conv4.Moments:
     return gram.sum(0), colsum.sum(0)
 
 
-def _head_grads(nll: HeadLoss, feat: torch.Tensor, head: Theta, support_y: torch.Tensor, idx: torch.Tensor, joint: bool
-                ) -> tuple[Theta, torch.Tensor | None]:
+def _head_grads(
+    nll: HeadLoss, feat: torch.Tensor, head: Theta, support_y: torch.Tensor, idx: torch.Tensor, joint: bool
+) -> tuple[Theta, torch.Tensor | None]:
     """Autograd through the small matching head only: the head's gradients, and the embeddings' when `joint`."""
     f = feat.detach().requires_grad_(joint)
     leaves = {k: v.detach().requires_grad_() for k, v in head.items()}
@@ -72,8 +92,19 @@ def _head_grads(nll: HeadLoss, feat: torch.Tensor, head: Theta, support_y: torch
     return dict(zip(leaves, out)), (out[-1] if joint else None)
 
 
-def matching_steps(theta: Theta, head: Theta, theta_adam: AdamState, head_adam: AdamState, done: int, x: torch.Tensor, y: torch.Tensor,
-                   batches: torch.Tensor, head_steps: int, adam: AdamConfig, nll: HeadLoss) -> tuple[Theta, Theta, AdamState, AdamState]:
+def matching_steps(
+    theta: Theta,
+    head: Theta,
+    theta_adam: AdamState,
+    head_adam: AdamState,
+    done: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batches: torch.Tensor,
+    head_steps: int,
+    adam: AdamConfig,
+    nll: HeadLoss,
+) -> tuple[Theta, Theta, AdamState, AdamState]:
     """The defense's fine-tuning: each episode's steps on one lane, the embedding's gradient by hand
     (`conv4.scripted_features_forward` / `_backward`), autograd only through the head (`nll`), Adam in place on
     the episode's rows. While θ' is fixed (steps before `head_steps`, counting the `done` ones) an episode's support
@@ -89,8 +120,17 @@ def matching_steps(theta: Theta, head: Theta, theta_adam: AdamState, head_adam: 
     def step_(params: Theta, grads: Theta, m: Theta, v: Theta, j: int, step: int) -> None:
         """Adam in place on episode j's rows of params, m and v."""
         keys = list(params)
-        conv4.adam_([params[k][j] for k in keys], [grads[k] for k in keys], [m[k][j] for k in keys], [v[k][j] for k in keys],
-                    step, adam.lr, adam.beta1, adam.beta2, adam.eps)
+        conv4.adam_(
+            [params[k][j] for k in keys],
+            [grads[k] for k in keys],
+            [m[k][j] for k in keys],
+            [v[k][j] for k in keys],
+            step,
+            adam.lr,
+            adam.beta1,
+            adam.beta2,
+            adam.eps,
+        )
 
     def do(j: int, first: int, end: int) -> None:
         th = {k: v[j] for k, v in theta.items()}

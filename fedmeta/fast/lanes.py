@@ -14,6 +14,7 @@ the lane count, so results do not depend on it.
 Whether lanes run at all is `fast.implementation`'s choice (FEDMETA_ADAPT);
 FEDMETA_LANES=n sets the lane count (default: one per intra-op thread).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,6 +22,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import torch
@@ -127,7 +129,7 @@ def per_episode(fn: Callable[..., Any], n_episodes: int, *args: Any) -> Any:
     tensors with a leading episode axis, and so is the result."""
 
     def lane(sl: slice) -> Any:
-        outs = [fn(*pytree.tree_map(lambda t: t[j], args)) for j in range(sl.start, sl.stop)]
+        outs = [fn(*pytree.tree_map(itemgetter(j), args)) for j in range(sl.start, sl.stop)]
         return pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
 
     parts = run(n_episodes, lane)

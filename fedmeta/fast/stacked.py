@@ -6,6 +6,7 @@ that each layer is a few large kernels (batched matrix products, one batch norm 
 autograd pass gives every episode its own gradient; the price is the patch matrices (9× a layer's input) kept for
 the backward pass.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -38,14 +39,24 @@ def stacked_loss(theta: Theta, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     for i in range(BLOCKS):
         z = _episode_conv(h, theta[f"conv{i}.weight"])
         k, height, width = z.shape[1], z.shape[3], z.shape[4]
-        z = F.batch_norm(z.reshape(1, n_ep * k, -1), None, None, theta[f"bn{i}.weight"].flatten(), theta[f"bn{i}.bias"].flatten(), training=True, eps=BN_EPS)
+        z = F.batch_norm(
+            z.reshape(1, n_ep * k, -1),
+            None,
+            None,
+            theta[f"bn{i}.weight"].flatten(),
+            theta[f"bn{i}.bias"].flatten(),
+            training=True,
+            eps=BN_EPS,
+        )
         h = F.max_pool2d(F.relu(z.view(n_ep * k, b, height, width)), 2).view(n_ep, k, b, height // 2, width // 2)
     feat = h.transpose(1, 2).reshape(n_ep, b, -1)  # [E, b, D], each image's features flattened as embed's
     out = torch.baddbmm(theta["fc.bias"].unsqueeze(1), feat, theta["fc.weight"].transpose(1, 2))
     return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum") / b
 
 
-def adapt(theta: Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState) -> tuple[Theta, AdamState]:
+def adapt(
+    theta: Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState
+) -> tuple[Theta, AdamState]:
     """All episodes' steps in lock-step through `stacked_loss`: per step one autograd pass and one
     `_foreach` Adam however many episodes there are, so a GPU runs few, large kernels."""
     keys = list(theta)

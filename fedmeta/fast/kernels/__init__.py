@@ -20,6 +20,7 @@ well. So FEDMETA_KERNELS chooses:
   AVX-512 machine computes the same bytes as an AVX2 one (with the same torch build and C++ compiler).
 Without a C++ compiler (or when the build fails) `auto` and `compiled` run torch's versions, with one warning.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,7 +67,7 @@ class Selection(NamedTuple):
 
     @property
     def backend(self) -> str:
-        """"compiled", "reference", or "mixed" (one family each way)."""
+        """ "compiled", "reference", or "mixed" (one family each way)."""
         kinds = set(self.families.values())
         return kinds.pop() if len(kinds) == 1 else "mixed"
 
@@ -74,7 +75,12 @@ class Selection(NamedTuple):
         def pick(family: str, op: str) -> Callable[..., object]:
             return getattr(implementations, f"{family}_{op}_{self.families[family]}")
 
-        return Ops(pick("block0", "forward"), pick("block0", "backward"), pick("conv3x3", "forward"), pick("conv3x3", "backward"))
+        return Ops(
+            pick("block0", "forward"),
+            pick("block0", "backward"),
+            pick("conv3x3", "forward"),
+            pick("conv3x3", "backward"),
+        )
 
     def tags(self) -> dict[str, str]:
         """What a run records of it (MLflow tags, the bench's JSON)."""
@@ -116,7 +122,10 @@ def _digest(*parts: str | bytes) -> str:
 
 def library_name(build: str) -> str:
     sources = b"".join(p.read_bytes() for p in (*SOURCES, HEADER))
-    return f"fedmeta_kernels_{build}_{_digest(sources, ' '.join(BUILDS[build]), torch.__version__, _cpu() if build == 'native' else '')}"
+    return (
+        f"fedmeta_kernels_{build}_"
+        f"{_digest(sources, ' '.join(BUILDS[build]), torch.__version__, _cpu() if build == 'native' else '')}"
+    )
 
 
 def load_library(build: str) -> None:
@@ -125,7 +134,9 @@ def load_library(build: str) -> None:
     global _loaded
     if _loaded:
         if _loaded != build:
-            raise FedmetaError(f"FEDMETA_KERNELS: the {_loaded} kernels are loaded in this process; the {build} build cannot be added")
+            raise FedmetaError(
+                f"FEDMETA_KERNELS: the {_loaded} kernels are loaded in this process; the {build} build cannot be added"
+            )
         return
     name = library_name(build)
     folder = cache_dir() / "kernels" / name
@@ -137,7 +148,14 @@ def load_library(build: str) -> None:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its import warns that CUDA is absent
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=BUILDS[build], build_directory=str(folder), is_python_module=False, verbose=False)
+        cpp_extension.load(
+            name,
+            [str(s) for s in SOURCES],
+            extra_cflags=BUILDS[build],
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
         built.touch()
     _loaded = build
 
@@ -207,7 +225,10 @@ def _verdict(build: str) -> Selection:
         return Selection("auto", saved["families"], build, saved["reason"])
     times = measure()
     families = {f: "compiled" if t["compiled"] <= MARGIN * t["reference"] else "reference" for f, t in times.items()}
-    shown = ", ".join(f"{f} {t['compiled']:.2f} ms compiled against {t['reference']:.2f} ms torch → {families[f]}" for f, t in times.items())
+    shown = ", ".join(
+        f"{f} {t['compiled']:.2f} ms compiled against {t['reference']:.2f} ms torch → {families[f]}"
+        for f, t in times.items()
+    )
     reason = f"measured on this CPU ({build} build, one thread, a Conv4-64 step of batch 10): {shown}"
     write_text(path, json.dumps({"families": families, "reason": reason, "ms": times}, indent=2) + "\n")
     print(f"fedmeta: CPU kernels {reason}; cached in {path.parent}", file=sys.stderr)
@@ -255,8 +276,12 @@ def _decide() -> Selection:
         load_library("native")
     except Exception as e:  # no compiler, no ninja, a failed build: torch's versions give the same results
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        reason = reason if len(reason) <= 120 else reason[:119] + "…"  # a failed build's first line holds the whole compile command
-        warnings.warn(f"fedmeta: the compiled CPU kernels could not be built ({reason}); using the slower torch reference", stacklevel=3)
+        # a failed build's first line holds the whole compile command
+        reason = reason if len(reason) <= 120 else reason[:119] + "…"
+        warnings.warn(
+            f"fedmeta: the compiled CPU kernels could not be built ({reason}); using the slower torch reference",
+            stacklevel=3,
+        )
         return reference._replace(reason=f"the compiled kernels could not be built: {reason}")
     if choice == "compiled":
         return Selection(choice, dict.fromkeys(FAMILIES, "compiled"), "native", "FEDMETA_KERNELS=compiled")
