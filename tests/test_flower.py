@@ -173,6 +173,21 @@ def test_a_bound_port_is_one_line_naming_it(omniglot_dir, tiny_data) -> None:
     assert exp.flower is not None and exp.flower.sup is None
 
 
+def test_a_port_in_time_wait_from_a_stopped_federation_is_free(omniglot_dir) -> None:
+    """The previous stage's SuperLink closed its connections first, so its port lingers in TIME_WAIT for a
+    minute: the next stage's federation must still start on it."""
+    port = flower_params(omniglot_dir).federation.flower.port
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the SuperLink's gRPC server binds
+        listener.bind((processes.HOST, port))
+        listener.listen()
+        with socket.create_connection((processes.HOST, port)) as peer:
+            conn, _ = listener.accept()
+            conn.close()  # the server side closes first: its end of the connection enters TIME_WAIT
+            peer.recv(1)
+    processes.check_port(port, "SuperLink")
+
+
 def kill_when_training(sup: processes.Supervisor, name: str, limit: float) -> None:
     """Stop SuperNode `name` (SIGTERM, SIGKILL after the grace) once its ClientApp process runs: mid-round."""
     proc, deadline = sup.procs[name], time.monotonic() + limit

@@ -34,8 +34,10 @@ def _die_with_parent() -> None:
 
 
 def check_port(port: int, what: str) -> None:
-    """Refuse, in one line, a port that another process holds, before any child starts."""
+    """Refuse, in one line, a port that another process holds, before any child starts. SO_REUSEADDR, as the
+    SuperLink's own gRPC server binds: a port left in TIME_WAIT by the previous stage's federation is free."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError as exc:
