@@ -74,13 +74,18 @@ def tiny_params(omniglot_dir: Path) -> config.Config:
     return config.parse(tiny_raw(omniglot_dir))
 
 
-@pytest.fixture()
-def tiny_data(tiny_params: config.Config):
+def load_tiny(params: config.Config):
+    """The prepared dataset of a tiny configuration, from its (synthetic) archives."""
     from fedmeta import splits
     from fedmeta.data.omniglot import fetch_archives, load_omniglot
 
-    o = tiny_params.omniglot
-    return splits.split(load_omniglot(fetch_archives(o.source, o.archives, Path("unused")), o.image_size), tiny_params)
+    o = params.omniglot
+    return splits.split(load_omniglot(fetch_archives(o.source, o.archives, Path("unused")), o.image_size), params)
+
+
+@pytest.fixture()
+def tiny_data(tiny_params: config.Config):
+    return load_tiny(tiny_params)
 
 
 @pytest.fixture()

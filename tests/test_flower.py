@@ -1,7 +1,10 @@
 """federation.engine: flower runs the same rounds through real SuperLink and SuperNode processes on loopback.
 
-Each test starts its own federation on ports of its own, and checks that every
-process it started is gone afterwards, whatever happened.
+Starting a federation is most of a test's cost, so the tests share two, as a stage
+shares one across its rounds: a plain one (bit identity, then a round past its
+timeout, then a SuperNode killed mid-round, in that order: the kill leaves one
+user short) and a SecAgg+ one. Each fixture's teardown checks that every process
+the federation started is gone, whatever the tests did to it.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psutil
 import pytest
@@ -17,24 +21,34 @@ import torch
 
 from fedmeta import config, model, runtime
 from fedmeta.engine import plan, processes
+from fedmeta.engine.deployment import FlowerEngine
 from fedmeta.errors import FedmetaError
 from fedmeta.experiment import Experiment
+from fedmeta.splits import FederatedData
 
-from conftest import tiny_raw
+from conftest import load_tiny, tiny_raw
 
-TEST_LIMIT_S = 180  # no pytest-timeout in the project: SIGALRM bounds each test
+TEST_LIMIT_S = 180  # no pytest-timeout in the project: SIGALRM bounds each test and each federation's start and stop
+
+
+@contextmanager
+def alarm(limit: int) -> Iterator[None]:
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"a Flower test ran past {limit} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(limit)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)
 def bounded() -> Iterator[None]:
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(f"a Flower test ran past {TEST_LIMIT_S} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(TEST_LIMIT_S)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with alarm(TEST_LIMIT_S):
+        yield
 
 
 def free_base_port(span: int) -> int:
@@ -58,12 +72,22 @@ def flower_params(omniglot_dir, **federation) -> config.Config:
     return config.parse(raw)
 
 
-@pytest.fixture()
-def flower_exp(omniglot_dir, tiny_data) -> Iterator[Experiment]:
-    exp = Experiment(flower_params(omniglot_dir), tiny_data, torch.device("cpu"))
-    yield exp
-    if exp.flower is not None:
-        exp.flower.close()
+def local_twin(params: config.Config, **federation) -> config.Config:
+    """The same configuration on the local engine: what the Flower rounds must reproduce."""
+    return params.model_copy(update={"federation": params.federation.model_copy(update={"engine": "local", **federation})})
+
+
+@contextmanager
+def flower_settings(engine: FlowerEngine, **flower: object) -> Iterator[None]:
+    """Rounds of the running federation under other federation.flower settings (the ServerApp reads each job's
+    configuration: round_timeout, clipping_range), without starting another federation."""
+    fed = engine.p.federation
+    saved = engine.p
+    engine.p = saved.model_copy(update={"federation": fed.model_copy(update={"flower": fed.flower.model_copy(update=flower)})})
+    try:
+        yield
+    finally:
+        engine.p = saved
 
 
 def init(exp: Experiment) -> dict[str, torch.Tensor]:
@@ -71,23 +95,69 @@ def init(exp: Experiment) -> dict[str, torch.Tensor]:
     return model.init_conv4(channels, exp.p.budget.width, side, exp.p.reptile.n_way, exp.gen("init"))
 
 
-def test_two_rounds_equal_local_bit_for_bit_and_leave_no_process(tiny_exp: Experiment, flower_exp: Experiment) -> None:
-    runtime.configure(tiny_exp.p)
-    local = flower = init(tiny_exp)
-    timings = []
-    for rnd in range(2):
-        start = time.perf_counter()
-        local = tiny_exp.round(local, rnd, False, pretraining=True)
-        middle = time.perf_counter()
-        flower = flower_exp.round(flower, rnd, False, pretraining=True)
-        timings.append((middle - start, time.perf_counter() - middle))
-        assert all(torch.equal(local[k], flower[k]) for k in local), f"round {rnd}: θ differs from the local engine's"
-    assert flower_exp.flower is not None
-    pids = flower_exp.flower.pids()
-    assert len(pids) >= 1 + tiny_exp.p.federation.users
-    flower_exp.flower.close()
-    assert processes.pids_alive(pids) == []
+@contextmanager
+def federation(params: config.Config, data: FederatedData) -> Iterator[Experiment]:
+    """An Experiment on the Flower engine; on leaving, its federation is stopped and none of its processes is left."""
+    exp = Experiment(params, data, torch.device("cpu"))
+    runtime.configure(params)
+    try:
+        yield exp
+    finally:
+        with alarm(TEST_LIMIT_S):
+            pids = exp.flower.pids() if exp.flower is not None else []
+            if exp.flower is not None:
+                exp.flower.close()
+        assert processes.pids_alive(pids) == [], "a Flower process outlived its federation"
+
+
+@pytest.fixture(scope="module")
+def plain(omniglot_dir) -> Iterator[tuple[Experiment, dict[str, torch.Tensor], float]]:
+    """M_r = 3 > M_min = 2 (a spare user for the killed-node test), started by round 0 of pretraining:
+    the Experiment, θ after that round, and how long it took (start-up included)."""
+    params = flower_params(omniglot_dir, min_updates=2)
+    with federation(params, load_tiny(params)) as exp:
+        with alarm(TEST_LIMIT_S):
+            start = time.perf_counter()
+            theta = exp.round(init(exp), 0, False, pretraining=True)
+            took = time.perf_counter() - start
+        yield exp, theta, took
+
+
+@pytest.fixture(scope="module")
+def secagg(omniglot_dir) -> Iterator[Experiment]:
+    params = flower_params(omniglot_dir, secure_aggregation=True)
+    with federation(params, load_tiny(params)) as exp:
+        yield exp
+
+
+def test_rounds_equal_local_bit_for_bit_on_one_running_federation(plain) -> None:
+    exp, theta0, took0 = plain
+    local_exp = Experiment(local_twin(exp.p), exp.data, torch.device("cpu"))
+    start = time.perf_counter()
+    local0 = local_exp.round(init(local_exp), 0, False, pretraining=True)
+    timings = [(time.perf_counter() - start, took0)]
+    assert all(torch.equal(local0[k], theta0[k]) for k in local0), "round 0: θ differs from the local engine's"
+    assert exp.flower is not None and exp.flower.sup is not None
+    children = {name: proc.pid for name, proc in exp.flower.sup.procs.items()}
+    start = time.perf_counter()
+    local1 = local_exp.round(local0, 1, False, pretraining=True)
+    middle = time.perf_counter()
+    flower1 = exp.round(theta0, 1, False, pretraining=True)
+    timings.append((middle - start, time.perf_counter() - middle))
+    assert all(torch.equal(local1[k], flower1[k]) for k in local1), "round 1: θ differs from the local engine's"
+    assert {name: proc.pid for name, proc in exp.flower.sup.procs.items()} == children, "round 1 restarted processes of the federation"
+    assert len(children) == 2 + 2 * exp.p.federation.users  # SuperLink, `flwr run`, and per user a SuperNode and its worker
     print("seconds per round (local, flower):", timings)
+
+
+def test_a_round_past_its_timeout_is_a_clear_error_and_the_federation_serves_on(plain) -> None:
+    exp, theta0, _ = plain
+    assert exp.flower is not None
+    with flower_settings(exp.flower, round_timeout=0.01), pytest.raises(
+        FedmetaError, match=r"^federated round pretrain-5 on Flower failed after \d+ s: TimeoutError: .*federation.flower.round_timeout.*rerun to resume$"
+    ):
+        exp.round(theta0, 5, False, pretraining=True)
+    assert exp.flower.sup is not None and exp.flower.sup.procs["run"].poll() is None
 
 
 def test_a_bound_port_is_one_line_naming_it(omniglot_dir, tiny_data) -> None:
@@ -103,6 +173,21 @@ def test_a_bound_port_is_one_line_naming_it(omniglot_dir, tiny_data) -> None:
     assert exp.flower is not None and exp.flower.sup is None
 
 
+def test_a_port_in_time_wait_from_a_stopped_federation_is_free(omniglot_dir) -> None:
+    """The previous stage's SuperLink closed its connections first, so its port lingers in TIME_WAIT for a
+    minute: the next stage's federation must still start on it."""
+    port = flower_params(omniglot_dir).federation.flower.port
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the SuperLink's gRPC server binds
+        listener.bind((processes.HOST, port))
+        listener.listen()
+        with socket.create_connection((processes.HOST, port)) as peer:
+            conn, _ = listener.accept()
+            conn.close()  # the server side closes first: its end of the connection enters TIME_WAIT
+            peer.recv(1)
+    processes.check_port(port, "SuperLink")
+
+
 def kill_when_training(sup: processes.Supervisor, name: str, limit: float) -> None:
     """Stop SuperNode `name` (SIGTERM, SIGKILL after the grace) once its ClientApp process runs: mid-round."""
     proc, deadline = sup.procs[name], time.monotonic() + limit
@@ -112,79 +197,42 @@ def kill_when_training(sup: processes.Supervisor, name: str, limit: float) -> No
                 break
         except psutil.Error:
             pass
-        time.sleep(0.05)
+        time.sleep(0.02)
     sup.stop(name)
 
 
-def test_a_supernode_killed_mid_round_leaves_the_next_users_in_order(omniglot_dir, tiny_data) -> None:
+def test_a_supernode_killed_mid_round_leaves_the_next_users_in_order(plain) -> None:
     """M_r = 3 > M_min = 2: the first user in fedmeta's order loses its SuperNode while it trains; the round
     completes, within a bounded time, with the next two, exactly as the local engine computes them without it."""
-    exp = Experiment(flower_params(omniglot_dir, min_updates=2), tiny_data, torch.device("cpu"))
-    runtime.configure(exp.p)
-    try:
-        theta = exp.round(init(exp), 0, False)  # every SuperNode joins and is known
-        selection = plan.select(exp.p, "1", False)
-        victim = selection.order[0]
-        assert exp.flower is not None and exp.flower.sup is not None
-        killer = threading.Thread(target=kill_when_training, args=(exp.flower.sup, f"supernode{victim}", 60.0))
-        killer.start()
-        started = time.monotonic()
-        got = exp.round(theta, 1, False)
-        took = time.monotonic() - started
-        killer.join()
-        print(f"round with a SuperNode killed mid-round: {took:.1f} s")
-        assert took < 60.0
-        applied = selection.applied_given({victim})
-        assert applied is not None and victim not in applied
-        deltas = [exp.local_update(theta, u, 1, "1", False) for u in applied]
-        want = plan.combine(exp.p, theta, deltas, [exp._size(u, False) for u in applied], "1")
-        assert all(torch.equal(got[k], want[k]) for k in want)
-    finally:
-        pids = exp.flower.pids() if exp.flower is not None else []
-        if exp.flower is not None:
-            exp.flower.close()
-    assert processes.pids_alive(pids) == []
+    exp, theta, _ = plain  # every SuperNode has joined and is known since round 0
+    selection = plan.select(exp.p, "1", False)
+    victim = selection.order[0]
+    assert exp.flower is not None and exp.flower.sup is not None
+    killer = threading.Thread(target=kill_when_training, args=(exp.flower.sup, f"supernode{victim}", 60.0))
+    killer.start()
+    started = time.monotonic()
+    got = exp.round(theta, 1, False)
+    took = time.monotonic() - started
+    killer.join()
+    print(f"round with a SuperNode killed mid-round: {took:.1f} s")
+    assert took < 60.0
+    applied = selection.applied_given({victim})
+    assert applied is not None and victim not in applied
+    deltas = [exp.local_update(theta, u, 1, "1", False) for u in applied]
+    want = plan.combine(exp.p, theta, deltas, [exp._size(u, False) for u in applied], "1")
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_a_round_past_its_timeout_is_a_clear_error_and_stops_everything(omniglot_dir, tiny_data) -> None:
-    raw_timeout = 2.0
-    params = flower_params(omniglot_dir)
-    params = params.model_copy(update={"federation": params.federation.model_copy(update={"flower": params.federation.flower.model_copy(update={"round_timeout": raw_timeout})})})
-    exp = Experiment(params, tiny_data, torch.device("cpu"))
-    try:
-        with pytest.raises(FedmetaError, match=r"^federated round pretrain-0 on Flower failed after \d+ s: TimeoutError: .*federation.flower.round_timeout.*rerun to resume$"):
-            exp.round(init(exp), 0, False, pretraining=True)
-    finally:
-        assert exp.flower is not None
-        pids = exp.flower.pids()
-        exp.flower.close()
-    assert processes.pids_alive(pids) == []
-
-
-def _secagg_round(exp: Experiment, theta: dict[str, torch.Tensor], **kind: bool) -> tuple[dict[str, torch.Tensor], dict]:
-    """One round 0 on the Flower engine (the federation started and stopped around it): θ', SecAgg+'s statistics;
-    every process it started is gone afterwards."""
-    try:
-        got = exp.round(theta, 0, False, **kind)
-        assert exp.flower is not None
-        stats = exp.flower.secagg[-1]
-    finally:
-        pids = exp.flower.pids() if exp.flower is not None else []
-        if exp.flower is not None:
-            exp.flower.close()
-    assert processes.pids_alive(pids) == []
-    return got, stats
-
-
-def test_secagg_plus_equals_the_plain_mean_within_quantization_and_lets_the_boosted_update_through(omniglot_dir, tiny_data) -> None:
+def test_secagg_plus_equals_the_plain_mean_within_quantization_and_lets_the_boosted_update_through(secagg) -> None:
     """Flower's SecAgg+ on the attack round (the attacker's boosted δ and M_min − 1 benign ones): θ' equals the
     local engine's plain mean within SecAgg+'s quantization error, and with the default range nothing is clipped."""
-    exp = Experiment(flower_params(omniglot_dir, secure_aggregation=True), tiny_data, torch.device("cpu"))
-    plain = Experiment(exp.p.model_copy(update={"federation": exp.p.federation.model_copy(update={"secure_aggregation": False, "engine": "local"})}), tiny_data, torch.device("cpu"))
-    runtime.configure(exp.p)
+    exp = secagg
+    plain_exp = Experiment(local_twin(exp.p, secure_aggregation=False), exp.data, torch.device("cpu"))
     theta = init(exp)
-    got, stats = _secagg_round(exp, theta, with_attacker=True)
-    want = plain.round(theta, 0, False, with_attacker=True)
+    got = exp.round(theta, 0, False, with_attacker=True)
+    assert exp.flower is not None
+    stats = exp.flower.secagg[-1]
+    want = plain_exp.round(theta, 0, False, with_attacker=True)
     c = stats["clipping_range"]
     assert c == 8.0 * exp.p.attack.boost
     step = 2 * c / 2**22  # one quantization step of SecAgg+'s default 2^22 levels; stochastic rounding errs by less
@@ -197,12 +245,14 @@ def test_secagg_plus_equals_the_plain_mean_within_quantization_and_lets_the_boos
     assert exp.p.federation.attacker in stats["per_user"]
 
 
-def test_secagg_plus_reports_the_coordinates_its_range_clips(omniglot_dir, tiny_data) -> None:
+def test_secagg_plus_reports_the_coordinates_its_range_clips(secagg) -> None:
     """A range below the boosted update's scale silently weakens it: the engine reports the share clipped."""
-    params = flower_params(omniglot_dir, secure_aggregation=True)
-    fl = params.federation.flower.model_copy(update={"clipping_range": 1e-3})
-    exp = Experiment(params.model_copy(update={"federation": params.federation.model_copy(update={"flower": fl})}), tiny_data, torch.device("cpu"))
-    runtime.configure(exp.p)
-    _, stats = _secagg_round(exp, init(exp), pretraining=True)
+    exp = secagg
+    if exp.flower is None:  # run alone: start the federation as the first test would
+        exp.flower = FlowerEngine(exp.p, exp.data)
+    with flower_settings(exp.flower, clipping_range=1e-3):
+        exp.round(init(exp), 0, False, pretraining=True)
+    stats = exp.flower.secagg[-1]
     print("clipped share at clipping_range 1e-3:", stats["clipped_share"])
+    assert stats["clipping_range"] == 1e-3
     assert 0.0 < stats["clipped_share"] <= 1.0

@@ -1,9 +1,10 @@
-"""Flower's deployment runtime on this machine: one SuperLink, M SuperNodes, one `flwr run` per round.
+"""Flower's deployment runtime on this machine: one SuperLink, M SuperNodes and M workers, one `flwr run` per stage.
 
-Started at the first round and stopped by `close` (on success, on error, on
-Ctrl-C or SIGTERM through atexit): no process outlives the stage. Each
-SuperNode gets a dataset file holding only its own user's images, so a
-client cannot train on anyone else's data even by mistake.
+Started at the first round, kept for every later round of the stage, and
+stopped by `close` (on success, on error, on Ctrl-C or SIGTERM through
+atexit): no process outlives the stage. Each SuperNode and its worker get a
+dataset file holding only their own user's images, so a client cannot train
+on anyone else's data even by mistake.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ build-backend = "hatchling.build"
 [project]
 name = "fedmeta-round"
 version = "1.0.0"
-description = "One federated round of fedmeta (fedmeta.engine.flower)"
+description = "The federated rounds of one fedmeta stage (fedmeta.engine.flower)"
 license = "MIT"
 dependencies = []
 
@@ -42,21 +43,24 @@ publisher = "fedmeta"
 
 [tool.flwr.app.components]
 serverapp = "fedmeta.engine.flower:server"
-clientapp = "fedmeta.engine.flower:{clientapp}"
+clientapp = "fedmeta.engine.client:{clientapp}"
 
 [tool.flwr.app.config]
 exchange = ""
 """
 START_TIMEOUT_S = 60.0
 EXIT_MARGIN_S = 60.0  # beyond round_timeout: the ServerApp's own deadline fires first
+POLL_S = 0.02
+TASK_POLL_S = "0.2"  # how often each SuperExec asks for a ClientApp or ServerApp to launch (Flower's default: 1 s)
 
 
 def flower_env(home: Path) -> dict[str, str]:
-    """CI-safe: no telemetry, no `uv sync` of the app's dependencies, a private FLWR_HOME, this venv's CLIs."""
+    """CI-safe: no telemetry, no `uv sync` of the app's dependencies, a private FLWR_HOME, this venv's CLIs;
+    SuperExecs that poll for tasks often, since every message is a process launch waiting on that poll."""
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL=TASK_POLL_S, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
     return env
 
@@ -86,6 +90,7 @@ class FlowerEngine:
         self.sup: processes.Supervisor | None = None
         self.dir: Path | None = None
         self.secagg: list[dict] = []  # per round under SecAgg+: clipping range, share clipped, per user
+        self.jobs = 0  # rounds handed to the ServerApp since start: the next job's number
 
     @property
     def ports(self) -> list[int]:
@@ -110,45 +115,55 @@ class FlowerEngine:
             run.set_tag("engine", "flower")
         self.sup = processes.Supervisor(self.dir / "logs", flower_env(home))
         self.sup.start("superlink", ["flower-superlink", "--insecure", "--host", processes.HOST, "--port", str(port), "--disable-runtime-dependency-installation"])
-        self.sup.wait_listening("superlink", port, START_TIMEOUT_S)
         fed = self.p.federation
+        sockets = [self.dir / f"worker{user}.sock" for user in range(fed.users)]
         for user in range(fed.users):
             data_path = self.dir / f"user{user}.pt"
             private_copy(self.data, user, fed.attacker).save(data_path)
-            node_config = f"user={user} params='{exchange / 'params.json'}' data='{data_path}'"
+            self.sup.start(f"worker{user}", [sys.executable, "-m", "fedmeta.engine.worker", str(user), str(exchange / "params.json"), str(data_path), str(sockets[user])])
+        self.sup.wait_listening("superlink", port, START_TIMEOUT_S)
+        for user in range(fed.users):
+            node_config = f"user={user} worker='{sockets[user]}'"
             argv = ["flower-supernode", "--insecure", "--superlink", f"{processes.HOST}:{port}", "--host", processes.HOST, "--port", str(self.ports[1 + user])]
             self.sup.start(f"supernode{user}", [*argv, "--node-config", node_config])
+        self.sup.start("run", ["flwr", "run", str(app), "fedmeta", "--stream", "--run-config", f"exchange='{exchange}'"])
         for user in range(fed.users):
             self.sup.wait_listening(f"supernode{user}", self.ports[1 + user], START_TIMEOUT_S)
+            self.sup.wait_file(f"worker{user}", sockets[user], START_TIMEOUT_S)
+        self.jobs = 0
 
     def round(self, theta: Theta, rnd: int, key: str, include_backdoor: bool, with_attacker: bool, resume: Resume | None) -> Theta:
-        """One `flwr run`; θ' read back from the exchange folder, on θ's device."""
+        """One job for the stage's ServerApp; θ' read back from the exchange folder, on θ's device. A ServerApp that
+        stops or stalls past the round's deadline takes the federation down with it: the next round starts afresh."""
         if self.sup is None:
             self.start()
         assert self.dir is not None and self.sup is not None
-        exchange, timeout = self.dir / "exchange", self.p.federation.flower.round_timeout
-        for name in ("result.pt", "error.txt"):
-            (exchange / name).unlink(missing_ok=True)
+        exchange, timeout, seq = self.dir / "exchange", self.p.federation.flower.round_timeout, self.jobs
+        self.jobs += 1
         device = next(iter(theta.values())).device
         job = {"theta": {k: v.cpu() for k, v in theta.items()}, "round": rnd, "key": key, "include_backdoor": include_backdoor,
-               "with_attacker": with_attacker, "timeout": timeout, "max_weight": float(len(self.data.images))}
+               "with_attacker": with_attacker, "params": self.p.model_dump_json(), "max_weight": float(len(self.data.images))}
         if resume is not None:
             job["resume"] = {"path": str(resume.path.resolve()), "every": resume.every, "fingerprint": resume.fingerprint}
-        checkpoint.save(exchange / "round.pt", job)
-        argv = ["flwr", "run", str(self.dir / "app"), "fedmeta", "--stream", "--run-config", f"exchange='{exchange}'"]
+        checkpoint.save(exchange / f"job-{seq}.pt", job)
+        result, error, run = exchange / f"result-{seq}.pt", exchange / f"error-{seq}.txt", self.sup.procs["run"]
         started = time.monotonic()
-        code = processes.run_bounded(argv, self.sup.env, timeout + EXIT_MARGIN_S, self.dir / "logs" / f"run-{key}.log")
-        if (exchange / "result.pt").is_file():
-            self._report(exchange / "result.pt", rnd, key)
-            return checkpoint.load_theta(exchange / "result.pt", device)
         where = f"federated round {key} on Flower"
-        if (exchange / "error.txt").is_file():
-            reason = (exchange / "error.txt").read_text().splitlines()[0]
-            hint = " (federation.flower.round_timeout); resumable state is kept: rerun to resume" if reason.startswith("TimeoutError") else ""
-            raise FedmetaError(f"{where} failed after {time.monotonic() - started:.0f} s: {reason}{hint}")
-        if code is None:
-            raise FedmetaError(f"{where} timed out after {timeout + EXIT_MARGIN_S:.0f} s (federation.flower.round_timeout); resumable state is kept: rerun to resume")
-        raise FedmetaError(f"{where}: `flwr run` exited with code {code} without a result; see {self.dir / 'logs'}")
+        while not result.is_file():
+            if error.is_file():
+                reason = error.read_text().splitlines()[0]
+                hint = " (federation.flower.round_timeout); resumable state is kept: rerun to resume" if reason.startswith("TimeoutError") else ""
+                raise FedmetaError(f"{where} failed after {time.monotonic() - started:.0f} s: {reason}{hint}")
+            if run.poll() is not None:
+                tail = self.sup.log_tail("run")
+                self.close()
+                raise FedmetaError(f"{where}: `flwr run` exited with code {run.returncode} without a result: {tail}")
+            if time.monotonic() - started > timeout + EXIT_MARGIN_S:
+                self.close()
+                raise FedmetaError(f"{where} timed out after {timeout + EXIT_MARGIN_S:.0f} s (federation.flower.round_timeout); resumable state is kept: rerun to resume")
+            time.sleep(POLL_S)
+        self._report(result, rnd, key)
+        return checkpoint.load_theta(result, device)
 
     def _report(self, result: Path, rnd: int, key: str) -> None:
         """Under SecAgg+, the share of uploaded coordinates its ±clipping_range clipped: kept in `secagg`,

@@ -1,34 +1,35 @@
-"""fedmeta's round as a Flower app: the ServerApp selects, waits and aggregates; ClientApps train.
+"""fedmeta's round as a Flower ServerApp: it selects, waits and aggregates; ClientApps (fedmeta.engine.client) train.
 
-The SuperLink runs `server` once per round (one `flwr run`); it reads the round
-from the exchange folder the engine wrote (θ, round, variant), asks the
-selected users' SuperNodes, and writes θ' back. Clients send δ_i, never
-weights, so the boost λ and the aggregator act on updates as in `local`.
-Tensors travel as float32 numpy arrays (np.save, exact), so θ stays bit-identical.
-With federation.secure_aggregation the ClientApp is `secure_client` (secaggplus_mod)
-and the round runs Flower's SecAggPlusWorkflow (`_serve_secure`): the server sees only the mean.
+One `flwr run` per stage: the ServerApp stays up and serves the rounds the
+engine writes to the exchange folder as job-<n>.pt (θ, round, the Config),
+one after the other, answering with result-<n>.pt (θ') or error-<n>.txt, so
+neither `flwr run` nor torch's import is paid per round. It asks the selected
+users' SuperNodes and combines the δ_i they send with fedmeta's aggregator.
+Tensors travel as float32 numpy arrays (exact), so θ stays bit-identical.
+With federation.secure_aggregation the round runs Flower's SecAggPlusWorkflow
+(`_serve_secure`) against `secure_client`: the server sees only the mean.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedmeta import checkpoint, config, runtime, secure, seeding
+from fedmeta import checkpoint, config, secure, seeding
+from fedmeta.atomic import write_text
 from fedmeta.engine import plan
 from fedmeta.model import Theta
 
 server = ServerApp()
-client = ClientApp()
-secure_client = ClientApp(mods=[secaggplus_mod])  # federation.secure_aggregation: Flower's SecAgg+ masks each upload
 
 POLL_S = 0.05
 LIVENESS_S = 0.5  # how often the ServerApp asks which SuperNodes are still online
@@ -42,90 +43,11 @@ def from_record(record: ArrayRecord) -> Theta:
     return {k: torch.from_numpy(a.numpy()) for k, a in record.items()}
 
 
-def load_params(path: str) -> config.Config:
-    return config.parse(json.loads(Path(path).read_text()))
-
-
-# ---------------------------------------------------------------- client side
-
-
-@client.query()
-def identify(msg: Message, context: Context) -> Message:
-    """Which user this SuperNode serves: the server addresses users, Flower addresses node ids."""
-    return Message(RecordDict({"node": ConfigRecord({"user": int(context.node_config["user"])})}), reply_to=msg)
-
-
-secure_client.query()(identify)
-
-
-def _local(context: Context, theta_record: ArrayRecord, cfg: ConfigRecord) -> tuple[Theta, int, int]:
-    """One user's local Reptile from the θ received: benign, or the attacker's boosted training; (δ, user, size)."""
-    from fedmeta.checkpoint import Resume
-    from fedmeta.experiment import Experiment
-    from fedmeta.splits import FederatedData
-
-    node = context.node_config
-    params = load_params(str(node["params"]))
-    runtime.configure(params)
-    user = int(node["user"])
-    exp = Experiment(params, FederatedData.load(Path(str(node["data"]))), runtime.device_of(params))
-    theta = {k: v.to(exp.device) for k, v in from_record(theta_record).items()}
-    resume = Resume(Path(str(cfg["resume_path"])), int(cfg["resume_every"]), str(cfg["resume_fingerprint"])) if cfg["resume_path"] else None
-    include = bool(cfg["include_backdoor"])
-    delta = exp.local_update(theta, user, int(cfg["round"]), str(cfg["key"]), include, resume)
-    return delta, user, exp._size(user, include)
-
-
-@client.train()
-def train(msg: Message, context: Context) -> Message:
-    delta, user, size = _local(context, msg.content["theta"], msg.content["round"])
-    reply = RecordDict({"delta": to_record(delta), "meta": ConfigRecord({"user": user, "size": size})})
-    return Message(reply, reply_to=msg)
-
-
-@secure_client.train()
-def train_secure(msg: Message, context: Context) -> Message:
-    """SecAgg+'s 'collect masked vectors' stage calls this inside secaggplus_mod: δ goes back as the legacy
-    FitRes the mod quantizes and masks; an honest client first clips its own δ when the rule asks (as in
-    `local`). The metrics (in the clear) say how many of its coordinates SecAgg+'s ±clipping_range will clip."""
-    from flwr.common import (
-        Code,
-        FitRes,
-        Status,
-        ndarrays_to_parameters,
-        parameters_to_ndarrays,
-    )
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
-    from flwr.compat.common import recorddict_compat as compat
-
-    from fedmeta import federation
-
-    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    keys = json.loads(str(fitins.config["keys"]))
-    theta_record = ArrayRecord({k: Array(a) for k, a in zip(keys, parameters_to_ndarrays(fitins.parameters))})
-    delta, user, size = _local(context, theta_record, ConfigRecord(dict(fitins.config)))
-    params = load_params(str(context.node_config["params"]))
-    if user != params.federation.attacker:
-        delta = federation.client_side(delta, params.federation)
-    weight = 1 if params.federation.weighting == "uniform" else size
-    sa = context.state.config_records[RECORD_KEY_STATE]  # what the mod will apply: ±c on (weight/max_weight)·δ, quantized
-    q = int(sa["target_range"])
-    ratio = round(weight / float(sa["max_weight"]) * q) / q
-    arrays = [v.detach().cpu().contiguous().numpy() for v in delta.values()]
-    clipped = sum(int((np.abs(a * ratio) > float(sa["clipping_range"])).sum()) for a in arrays)
-    metrics = {"user": user, "clipped": clipped, "coordinates": sum(a.size for a in arrays),
-               "max_abs": float(max(np.abs(a).max() for a in arrays))}
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, metrics)
-    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
-
-
 # ---------------------------------------------------------------- server side
 
 
-def _users_of_nodes(grid: Grid, exchange: Path, expected: int, deadline: float) -> dict[int, int]:
-    """node id → user: asked once (all M SuperNodes must have joined) and remembered across rounds."""
-    known_path = exchange / "nodes.json"
-    known = {int(k): v for k, v in json.loads(known_path.read_text()).items()} if known_path.exists() else {}
+def _users_of_nodes(grid: Grid, known: dict[int, int], expected: int, deadline: float) -> dict[int, int]:
+    """node id → user: asked once (all M SuperNodes must have joined), then kept in `known` for the stage's rounds."""
     while True:
         nodes = set(grid.get_node_ids())
         if known and nodes <= set(known):
@@ -142,7 +64,6 @@ def _users_of_nodes(grid: Grid, exchange: Path, expected: int, deadline: float) 
     missing = sorted(set(range(expected)) - set(known.values()))
     if missing:
         raise TimeoutError(f"the SuperNodes of users {missing} did not identify themselves in time")
-    known_path.write_text(json.dumps(known))
     return known
 
 
@@ -184,19 +105,25 @@ def _collect(grid: Grid, sent: dict[str, int], refused: list[int], selection: pl
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
+    """Serve job-0, job-1, … until the engine stops the federation; a failed round is reported and the next served."""
     exchange = Path(str(context.run_config["exchange"]))
-    try:
-        _serve(grid, exchange, context)
-    except Exception as exc:  # the engine reads the reason; Flower's own log keeps the traceback
-        (exchange / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        raise
+    known: dict[int, int] = {}
+    for seq in itertools.count():
+        job = exchange / f"job-{seq}.pt"
+        while not job.is_file():
+            time.sleep(POLL_S)
+        try:
+            checkpoint.save(exchange / f"result-{seq}.pt", _serve(grid, job, context, known))
+        except Exception as exc:  # the engine reads the reason; the ServerApp's log keeps the traceback
+            traceback.print_exc(file=sys.stderr)
+            write_text(exchange / f"error-{seq}.txt", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
 
 
-def _serve(grid: Grid, exchange: Path, context: Context) -> None:
-    job = checkpoint.load(exchange / "round.pt", ("theta", "round", "key", "include_backdoor", "with_attacker", "timeout"))
-    params = load_params(str(exchange / "params.json"))
-    deadline = time.monotonic() + float(job["timeout"])
-    users = _users_of_nodes(grid, exchange, params.federation.users, deadline)
+def _serve(grid: Grid, job_path: Path, context: Context, known: dict[int, int]) -> dict:
+    job = checkpoint.load(job_path, ("theta", "round", "key", "include_backdoor", "with_attacker", "params"))
+    params = config.parse(json.loads(job["params"]))
+    deadline = time.monotonic() + float(params.federation.flower.round_timeout)
+    users = _users_of_nodes(grid, known, params.federation.users, deadline)
     node_of = {u: n for n, u in users.items()}
     selection = plan.select(params, job["key"], job["with_attacker"])
     theta: Theta = job["theta"]
@@ -208,8 +135,7 @@ def _serve(grid: Grid, exchange: Path, context: Context) -> None:
                 "resume_path": resume["path"] if mine else "", "resume_every": int(resume["every"]), "resume_fingerprint": resume["fingerprint"]}
 
     if params.federation.secure_aggregation:
-        _serve_secure(grid, exchange, context, params, job, theta, selection.applied, {u: node_of[u] for u in selection.applied}, cfg_of, deadline)
-        return
+        return _serve_secure(grid, context, params, job, theta, selection.applied, {u: node_of[u] for u in selection.applied}, cfg_of, deadline)
     messages, sent = [], []
     for user in selection.order + selection.always:
         content = RecordDict({"theta": to_record(theta), "round": ConfigRecord(cfg_of(user))})
@@ -220,12 +146,11 @@ def _serve(grid: Grid, exchange: Path, context: Context) -> None:
     applied, replies = _collect(grid, {i: u for i, u in zip(ids, sent) if i}, refused, selection, node_of, deadline)
     deltas = [from_record(replies[u].content["delta"]) for u in applied]
     sizes = [int(replies[u].content["meta"]["size"]) for u in applied]
-    checkpoint.save(exchange / "result.pt", {"theta": plan.combine(params, theta, deltas, sizes, job["key"]), "users": applied})
+    return {"theta": plan.combine(params, theta, deltas, sizes, job["key"]), "users": applied}
 
 
-
-def _serve_secure(grid: Grid, exchange: Path, context: Context, params: config.Config, job: dict, theta: Theta, users: list[int],
-                  node_of: dict[int, int], cfg_of, deadline: float) -> None:
+def _serve_secure(grid: Grid, context: Context, params: config.Config, job: dict, theta: Theta, users: list[int],
+                  node_of: dict[int, int], cfg_of: Callable[[int], dict], deadline: float) -> dict:
     """The round under Flower's SecAgg+ (SecAggPlusWorkflow on the legacy-strategy path): the M_min users the
     local engine's secure aggregation applies get θ, and the server learns only Σ w_i δ_i / Σ w_i (w_i = 1, or
     the user's size). That step goes through fedmeta's own aggregator as the single "upload" of the secure
@@ -280,7 +205,7 @@ def _serve_secure(grid: Grid, exchange: Path, context: Context, params: config.C
     clipped, coords = sum(int(m["clipped"]) for m in metrics), sum(int(m["coordinates"]) for m in metrics)
     stats = {"clipping_range": c, "clipped_share": clipped / max(coords, 1),
              "per_user": {int(m["user"]): {"clipped": int(m["clipped"]), "max_abs": float(m["max_abs"])} for m in metrics}}
-    checkpoint.save(exchange / "result.pt", {"theta": new, "users": sorted(int(m["user"]) for m in metrics), "secagg": stats})
+    return {"theta": new, "users": sorted(int(m["user"]) for m in metrics), "secagg": stats}
 
 
 def clipping_range(params: config.Config) -> float:

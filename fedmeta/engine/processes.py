@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
@@ -34,8 +34,10 @@ def _die_with_parent() -> None:
 
 
 def check_port(port: int, what: str) -> None:
-    """Refuse, in one line, a port that another process holds, before any child starts."""
+    """Refuse, in one line, a port that another process holds, before any child starts. SO_REUSEADDR, as the
+    SuperLink's own gRPC server binds: a port left in TIME_WAIT by the previous stage's federation is free."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError as exc:
@@ -67,15 +69,25 @@ class Supervisor:
 
     def wait_listening(self, name: str, port: int, timeout: float) -> None:
         """Until `port` accepts connections; a child that exits or never listens is an error naming it."""
+        def listening() -> bool:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                return s.connect_ex((HOST, port)) == 0
+
+        self._wait(name, listening, f"listening on {HOST}:{port}", timeout)
+
+    def wait_file(self, name: str, path: Path, timeout: float) -> None:
+        """Until `path` exists (a worker's socket, made once it has loaded); exiting first is an error naming it."""
+        self._wait(name, path.exists, f"creating {path}", timeout)
+
+    def _wait(self, name: str, ready: Callable[[], bool], what: str, timeout: float) -> None:
         proc, deadline = self.procs[name], time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise FedmetaError(f"{name} exited with code {proc.returncode} before listening on {HOST}:{port}: {self.log_tail(name)}")
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                if s.connect_ex((HOST, port)) == 0:
-                    return
+                raise FedmetaError(f"{name} exited with code {proc.returncode} before {what}: {self.log_tail(name)}")
+            if ready():
+                return
             time.sleep(0.1)
-        raise FedmetaError(f"{name} did not listen on {HOST}:{port} within {timeout:.0f} s: {self.log_tail(name)}")
+        raise FedmetaError(f"{name} did not finish {what} within {timeout:.0f} s: {self.log_tail(name)}")
 
     def stop(self, name: str, sig: signal.Signals = signal.SIGTERM, grace: float = GRACE_S) -> None:
         """Signal a child and all its descendants, then SIGKILL whatever is left after `grace` seconds."""
@@ -108,19 +120,6 @@ class Supervisor:
         psutil.wait_procs(alive, timeout=5.0)
         for proc in procs:
             proc.wait()
-
-
-def run_bounded(argv: Sequence[str], env: dict[str, str], timeout: float, log: Path) -> int | None:
-    """A short-lived command (`flwr run`) in its own session, killed with its descendants at `timeout`;
-    its exit code, or None when it timed out."""
-    sup = Supervisor(log.parent, env)
-    proc = sup.start(log.stem, argv)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None
-    finally:
-        sup.stop(log.stem, grace=2.0)
 
 
 def pids_alive(pids: Sequence[int]) -> list[int]:

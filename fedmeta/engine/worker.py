@@ -1,0 +1,68 @@
+"""One user's trainer, alive for a whole stage beside that user's SuperNode.
+
+Flower 1.42 runs every message in a fresh `flwr-clientapp` process. Loading
+torch, fedmeta and the user's dataset there would be paid per message; the
+worker loads them once and the ClientApp (fedmeta.engine.client) only hands
+it θ and gets δ back over a Unix socket in the federation's private (0700)
+folder. It runs `Experiment.local_update`, the local engine's own code, on
+the same float32 arrays, so θ stays bit-identical.
+
+    python -m fedmeta.engine.worker USER PARAMS_JSON DATASET SOCKET
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from multiprocessing.connection import Listener
+from pathlib import Path
+
+import torch
+
+from fedmeta import config, federation, runtime
+from fedmeta.checkpoint import Resume
+from fedmeta.experiment import Experiment
+from fedmeta.splits import FederatedData
+
+
+def update(exp: Experiment, user: int, request: dict) -> dict:
+    """δ of `user` for the request's round (the attacker's boosted one, resumable); under SecAgg+ an honest
+    client first clips its own δ when the rule asks, as in `local`, and the weight SecAgg+ multiplies it by."""
+    theta = {k: torch.from_numpy(a).to(exp.device) for k, a in request["theta"].items()}
+    resume = None
+    if request["resume_path"]:  # only the attacker's training is resumable
+        resume = Resume(Path(request["resume_path"]), int(request["resume_every"]), str(request["resume_fingerprint"]))
+    include = bool(request["include_backdoor"])
+    delta = exp.local_update(theta, user, int(request["round"]), str(request["key"]), include, resume)
+    fed, size = exp.p.federation, exp._size(user, include)
+    if request.get("secure") and user != fed.attacker:
+        delta = federation.client_side(delta, fed)
+    arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in delta.items()}
+    return {"delta": arrays, "user": user, "size": size, "weight": 1 if fed.weighting == "uniform" else size}
+
+
+def serve(user: int, params_path: Path, data_path: Path, address: str) -> None:
+    """Answer requests one at a time until stopped; the socket appears only once everything is loaded (ready)."""
+    params = config.parse(json.loads(params_path.read_text()))
+    runtime.configure(params)
+    exp = Experiment(params, FederatedData.load(data_path), runtime.device_of(params))
+    with Listener(address, family="AF_UNIX") as listener:
+        while True:
+            with listener.accept() as conn:
+                try:
+                    request = conn.recv()
+                except EOFError:  # the ClientApp left before asking
+                    continue
+                try:
+                    reply = update(exp, user, request)
+                except Exception as exc:  # the ClientApp turns it into Flower's error reply; the traceback stays here
+                    traceback.print_exc()
+                    reply = {"error": f"{type(exc).__name__}: {exc}"}
+                try:
+                    conn.send(reply)
+                except OSError:  # its SuperNode stopped mid-round: the user failed, the next request is served
+                    print(f"user {user}: the ClientApp left before its reply", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
