@@ -3,6 +3,7 @@
 Stages are thin wrappers over `Experiment`: it knows who the users are, runs benign
 and poisoned rounds, and measures a model the way every experiment reports it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,7 +59,8 @@ class Experiment:
         self.flower: FlowerEngine | None = None  # started at the first round when federation.engine is flower
 
     def theta_spec(self) -> ThetaSpec:
-        """The model every checkpoint this exp reads must be: the profile's width, the prepared images, reptile.n_way."""
+        """The model every checkpoint this experiment reads must be: the profile's width, the prepared images,
+        reptile.n_way."""
         p = self.p
         source = f"; from profiles.{p.profile}.width, the prepared {p.dataset} images and reptile.n_way"
         return ThetaSpec(p.budget.width, self.images.shape[1], self.images.shape[-1], p.reptile.n_way, source)
@@ -82,18 +84,35 @@ class Experiment:
             return episodes.training(self.data, classes, r.n_way, shots, count, g)
 
         return reptile.meta_train(
-            theta, self.images, sample, self.p.budget.episodes_per_round, r, r.inner_steps, self.p.budget.outer_step, self.adam, self.gen("local", rnd, user)
+            theta,
+            self.images,
+            sample,
+            self.p.budget.episodes_per_round,
+            r,
+            r.inner_steps,
+            self.p.budget.outer_step,
+            self.adam,
+            self.gen("local", rnd, user),
         )
 
-    def local_update(self, theta: Theta, user: int, rnd: int, key: str, include_backdoor: bool, resume: Resume | None = None) -> Theta:
-        """User `user`'s δ for round `rnd` (`key`: its seed path): boosted for the attacker. Flower's ClientApp runs this too."""
+    def local_update(
+        self, theta: Theta, user: int, rnd: int, key: str, include_backdoor: bool, resume: Resume | None = None
+    ) -> Theta:
+        """User `user`'s δ for round `rnd` (`key`: its seed path): boosted for the attacker. Flower's workers
+        run this too."""
         if user == self.attacker:
             local = attack.train(self.p, self.data, self.images, theta, rnd, self.gen("attack", rnd), resume)
             return attack.boosted_update(local, theta, self.p)
         return federation.update(self._benign_local(theta, user, key, include_backdoor), theta)
 
     def round(
-        self, theta: Theta, rnd: int, include_backdoor: bool, with_attacker: bool = False, resume: Resume | None = None, pretraining: bool = False
+        self,
+        theta: Theta,
+        rnd: int,
+        include_backdoor: bool,
+        with_attacker: bool = False,
+        resume: Resume | None = None,
+        pretraining: bool = False,
     ) -> Theta:
         """One federated round: benign users only, or the attacker plus M_min − 1 benign users
         (`resume`: the attacker's training is resumable; benign users are cheap and replayed).
@@ -106,14 +125,19 @@ class Experiment:
                 self.flower = FlowerEngine(self.p, self.data)
             new = self.flower.round(theta, rnd, key, include_backdoor, with_attacker, resume)
             if not federation.finite(new):
-                raise Diverged(f"{'pretraining ' if pretraining else ''}round {rnd} diverged: the aggregated model holds NaN or infinite weights; "
-                               f"likely cause: profiles.{self.p.profile}.inner_lr, attack.lr or attack.boost too large")
+                raise Diverged(
+                    f"{'pretraining ' if pretraining else ''}round {rnd} diverged: the aggregated model holds NaN "
+                    "or infinite weights; "
+                    f"likely cause: profiles.{self.p.profile}.inner_lr, attack.lr or attack.boost too large"
+                )
             return new
         users = plan.select(self.p, key, with_attacker).applied
         deltas = [self.local_update(theta, u, rnd, key, include_backdoor, resume) for u in users]
         alphas = federation.weights([self._size(u, include_backdoor) for u in users], fed.weighting)
         sent = deltas
-        if fed.secure_aggregation:  # honest clients clip their own update if the rule asks; the attacker's client need not
+        if (
+            fed.secure_aggregation
+        ):  # honest clients clip their own update if the rule asks; the attacker's client need not
             clipped = [d if u == self.attacker else federation.client_side(d, fed) for u, d in zip(users, deltas)]
             sent = secure.mask(clipped, alphas, lambda i, j: self.gen("secagg", key, users[i], users[j]))
         new = federation.aggregate(theta, sent, alphas, fed, self.gen("aggregate", key))
@@ -127,18 +151,27 @@ class Experiment:
             if federation.finite(d):
                 continue
             if u == self.attacker:
-                return f"{where} diverged: the attacker's boosted update holds NaN or infinite weights; likely cause: attack.lr = {a.lr} or attack.boost = {a.boost} too large"
+                return (
+                    f"{where} diverged: the attacker's boosted update holds NaN or infinite weights; likely cause: "
+                    f"attack.lr = {a.lr} or attack.boost = {a.boost} too large"
+                )
             return (
-                f"{where} diverged: user {u + 1}'s update holds NaN or infinite weights; likely cause: {prof}.inner_lr = {b.inner_lr} "
+                f"{where} diverged: user {u + 1}'s update holds NaN or infinite weights; "
+                f"likely cause: {prof}.inner_lr = {b.inner_lr} "
                 f"or {prof}.outer_step = {b.outer_step} too large"
             )
-        return f"{where} diverged: the aggregated model overflowed to NaN or infinite weights; likely cause: attack.boost = {a.boost} too large"
+        return (
+            f"{where} diverged: the aggregated model overflowed to NaN or infinite weights; "
+            f"likely cause: attack.boost = {a.boost} too large"
+        )
 
     def finetuner(self) -> evaluation.FineTune:
         e = self.p.evaluation
         return evaluation.FineTune(reptile.AdamConfig(lr=e.lr, beta2=self.p.reptile.beta2), e.bn_mode)
 
-    def meta_test(self, theta: Theta, learner: Learner, record_at: list[int], tag: str, count: int | None = None) -> list[dict[str, Summary]]:
+    def meta_test(
+        self, theta: Theta, learner: Learner, record_at: list[int], tag: str, count: int | None = None
+    ) -> list[dict[str, Summary]]:
         """Accuracy on `count` (default: the budget's eval_episodes) episodes of unseen classes; the same
         episodes at every call with the same tag, and a larger count draws more after the same first ones."""
         e = self.p.evaluation
@@ -147,12 +180,17 @@ class Experiment:
         points = evaluation.run(learner, theta, self.images, eps, e, record_at, self.gen("meta-test-batches", tag))
         return [{"meta_test": pt["main"]} for pt in points]
 
-    def measure(self, theta: Theta, variant: str, learner: Learner, steps: int, tag: str) -> dict[str, dict[str, float]]:
+    def measure(
+        self, theta: Theta, variant: str, learner: Learner, steps: int, tag: str
+    ) -> dict[str, dict[str, float]]:
         """What Experiments 1 and 4 record after a round: meta-test accuracy and, per scenario of `variant`,
         main-task and backdoor accuracy on the attack-evaluation episodes of all benign users' classes
         (means and 95 % half-widths, after `steps` fine-tuning steps of `learner`)."""
         meta = flat(self.meta_test(theta, learner, [steps], tag)[0])
-        return {s.name: {**meta, **flat(self.attack_eval(theta, learner, s, [steps], tag)[0])} for s in scenarios_of(variant)}
+        return {
+            s.name: {**meta, **flat(self.attack_eval(theta, learner, s, [steps], tag)[0])}
+            for s in scenarios_of(variant)
+        }
 
     def eval_classes(self, scenario: Scenario, user: int | None) -> tuple[list[int], tuple[int, ...]]:
         """Classes of the fine-tuning episodes and those always present: the target, plus in (c) the
@@ -163,7 +201,13 @@ class Experiment:
         return sorted({c for u in users for c in self.classes(u, False)} | set(must)), must
 
     def attack_eval(
-        self, theta: Theta, learner: Learner, scenario: Scenario, record_at: list[int], tag: str, user: int | None = None
+        self,
+        theta: Theta,
+        learner: Learner,
+        scenario: Scenario,
+        record_at: list[int],
+        tag: str,
+        user: int | None = None,
     ) -> list[dict[str, Summary]]:
         """Main-task and backdoor accuracy on meta-training episodes that always include the target.
 
@@ -171,9 +215,20 @@ class Experiment:
         e, d = self.p.evaluation, self.data
         pool, must = self.eval_classes(scenario, user)
         g = self.gen("attack-eval", scenario.name, tag, user)
-        eps = episodes.evaluation(d, pool, e.n_way, e.k_shot, self.p.budget.eval_episodes, g, must, e.target_output == "last")
+        eps = episodes.evaluation(
+            d, pool, e.n_way, e.k_shot, self.p.budget.eval_episodes, g, must, e.target_output == "last"
+        )
         probes = {"attack_train": d.attack_train_idx.to(self.device), "attack_val": d.attack_val_idx.to(self.device)}
-        return evaluation.run(learner, theta, self.images, eps, e, record_at, self.gen("attack-eval-batches", scenario.name, tag, user), probes)
+        return evaluation.run(
+            learner,
+            theta,
+            self.images,
+            eps,
+            e,
+            record_at,
+            self.gen("attack-eval-batches", scenario.name, tag, user),
+            probes,
+        )
 
 
 def flat(point: dict[str, Summary]) -> dict[str, float]:
@@ -192,7 +247,9 @@ def record_points(steps: int, every: int) -> list[int]:
 USERS_TAG = "users"  # Experiments 2, 3 and the ablation draw the same episodes: paired comparisons
 
 
-def user_curves(exp: Experiment, theta: Theta, learner: Learner, variant: str) -> dict[tuple[str, int], list[dict[str, float]]]:
+def user_curves(
+    exp: Experiment, theta: Theta, learner: Learner, variant: str
+) -> dict[tuple[str, int], list[dict[str, float]]]:
     """Experiments 2-3: every benign user fine-tunes the attacked model on its own episodes;
     one curve per (scenario, user) of meta-test, main-task and backdoor accuracy against fine-tuning steps."""
     b = exp.p.budget

@@ -8,6 +8,7 @@ devices, and Adam with β1 = 0 amplifies round-off, so expect close, not equal, 
 
     python scripts/device_check.py --device cuda --checkpoint checkpoints/attacked_include.pt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(params: config.Config, data: FederatedData, ckpt: Path, device: torch.device, steps: list[int]) -> tuple[dict[str, Any], Theta]:
+def measure(
+    params: config.Config, data: FederatedData, ckpt: Path, device: torch.device, steps: list[int]
+) -> tuple[dict[str, Any], Theta]:
     """Seconds and accuracies of each piece of work on `device`, and the model after the round."""
     exp = Experiment(params, data, device)
     theta = checkpoint.load_theta(ckpt, device)
@@ -47,7 +50,11 @@ def measure(params: config.Config, data: FederatedData, ckpt: Path, device: torc
         _sync(device)
         out[name] = {"seconds": round(time.perf_counter() - t0, 2)}
         for step, m, a in zip(steps, meta, attack):
-            out[name] |= {f"meta_test@{step}": m["meta_test"].mean, f"main@{step}": a["main"].mean, f"attack_val@{step}": a["attack_val"].mean}
+            out[name] |= {
+                f"meta_test@{step}": m["meta_test"].mean,
+                f"main@{step}": a["main"].mean,
+                f"attack_val@{step}": a["attack_val"].mean,
+            }
     return out, {k: v.cpu() for k, v in after.items()}
 
 
@@ -61,7 +68,9 @@ def main() -> None:
     runtime.configure(params)
     runtime.configure_device(args.device)
     data = FederatedData.load(runtime.PREPARED)
-    (cpu, theta_cpu), (dev, theta_dev) = (measure(params, data, args.checkpoint, torch.device(d), args.steps) for d in ("cpu", args.device))
+    (cpu, theta_cpu), (dev, theta_dev) = (
+        measure(params, data, args.checkpoint, torch.device(d), args.steps) for d in ("cpu", args.device)
+    )
     result: dict[str, Any] = {"cpu": cpu, args.device: dev}
     result["round_max_abs_theta_diff"] = max(float((theta_cpu[k] - theta_dev[k]).abs().max()) for k in theta_cpu)
     result["threads"] = torch.get_num_threads()

@@ -6,6 +6,7 @@ timeout, then a SuperNode killed mid-round, in that order: the kill leaves one
 user short) and a SecAgg+ one. Each fixture's teardown checks that every process
 the federation started is gone, whatever the tests did to it.
 """
+
 from __future__ import annotations
 
 import signal
@@ -66,15 +67,23 @@ def free_base_port(span: int) -> int:
 def flower_params(omniglot_dir, **federation) -> config.Config:
     raw = tiny_raw(omniglot_dir)
     users = raw["federation"]["users"]
-    raw["federation"] |= {"engine": "flower", "flower": {"port": free_base_port(users + 1), "round_timeout": 120.0}, **federation}
-    if "experiment4" in raw and raw["federation"]["min_updates"] < 3:  # Experiment 4's m4 (median) needs 3: keep it valid
+    raw["federation"] |= {
+        "engine": "flower",
+        "flower": {"port": free_base_port(users + 1), "round_timeout": 120.0},
+        **federation,
+    }
+    if (
+        "experiment4" in raw and raw["federation"]["min_updates"] < 3
+    ):  # Experiment 4's m4 (median) needs 3: keep it valid
         raw["experiment4"]["federations"]["m4"] = {"federation": {"min_updates": 3}}
     return config.parse(raw)
 
 
 def local_twin(params: config.Config, **federation) -> config.Config:
     """The same configuration on the local engine: what the Flower rounds must reproduce."""
-    return params.model_copy(update={"federation": params.federation.model_copy(update={"engine": "local", **federation})})
+    return params.model_copy(
+        update={"federation": params.federation.model_copy(update={"engine": "local", **federation})}
+    )
 
 
 @contextmanager
@@ -83,7 +92,9 @@ def flower_settings(engine: FlowerEngine, **flower: object) -> Iterator[None]:
     configuration: round_timeout, clipping_range), without starting another federation."""
     fed = engine.p.federation
     saved = engine.p
-    engine.p = saved.model_copy(update={"federation": fed.model_copy(update={"flower": fed.flower.model_copy(update=flower)})})
+    engine.p = saved.model_copy(
+        update={"federation": fed.model_copy(update={"flower": fed.flower.model_copy(update=flower)})}
+    )
     try:
         yield
     finally:
@@ -145,16 +156,25 @@ def test_rounds_equal_local_bit_for_bit_on_one_running_federation(plain) -> None
     flower1 = exp.round(theta0, 1, False, pretraining=True)
     timings.append((middle - start, time.perf_counter() - middle))
     assert all(torch.equal(local1[k], flower1[k]) for k in local1), "round 1: θ differs from the local engine's"
-    assert {name: proc.pid for name, proc in exp.flower.sup.procs.items()} == children, "round 1 restarted processes of the federation"
-    assert len(children) == 2 + 2 * exp.p.federation.users  # SuperLink, `flwr run`, and per user a SuperNode and its worker
+    assert {name: proc.pid for name, proc in exp.flower.sup.procs.items()} == children, (
+        "round 1 restarted processes of the federation"
+    )
+    assert (
+        len(children) == 2 + 2 * exp.p.federation.users
+    )  # SuperLink, `flwr run`, and per user a SuperNode and its worker
     print("seconds per round (local, flower):", timings)
 
 
 def test_a_round_past_its_timeout_is_a_clear_error_and_the_federation_serves_on(plain) -> None:
     exp, theta0, _ = plain
     assert exp.flower is not None
-    with flower_settings(exp.flower, round_timeout=0.01), pytest.raises(
-        FedmetaError, match=r"^federated round pretrain-5 on Flower failed after \d+ s: TimeoutError: .*federation.flower.round_timeout.*rerun to resume$"
+    with (
+        flower_settings(exp.flower, round_timeout=0.01),
+        pytest.raises(
+            FedmetaError,
+            match=r"^federated round pretrain-5 on Flower failed after \d+ s: TimeoutError: "
+            r".*federation.flower.round_timeout.*rerun to resume$",
+        ),
     ):
         exp.round(theta0, 5, False, pretraining=True)
     assert exp.flower.sup is not None and exp.flower.sup.procs["run"].poll() is None
@@ -167,7 +187,9 @@ def test_a_bound_port_is_one_line_naming_it(omniglot_dir, tiny_data) -> None:
         s.bind((processes.HOST, port))
         s.listen()
         exp = Experiment(params, tiny_data, torch.device("cpu"))
-        with pytest.raises(FedmetaError, match=rf"^federation.flower.port: SuperLink port {port} on 127.0.0.1 cannot be bound") as err:
+        with pytest.raises(
+            FedmetaError, match=rf"^federation.flower.port: SuperLink port {port} on 127.0.0.1 cannot be bound"
+        ) as err:
             exp.round(init(exp), 0, False, pretraining=True)
     assert "\n" not in str(err.value)
     assert exp.flower is not None and exp.flower.sup is None
@@ -193,7 +215,9 @@ def kill_when_training(sup: processes.Supervisor, name: str, limit: float) -> No
     proc, deadline = sup.procs[name], time.monotonic() + limit
     while time.monotonic() < deadline:
         try:
-            if any("flwr-clientapp" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)):
+            if any(
+                "flwr-clientapp" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)
+            ):
                 break
         except psutil.Error:
             pass
@@ -238,8 +262,11 @@ def test_secagg_plus_equals_the_plain_mean_within_quantization_and_lets_the_boos
     step = 2 * c / 2**22  # one quantization step of SecAgg+'s default 2^22 levels; stochastic rounding errs by less
     err = max(float((got[k].double() - want[k].double()).abs().max()) for k in want)
     moved = max(float((want[k].double() - theta[k].double()).abs().max()) for k in want)
-    print(f"SecAgg+ vs plain mean: max |Δθ| {err:.3g} (quantization step {step:.3g}); the round moved θ by up to {moved:.3g}; "
-          f"clipped share {stats['clipped_share']}; per user {stats['per_user']}")
+    print(
+        f"SecAgg+ vs plain mean: max |Δθ| {err:.3g} (quantization step {step:.3g}); "
+        f"the round moved θ by up to {moved:.3g}; "
+        f"clipped share {stats['clipped_share']}; per user {stats['per_user']}"
+    )
     assert err <= step + 1e-6
     assert stats["clipped_share"] == 0.0
     assert exp.p.federation.attacker in stats["per_user"]

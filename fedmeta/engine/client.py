@@ -6,6 +6,7 @@ gets θ as the float32 arrays that arrived and returns δ the same way (exact).
 `secure_client` wraps the same call in Flower's secaggplus_mod
 (federation.secure_aggregation): the server sees only the masked sum.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,7 +69,11 @@ def train_secure(msg: Message, context: Context) -> Message:
     ratio = round(out["weight"] / float(sa["max_weight"]) * q) / q
     arrays = list(out["delta"].values())
     clipped = sum(int((np.abs(a * ratio) > float(sa["clipping_range"])).sum()) for a in arrays)
-    metrics = {"user": out["user"], "clipped": clipped, "coordinates": sum(a.size for a in arrays),
-               "max_abs": float(max(np.abs(a).max() for a in arrays))}
+    metrics = {
+        "user": out["user"],
+        "clipped": clipped,
+        "coordinates": sum(a.size for a in arrays),
+        "max_abs": float(max(np.abs(a).max() for a in arrays)),
+    }
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), out["weight"], metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

@@ -6,6 +6,7 @@ atexit): no process outlives the stage. Each SuperNode and its worker get a
 dataset file holding only their own user's images, so a client cannot train
 on anyone else's data even by mistake.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -59,8 +60,12 @@ def flower_env(home: Path) -> dict[str, str]:
     SuperExecs that poll for tasks often, since every message is a process launch waiting on that poll."""
     env = dict(os.environ)
     env.update(
-        FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_SUPEREXEC_TASK_POLL_INTERVAL=TASK_POLL_S, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        FLWR_HOME=str(home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL=TASK_POLL_S,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
     return env
 
@@ -107,32 +112,72 @@ class FlowerEngine:
         for d in (home, app, exchange):
             d.mkdir()
         port = self.ports[0]
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "fedmeta"\n\n[superlink.fedmeta]\naddress = "{processes.HOST}:{port}"\ninsecure = true\n')
-        (app / "pyproject.toml").write_text(APP_TOML.replace("{clientapp}", "secure_client" if self.p.federation.secure_aggregation else "client"))
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "fedmeta"\n\n[superlink.fedmeta]\n'
+            f'address = "{processes.HOST}:{port}"\ninsecure = true\n'
+        )
+        (app / "pyproject.toml").write_text(
+            APP_TOML.replace("{clientapp}", "secure_client" if self.p.federation.secure_aggregation else "client")
+        )
         (exchange / "params.json").write_text(self.p.model_dump_json())
         run = _mlflow_run()
         if run is not None:
             run.set_tag("engine", "flower")
         self.sup = processes.Supervisor(self.dir / "logs", flower_env(home))
-        self.sup.start("superlink", ["flower-superlink", "--insecure", "--host", processes.HOST, "--port", str(port), "--disable-runtime-dependency-installation"])
+        self.sup.start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--host",
+                processes.HOST,
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         fed = self.p.federation
         sockets = [self.dir / f"worker{user}.sock" for user in range(fed.users)]
         for user in range(fed.users):
             data_path = self.dir / f"user{user}.pt"
             private_copy(self.data, user, fed.attacker).save(data_path)
-            self.sup.start(f"worker{user}", [sys.executable, "-m", "fedmeta.engine.worker", str(user), str(exchange / "params.json"), str(data_path), str(sockets[user])])
+            self.sup.start(
+                f"worker{user}",
+                [
+                    sys.executable,
+                    "-m",
+                    "fedmeta.engine.worker",
+                    str(user),
+                    str(exchange / "params.json"),
+                    str(data_path),
+                    str(sockets[user]),
+                ],
+            )
         self.sup.wait_listening("superlink", port, START_TIMEOUT_S)
         for user in range(fed.users):
             node_config = f"user={user} worker='{sockets[user]}'"
-            argv = ["flower-supernode", "--insecure", "--superlink", f"{processes.HOST}:{port}", "--host", processes.HOST, "--port", str(self.ports[1 + user])]
+            argv = [
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"{processes.HOST}:{port}",
+                "--host",
+                processes.HOST,
+                "--port",
+                str(self.ports[1 + user]),
+            ]
             self.sup.start(f"supernode{user}", [*argv, "--node-config", node_config])
-        self.sup.start("run", ["flwr", "run", str(app), "fedmeta", "--stream", "--run-config", f"exchange='{exchange}'"])
+        self.sup.start(
+            "run", ["flwr", "run", str(app), "fedmeta", "--stream", "--run-config", f"exchange='{exchange}'"]
+        )
         for user in range(fed.users):
             self.sup.wait_listening(f"supernode{user}", self.ports[1 + user], START_TIMEOUT_S)
             self.sup.wait_file(f"worker{user}", sockets[user], START_TIMEOUT_S)
         self.jobs = 0
 
-    def round(self, theta: Theta, rnd: int, key: str, include_backdoor: bool, with_attacker: bool, resume: Resume | None) -> Theta:
+    def round(
+        self, theta: Theta, rnd: int, key: str, include_backdoor: bool, with_attacker: bool, resume: Resume | None
+    ) -> Theta:
         """One job for the stage's ServerApp; θ' read back from the exchange folder, on θ's device. A ServerApp that
         stops or stalls past the round's deadline takes the federation down with it: the next round starts afresh."""
         if self.sup is None:
@@ -141,10 +186,21 @@ class FlowerEngine:
         exchange, timeout, seq = self.dir / "exchange", self.p.federation.flower.round_timeout, self.jobs
         self.jobs += 1
         device = next(iter(theta.values())).device
-        job = {"theta": {k: v.cpu() for k, v in theta.items()}, "round": rnd, "key": key, "include_backdoor": include_backdoor,
-               "with_attacker": with_attacker, "params": self.p.model_dump_json(), "max_weight": float(len(self.data.images))}
+        job = {
+            "theta": {k: v.cpu() for k, v in theta.items()},
+            "round": rnd,
+            "key": key,
+            "include_backdoor": include_backdoor,
+            "with_attacker": with_attacker,
+            "params": self.p.model_dump_json(),
+            "max_weight": float(len(self.data.images)),
+        }
         if resume is not None:
-            job["resume"] = {"path": str(resume.path.resolve()), "every": resume.every, "fingerprint": resume.fingerprint}
+            job["resume"] = {
+                "path": str(resume.path.resolve()),
+                "every": resume.every,
+                "fingerprint": resume.fingerprint,
+            }
         checkpoint.save(exchange / f"job-{seq}.pt", job)
         result, error, run = exchange / f"result-{seq}.pt", exchange / f"error-{seq}.txt", self.sup.procs["run"]
         started = time.monotonic()
@@ -152,7 +208,11 @@ class FlowerEngine:
         while not result.is_file():
             if error.is_file():
                 reason = error.read_text().splitlines()[0]
-                hint = " (federation.flower.round_timeout); resumable state is kept: rerun to resume" if reason.startswith("TimeoutError") else ""
+                hint = (
+                    " (federation.flower.round_timeout); resumable state is kept: rerun to resume"
+                    if reason.startswith("TimeoutError")
+                    else ""
+                )
                 raise FedmetaError(f"{where} failed after {time.monotonic() - started:.0f} s: {reason}{hint}")
             if run.poll() is not None:
                 tail = self.sup.log_tail("run")
@@ -160,7 +220,10 @@ class FlowerEngine:
                 raise FedmetaError(f"{where}: `flwr run` exited with code {run.returncode} without a result: {tail}")
             if time.monotonic() - started > timeout + EXIT_MARGIN_S:
                 self.close()
-                raise FedmetaError(f"{where} timed out after {timeout + EXIT_MARGIN_S:.0f} s (federation.flower.round_timeout); resumable state is kept: rerun to resume")
+                raise FedmetaError(
+                    f"{where} timed out after {timeout + EXIT_MARGIN_S:.0f} s (federation.flower.round_timeout); "
+                    "resumable state is kept: rerun to resume"
+                )
             time.sleep(POLL_S)
         self._report(result, rnd, key)
         return checkpoint.load_theta(result, device)
@@ -177,9 +240,13 @@ class FlowerEngine:
             run.log_metric("secagg_clipped_share", stats["clipped_share"], step=rnd)
         if stats["clipped_share"] > 0:
             worst = max(stats["per_user"].items(), key=lambda kv: kv[1]["clipped"])
-            print(f"warning: federated round {key}: SecAgg+ clipped {stats['clipped_share']:.2%} of the uploaded coordinates to "
-                  f"±{stats['clipping_range']:g} (user {worst[0] + 1}: {worst[1]['clipped']}, max |coordinate| {worst[1]['max_abs']:.3g}); "
-                  "raise federation.flower.clipping_range", file=sys.stderr)
+            print(
+                f"warning: federated round {key}: SecAgg+ clipped {stats['clipped_share']:.2%} of the uploaded "
+                f"coordinates to ±{stats['clipping_range']:g} (user {worst[0] + 1}: {worst[1]['clipped']}, "
+                f"max |coordinate| {worst[1]['max_abs']:.3g}); "
+                "raise federation.flower.clipping_range",
+                file=sys.stderr,
+            )
 
     def pids(self) -> list[int]:
         """Every process this federation runs now, descendants included (tests check they all go)."""

@@ -9,6 +9,7 @@ Tensors travel as float32 numpy arrays (exact), so θ stays bit-identical.
 With federation.secure_aggregation the round runs Flower's SecAggPlusWorkflow
 (`_serve_secure`) against `secure_client`: the server sees only the mean.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -67,7 +68,14 @@ def _users_of_nodes(grid: Grid, known: dict[int, int], expected: int, deadline: 
     return known
 
 
-def _collect(grid: Grid, sent: dict[str, int], refused: list[int], selection: plan.Selection, node_of: dict[int, int], deadline: float) -> tuple[list[int], dict[int, Message]]:
+def _collect(
+    grid: Grid,
+    sent: dict[str, int],
+    refused: list[int],
+    selection: plan.Selection,
+    node_of: dict[int, int],
+    deadline: float,
+) -> tuple[list[int], dict[int, Message]]:
     """Replies until the first M_min users in fedmeta's order that do answer have all answered.
 
     A user fails, and the next one moves up, when the SuperLink refused its message (its node was removed),
@@ -82,7 +90,9 @@ def _collect(grid: Grid, sent: dict[str, int], refused: list[int], selection: pl
         applied = selection.applied_given(set(failed))
         if applied is None:
             why = "; ".join(f"user {u}: {reason}" for u, reason in sorted(failed.items()))
-            raise RuntimeError(f"too few users answered ({selection.need} of {selection.order} needed, plus {selection.always}): {why}")
+            raise RuntimeError(
+                f"too few users answered ({selection.need} of {selection.order} needed, plus {selection.always}): {why}"
+            )
         if all(u in replies for u in applied):
             return applied, replies
         if time.monotonic() > deadline:
@@ -131,11 +141,27 @@ def _serve(grid: Grid, job_path: Path, context: Context, known: dict[int, int]) 
 
     def cfg_of(user: int) -> dict:
         mine = user in selection.always
-        return {"round": int(job["round"]), "key": job["key"], "include_backdoor": bool(job["include_backdoor"]),
-                "resume_path": resume["path"] if mine else "", "resume_every": int(resume["every"]), "resume_fingerprint": resume["fingerprint"]}
+        return {
+            "round": int(job["round"]),
+            "key": job["key"],
+            "include_backdoor": bool(job["include_backdoor"]),
+            "resume_path": resume["path"] if mine else "",
+            "resume_every": int(resume["every"]),
+            "resume_fingerprint": resume["fingerprint"],
+        }
 
     if params.federation.secure_aggregation:
-        return _serve_secure(grid, context, params, job, theta, selection.applied, {u: node_of[u] for u in selection.applied}, cfg_of, deadline)
+        return _serve_secure(
+            grid,
+            context,
+            params,
+            job,
+            theta,
+            selection.applied,
+            {u: node_of[u] for u in selection.applied},
+            cfg_of,
+            deadline,
+        )
     messages, sent = [], []
     for user in selection.order + selection.always:
         content = RecordDict({"theta": to_record(theta), "round": ConfigRecord(cfg_of(user))})
@@ -149,8 +175,17 @@ def _serve(grid: Grid, job_path: Path, context: Context, known: dict[int, int]) 
     return {"theta": plan.combine(params, theta, deltas, sizes, job["key"]), "users": applied}
 
 
-def _serve_secure(grid: Grid, context: Context, params: config.Config, job: dict, theta: Theta, users: list[int],
-                  node_of: dict[int, int], cfg_of: Callable[[int], dict], deadline: float) -> dict:
+def _serve_secure(
+    grid: Grid,
+    context: Context,
+    params: config.Config,
+    job: dict,
+    theta: Theta,
+    users: list[int],
+    node_of: dict[int, int],
+    cfg_of: Callable[[int], dict],
+    deadline: float,
+) -> dict:
     """The round under Flower's SecAgg+ (SecAggPlusWorkflow on the legacy-strategy path): the M_min users the
     local engine's secure aggregation applies get θ, and the server learns only Σ w_i δ_i / Σ w_i (w_i = 1, or
     the user's size). That step goes through fedmeta's own aggregator as the single "upload" of the secure
@@ -192,19 +227,40 @@ def _serve_secure(grid: Grid, context: Context, params: config.Config, job: dict
         manager.register(proxy)
     legacy = LegacyContext(context, strategy=Round(), client_manager=manager)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: int(job["round"]) + 1})
-    legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(ndarrays_to_parameters(arrays), True)
-    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.5, clipping_range=c, max_weight=max_weight,
-                                  timeout=max(1.0, deadline - time.monotonic()))
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters(arrays), True
+    )
+    workflow = SecAggPlusWorkflow(
+        num_shares=1.0,
+        reconstruction_threshold=0.5,
+        clipping_range=c,
+        max_weight=max_weight,
+        timeout=max(1.0, deadline - time.monotonic()),
+    )
     workflow(grid, legacy)
     if outcome.get("mean") is None:
-        raise RuntimeError(f"SecAgg+ halted before aggregating (too few users answered: {outcome.get('failures') or 'see the ServerApp log'})")
-    step = {k: torch.from_numpy(np.asarray(a, dtype=np.float64)).to(theta[k].dtype) for k, a in zip(keys, outcome["mean"])}
+        raise RuntimeError(
+            "SecAgg+ halted before aggregating "
+            f"(too few users answered: {outcome.get('failures') or 'see the ServerApp log'})"
+        )
+    step = {
+        k: torch.from_numpy(np.asarray(a, dtype=np.float64)).to(theta[k].dtype) for k, a in zip(keys, outcome["mean"])
+    }
     fed = params.federation
-    new = federation.aggregate(theta, secure.mask([step], [1.0], lambda i, j: None), [1.0], fed, seeding.generator(params.seed, "aggregate", job["key"]))
+    new = federation.aggregate(
+        theta,
+        secure.mask([step], [1.0], lambda i, j: None),
+        [1.0],
+        fed,
+        seeding.generator(params.seed, "aggregate", job["key"]),
+    )
     metrics = outcome["metrics"]
     clipped, coords = sum(int(m["clipped"]) for m in metrics), sum(int(m["coordinates"]) for m in metrics)
-    stats = {"clipping_range": c, "clipped_share": clipped / max(coords, 1),
-             "per_user": {int(m["user"]): {"clipped": int(m["clipped"]), "max_abs": float(m["max_abs"])} for m in metrics}}
+    stats = {
+        "clipping_range": c,
+        "clipped_share": clipped / max(coords, 1),
+        "per_user": {int(m["user"]): {"clipped": int(m["clipped"]), "max_abs": float(m["max_abs"])} for m in metrics},
+    }
     return {"theta": new, "users": sorted(int(m["user"]) for m in metrics), "secagg": stats}
 
 

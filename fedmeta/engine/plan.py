@@ -4,6 +4,7 @@ Selection and aggregation live here once, so the in-process loop and Flower's
 ServerApp draw the same users from the same generator and combine the same
 δ_i with the same function (fedmeta.federation): the same θ, bit for bit.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ class Selection:
 
 
 def round_key(rnd: int, pretraining: bool) -> str:
-    """Pretraining rounds draw from their own seeds: round r of pretraining and round r after the attack never share episodes."""
+    """Pretraining rounds draw from their own seeds: round r of pretraining and round r after the attack never
+    share episodes."""
     return f"pretrain-{rnd}" if pretraining else str(rnd)
 
 

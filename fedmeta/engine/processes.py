@@ -6,6 +6,7 @@ SIGTERM if fedmeta dies without cleaning up. Flower's own helpers
 (SuperExec, flwr-serverapp, flwr-clientapp) may start further sessions, so
 stopping kills every descendant found under each child, not just its group.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -41,7 +42,10 @@ def check_port(port: int, what: str) -> None:
         try:
             s.bind((HOST, port))
         except OSError as exc:
-            raise FedmetaError(f"federation.flower.port: {what} port {port} on {HOST} cannot be bound ({exc.strerror}); free it or choose another port") from None
+            raise FedmetaError(
+                f"federation.flower.port: {what} port {port} on {HOST} cannot be bound ({exc.strerror}); "
+                "free it or choose another port"
+            ) from None
 
 
 class Supervisor:
@@ -55,8 +59,13 @@ class Supervisor:
     def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("ab") as log:
             proc = subprocess.Popen(
-                list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                list(argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         self.procs[name] = proc
         return proc
@@ -64,11 +73,16 @@ class Supervisor:
     def log_tail(self, name: str) -> str:
         """The last non-empty line a process logged: what a one-line error can quote."""
         path = self.logs / f"{name}.log"
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.exists() else []
+        lines = (
+            [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+            if path.exists()
+            else []
+        )
         return lines[-1] if lines else "no output"
 
     def wait_listening(self, name: str, port: int, timeout: float) -> None:
         """Until `port` accepts connections; a child that exits or never listens is an error naming it."""
+
         def listening() -> bool:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 return s.connect_ex((HOST, port)) == 0

@@ -9,6 +9,7 @@ the same float32 arrays, so θ stays bit-identical.
 
     python -m fedmeta.engine.worker USER PARAMS_JSON DATASET SOCKET
 """
+
 from __future__ import annotations
 
 import json
