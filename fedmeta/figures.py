@@ -102,7 +102,7 @@ def meta_training_after_attack(rows: dict[str, list[dict[str, Any]]], path: Path
         ax.set_xlabel("round (attack in round 1)")
     axes[0][0].set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(paper_title("exp1", dataset), fontsize=10)
+    fig.suptitle(paper_title("exp1", dataset), fontsize=10, y=1.04)
     return _save(fig, path)
 
 
