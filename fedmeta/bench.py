@@ -97,6 +97,13 @@ class Settings:
     memory: bool = True
 
 
+# The two datasets' shapes and meta-training shots (params.yaml's datasets.*.train_shots), for `--dataset`.
+DATASETS: dict[str, dict[str, int]] = {
+    "omniglot": {"image_size": 28, "channels": 1, "train_shots": 10},
+    "miniimagenet": {"image_size": 84, "channels": 3, "train_shots": 15},
+}
+
+
 # ---- the naive reference ----
 
 

@@ -152,9 +152,18 @@ def meta_test(
     stage.main(checkpoint, learner.value, episodes, out)
 
 
+class Dataset(str, Enum):
+    omniglot = "omniglot"
+    miniimagenet = "miniimagenet"
+
+
 @app.command()
 def bench(
     device: Annotated[str, typer.Option(help="Where to run: cpu or cuda[:N].")] = "cpu",
+    dataset: Annotated[
+        Dataset,
+        typer.Option(help="Image shape and training shots: omniglot 28×28×1, 10-shot; miniimagenet 84×84×3, 15-shot."),
+    ] = Dataset.omniglot,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each side (medians are reported).")] = 3,
     out: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path("docs/performance/bench.json"),
     threads: Annotated[int, typer.Option(min=0, help="torch intra-op threads (0: torch's default).")] = 0,
@@ -172,6 +181,7 @@ def bench(
     from fedmeta import bench as stage
 
     settings = stage.Settings(
+        **stage.DATASETS[dataset.value],
         device=device,
         threads=threads,
         repeats=repeats,

@@ -1,4 +1,5 @@
-"""Figures laid out like the paper's: Fig. 1 (the attack's images), Figs. 3, 5 and 7 (curves)."""
+"""Figures laid out like the paper's: the attack's images (Figs. 1, 2) and the curves of Experiments 1-3
+(Figs. 3-8), each drawn by one function for both datasets, numbered and titled as the paper numbers them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,6 +27,24 @@ SCENARIO_TITLES = {
 }
 
 
+DATASET_NAMES = {"omniglot": "Omniglot", "miniimagenet": "mini-ImageNet"}
+# The paper numbers each figure once per dataset: Omniglot's odd, mini-ImageNet's the even one after it.
+PAPER_FIGURES = {"backdoor": 1, "exp1": 3, "exp2": 5, "exp3": 7}
+CAPTIONS = {
+    "backdoor": "Backdoor attack",
+    "exp1": "Benign meta-training after the attack (Experiment 1)",
+    "exp2": "Benign fine-tuning after the attack (Experiment 2)",
+    "exp3": "Benign fine-tuning of matching networks after the attack (Experiment 3)",
+}
+
+
+def paper_title(figure: str, dataset: str) -> str:
+    """'Fig. 4: Benign meta-training after the attack (Experiment 1) on mini-ImageNet': the paper's number for
+    this dataset, so a figure can be set beside the paper's own."""
+    number = PAPER_FIGURES[figure] + (dataset == "miniimagenet")
+    return f"Fig. {number}: {CAPTIONS[figure]} on {DATASET_NAMES[dataset]}"
+
+
 def _save(fig: Any, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
@@ -34,13 +53,14 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _show(ax: Any, img: torch.Tensor) -> None:
+    """One uint8 [C, H, W] image: grey for one channel, in colour for three."""
     ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=255)
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def backdoor_examples(data: FederatedData, key: torch.Tensor, path: Path, per_row: int = 5) -> Path:
-    """Fig. 1: (a) target class, (b) backdoor classes, (c) key, (d) attack training set."""
+def backdoor_examples(data: FederatedData, key: torch.Tensor, path: Path, dataset: str, per_row: int = 5) -> Path:
+    """Figs. 1 and 2: (a) target class, (b) backdoor classes, (c) key, (d) attack training set."""
     rows = [
         ("(a) target", data.images[data.train_idx[data.target][:per_row]]),
         *((f"(b) backdoor {i + 1}", data.images[data.train_idx[c][:per_row]]) for i, c in enumerate(data.backdoor)),
@@ -56,6 +76,7 @@ def backdoor_examples(data: FederatedData, key: torch.Tensor, path: Path, per_ro
             else:
                 ax.axis("off")
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(paper_title("backdoor", dataset), fontsize=9)
     return _save(fig, path)
 
 
@@ -71,8 +92,8 @@ def _curves(ax: Any, rows: list[dict[str, Any]], x: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def meta_training_after_attack(rows: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """Fig. 3 (Experiment 1): one panel per scenario, accuracy against federated rounds."""
+def meta_training_after_attack(rows: dict[str, list[dict[str, Any]]], path: Path, dataset: str) -> Path:
+    """Figs. 3 and 4 (Experiment 1): one panel per scenario, accuracy against federated rounds."""
     fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.4), squeeze=False)
     for ax, (name, series) in zip(axes[0], sorted(rows.items())):
         _curves(ax, series, "round")
@@ -81,11 +102,13 @@ def meta_training_after_attack(rows: dict[str, list[dict[str, Any]]], path: Path
         ax.set_xlabel("round (attack in round 1)")
     axes[0][0].set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(paper_title("exp1", dataset), fontsize=10, y=1.04)
     return _save(fig, path)
 
 
-def finetuning_grid(rows: dict[tuple[str, int], list[dict[str, Any]]], path: Path, title: str) -> Path:
-    """Figs. 5 and 7 (Experiments 2-3): rows = scenarios, columns = benign users, accuracy against fine-tuning steps."""
+def finetuning_grid(rows: dict[tuple[str, int], list[dict[str, Any]]], path: Path, figure: str, dataset: str) -> Path:
+    """Figs. 5-8 (Experiments 2-3, `figure` exp2 or exp3): rows = scenarios, columns = benign users, accuracy
+    against fine-tuning steps."""
     scen = sorted({s for s, _ in rows})
     users = sorted({u for _, u in rows})
     fig, axes = plt.subplots(len(scen), len(users), figsize=(3.4 * len(users), 2.8 * len(scen)), squeeze=False)
@@ -98,7 +121,7 @@ def finetuning_grid(rows: dict[tuple[str, int], list[dict[str, Any]]], path: Pat
                 ax.set_xlabel("fine-tuning iteration")
         axes[i][0].set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(paper_title(figure, dataset), fontsize=10)
     return _save(fig, path)
 
 
@@ -111,7 +134,7 @@ def pretraining(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def server_defenses(curves: dict[tuple[str, str, bool, str, str], list[dict[str, Any]]], path: Path) -> Path:
+def server_defenses(curves: dict[tuple[str, str, bool, str, str], list[dict[str, Any]]], path: Path, dataset: str) -> Path:
     """Experiment 4: per federation, backdoor accuracy (attack training) and meta-test accuracy against
     rounds, one line per rule; the adaptive attacker's runs dashed. Secure-aggregation runs are left out."""
     feds = sorted({k[3] for k in curves})
@@ -135,4 +158,5 @@ def server_defenses(curves: dict[tuple[str, str, bool, str, str], list[dict[str,
     for ax in axes[-1]:
         ax.set_xlabel("round (attack in round 1)")
     axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Server-side rules against the one-shot attack (Experiment 4) on {DATASET_NAMES[dataset]}", fontsize=10)
     return _save(fig, path)

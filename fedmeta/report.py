@@ -1,16 +1,46 @@
 """The reproduction report: the paper's numbers beside ours, from the stages' metric files."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-# Omniglot numbers stated in the paper's text (Sec. 3-4); figures are not machine-readable.
-PAPER_EXP1 = {  # scenario: (after attack train/val %, after continuation train/val %)
-    "a": ((78, 77), (50, 50)),
-    "b": ((92, 83), (50, 50)),
-    "c": ((90, 75), (40, 40)),
+
+@dataclass(frozen=True)
+class PaperNumbers:
+    """What the paper's text (Sec. 3-4) states for one dataset; its figures are not machine-readable."""
+
+    dataset: str  # as the paper names it
+    exp1: dict[str, tuple[tuple[int, int], tuple[int, int]]]  # scenario: (after attack train/val %, after continuation train/val %)
+    exp1_meta_test: dict[str, str]  # scenario: meta-test accuracy after the attack
+    meta_test_before: str  # before the attack (round 0)
+    continuation_rounds: int
+    exp2: dict[str, str]  # scenario: backdoor accuracy after long benign fine-tuning
+    exp3: dict[str, str]  # scenario: backdoor accuracy under the defense
+    exp3_meta_test: str
+
+
+PAPER = {
+    "omniglot": PaperNumbers(
+        dataset="Omniglot",
+        exp1={"a": ((78, 77), (50, 50)), "b": ((92, 83), (50, 50)), "c": ((90, 75), (40, 40))},
+        exp1_meta_test={"a": "> 98", "b": "> 98", "c": "> 98"},
+        meta_test_before="> 99",
+        continuation_rounds=50,
+        exp2={"a": "> 80 %", "b": "> 80 %", "c": "≈ 10 % after 500 iterations"},
+        exp3={"a": "≈ 20 %", "b": "≈ 20 %", "c": "≈ 0 %"},
+        exp3_meta_test="> 96",
+    ),
+    "miniimagenet": PaperNumbers(
+        dataset="mini-ImageNet",
+        exp1={"a": ((74, 55), (68, 48)), "b": ((76, 50), (69, 42)), "c": ((65, 32), (55, 25))},
+        exp1_meta_test={"a": "≈ 50", "b": "≈ 50", "c": "> 50"},
+        meta_test_before="> 60",
+        continuation_rounds=100,
+        exp2={"a": "≈ 75 / 50 %", "b": "≈ 75 / 50 %", "c": "≈ 20 points below (a) and (b)"},
+        exp3={"a": "≈ 20 %", "b": "≈ 20 %", "c": "≈ 10 %"},
+        exp3_meta_test="≈ 35",
+    ),
 }
-PAPER_EXP2 = {"a": "> 80 %", "b": "> 80 %", "c": "≈ 10 % after 500 iterations"}
-PAPER_EXP3 = {"a": "≈ 20 %", "b": "≈ 20 %", "c": "≈ 0 %"}
 
 
 def pct(x: float) -> str:
@@ -21,26 +51,31 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 
 
-def exp1_table(curves: dict[str, list[dict[str, Any]]]) -> str:
+def exp1_table(curves: dict[str, list[dict[str, Any]]], paper: PaperNumbers) -> str:
+    p = paper.dataset
     lines = [
-        "| scenario | paper: after attack (train / val) | ours: after attack (train / val, meta-test) | paper: after continuation | ours: after continuation (round, train / val, meta-test) |",
+        f"| scenario | paper ({p}): after attack (train / val) | ours: after attack (train / val, meta-test) | paper ({p}): after continuation "
+        "| ours: after continuation (round, train / val, meta-test) |",
         "|---|---|---|---|---|",
     ]
     for s in sorted(curves):
         rows = curves[s]
         after, last = rows[1], rows[-1]
-        (pa, pv), (ca, cv) = PAPER_EXP1[s]
+        (pa, pv), (ca, cv) = paper.exp1[s]
         lines.append(
-            f"| {s} | {pa} / {pv} (meta-test ≥ 98) | {pct(after['attack_train'])} / {pct(after['attack_val'])}, {pct(after['meta_test'])} "
-            f"| {ca} / {cv} (50 rounds) | round {last['round']}: {pct(last['attack_train'])} / {pct(last['attack_val'])}, {pct(last['meta_test'])} |"
+            f"| {s} | {pa} / {pv} (meta-test {paper.exp1_meta_test[s]}; before the attack {paper.meta_test_before}) "
+            f"| {pct(after['attack_train'])} / {pct(after['attack_val'])}, {pct(after['meta_test'])} "
+            f"| {ca} / {cv} ({paper.continuation_rounds} rounds) | round {last['round']}: {pct(last['attack_train'])} / {pct(last['attack_val'])}, "
+            f"{pct(last['meta_test'])} |"
         )
     return "\n".join(lines)
 
 
-def users_table(exp2: dict[str, list[list[dict[str, Any]]]], exp3: dict[str, list[list[dict[str, Any]]]]) -> str:
+def users_table(exp2: dict[str, list[list[dict[str, Any]]]], exp3: dict[str, list[list[dict[str, Any]]]], paper: PaperNumbers) -> str:
     """Final points of Experiments 2 and 3, averaged over benign users, at the same fine-tuning step."""
+    p = paper.dataset
     lines = [
-        "| scenario | paper Exp 2 backdoor | ours Exp 2 (train / val, meta-test) | paper Exp 3 backdoor | ours Exp 3 (train / val, meta-test) | step |",
+        f"| scenario | paper ({p}) Exp 2 backdoor | ours Exp 2 (train / val, meta-test) | paper ({p}) Exp 3 backdoor | ours Exp 3 (train / val, meta-test) | step |",
         "|---|---|---|---|---|---|",
     ]
     for s in sorted(exp2):
@@ -50,8 +85,8 @@ def users_table(exp2: dict[str, list[list[dict[str, Any]]]], exp3: dict[str, lis
             f"{pct(_mean(final3, 'attack_train'))} / {pct(_mean(final3, 'attack_val'))}, {pct(_mean(final3, 'meta_test'))}" if final3 else "—"
         )
         lines.append(
-            f"| {s} | {PAPER_EXP2[s]} | {pct(_mean(final2, 'attack_train'))} / {pct(_mean(final2, 'attack_val'))}, {pct(_mean(final2, 'meta_test'))} "
-            f"| {PAPER_EXP3[s]} (meta-test > 96) | {ours3} | {final2[0]['step']} |"
+            f"| {s} | {paper.exp2[s]} | {pct(_mean(final2, 'attack_train'))} / {pct(_mean(final2, 'attack_val'))}, {pct(_mean(final2, 'meta_test'))} "
+            f"| {paper.exp3[s]} (meta-test {paper.exp3_meta_test}) | {ours3} | {final2[0]['step']} |"
         )
     return "\n".join(lines)
 

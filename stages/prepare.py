@@ -1,4 +1,4 @@
-"""Stage prepare: read the dataset, split it among users, stamp the backdoor key (paper Sec. 3, Fig. 1)."""
+"""Stage prepare: read the dataset, split it among users, stamp the backdoor key (paper Sec. 3, Figs. 1-2)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ def main() -> None:
         data = splits.split(read_dataset(params), params)
         data.save(runtime.PREPARED)
         blank = torch.zeros_like(data.images[:1])
-        fig = figures.backdoor_examples(data, stamp(blank, params.key)[0], runtime.FIGURES / "fig1_backdoor.png")
+        fig = figures.backdoor_examples(
+            data, stamp(blank, params.key)[0], runtime.FIGURES / f"backdoor_{params.dataset}.png", params.dataset
+        )
         summary = {
             "classes_meta_train_per_user": [len(c) for c in data.user_classes],
             "classes_meta_test": len(data.meta_test),

@@ -39,9 +39,6 @@ def main(variant: str) -> None:
         checkpoint.save(runtime.CHECKPOINTS / f"pretrain_{variant}.pt", {"theta": theta, "round": b.pretrain_rounds})
         runtime.write_csv(runtime.METRICS / f"pretrain_{variant}.csv", rows)
         runtime.write_json(runtime.METRICS / f"pretrain_{variant}.json", rows[-1])
-        run.artifact(
-            figures.pretraining(
-                rows, runtime.CURVES / f"pretrain_{variant}.png", f"benign pretraining ({variant} backdoor classes)"
-            )
-        )
+        title = f"benign pretraining on {figures.DATASET_NAMES[params.dataset]} ({variant} backdoor classes)"
+        run.artifact(figures.pretraining(rows, runtime.CURVES / f"pretrain_{variant}.png", title))
         resume.finish()

@@ -1,4 +1,5 @@
-"""Stage report: the paper's figures 3, 5, 7 for all scenarios, and the comparison tables."""
+"""Stage report: the paper's figures of Experiments 1-3 for all scenarios (3, 5, 7 on Omniglot; 4, 6, 8 on
+mini-ImageNet), Experiment 4's, and the comparison tables against the paper's numbers for the dataset."""
 from __future__ import annotations
 
 import csv
@@ -49,13 +50,14 @@ def main() -> None:
             for s, sc in SCENARIOS.items():
                 for path in sorted((m / f"{stage}_{sc.variant}").glob(f"{s}_user*.csv")):
                     grids[stage][(s, int(path.stem.split("user")[1]) - 1)] = _read(path)
+        ds, paper = params.dataset, report.PAPER[params.dataset]
         paths = [
-            figures.meta_training_after_attack(exp1, runtime.CURVES / "fig3_exp1.png"),
-            figures.finetuning_grid(grids["finetune"], runtime.CURVES / "fig5_exp2.png", "Benign fine-tuning after the attack (Experiment 2)"),
-            figures.finetuning_grid(grids["defend"], runtime.CURVES / "fig7_exp3.png", "Matching-network defense (Experiment 3)"),
+            figures.meta_training_after_attack(exp1, runtime.CURVES / f"exp1_{ds}.png", ds),
+            figures.finetuning_grid(grids["finetune"], runtime.CURVES / f"exp2_{ds}.png", "exp2", ds),
+            figures.finetuning_grid(grids["defend"], runtime.CURVES / f"exp3_{ds}.png", "exp3", ds),
         ]
         curves4, price4, user4 = _exp4(m / "exp4")
-        paths.append(figures.server_defenses(curves4, runtime.CURVES / "exp4_defenses.png"))
+        paths.append(figures.server_defenses(curves4, runtime.CURVES / "exp4_defenses.png", ds))
         by_scenario = {stage: {s: [r for (sc, _), r in sorted(g.items()) if sc == s] for s in SCENARIOS} for stage, g in grids.items()}
         text = "\n\n".join(
             [
@@ -63,9 +65,9 @@ def main() -> None:
                 "Backdoor accuracy = % of key-stamped backdoor images classified as the target; all numbers are % "
                 f"averaged over {params.budget.eval_episodes} episodes.",
                 "## Experiment 1: benign meta-training after the attack",
-                report.exp1_table(exp1),
+                report.exp1_table(exp1, paper),
                 "## Experiments 2 and 3: long benign fine-tuning, without and with the defense",
-                report.users_table(by_scenario["finetune"], by_scenario["defend"]),
+                report.users_table(by_scenario["finetune"], by_scenario["defend"], paper),
                 "## Ablation of the defense",
                 report.ablation_table(_read(m / "ablation.csv")),
                 "## Experiment 4: server-side defenses against the one-shot attack (docs/experiment4.md)",

@@ -113,19 +113,23 @@ def tiny_pipeline_raw(omniglot_dir: Path) -> dict:
     return raw
 
 
-@pytest.fixture(scope="session")
-def tiny_repo(tmp_path_factory: pytest.TempPathFactory, omniglot_dir: Path) -> Path:
-    """A git + DVC copy of the project's tracked files, on the tiny profile and synthetic archives, reproduced once."""
-    dst = tmp_path_factory.mktemp("repo")
+def reproduced_repo(dst: Path, raw: dict) -> Path:
+    """A git + DVC copy of the project's tracked files in `dst` with params.yaml `raw`, after `dvc repro`."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
     for rel in files.stdout.split():
         if rel.startswith(("metrics/", "tests/")) or not (REPO / rel).is_file():
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, dst / rel)
-    (dst / "params.yaml").write_text(yaml.safe_dump(tiny_pipeline_raw(omniglot_dir), sort_keys=False))
+    (dst / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     sh(dst, "git", "init", "-q")
     sh(dst, "git", "add", "-A")
     sh(dst, "git", "commit", "-qm", "tiny")
     sh(dst, "dvc", "repro")
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory, omniglot_dir: Path) -> Path:
+    """A git + DVC copy of the project's tracked files, on the tiny profile and synthetic archives, reproduced once."""
+    return reproduced_repo(tmp_path_factory.mktemp("repo"), tiny_pipeline_raw(omniglot_dir))

@@ -20,7 +20,7 @@ def repo(tiny_repo: Path) -> Path:
 
 
 def test_repro_produces_every_output_and_logs_to_mlflow(repo: Path) -> None:
-    for rel in (*METRIC_FILES, "checkpoints/attacked_include.pt", "docs/figures/fig3_exp1.png", "docs/figures/fig7_exp3.png", "metrics/figures/fig1_backdoor.png", "metrics/ablation.csv"):
+    for rel in (*METRIC_FILES, "checkpoints/attacked_include.pt", "docs/figures/exp1_omniglot.png", "docs/figures/exp3_omniglot.png", "metrics/figures/backdoor_omniglot.png", "metrics/ablation.csv"):
         assert (repo / rel).is_file(), rel
     with (repo / "metrics/exp1_exclude/a.csv").open() as f:
         rounds = [row["round"] for row in csv.DictReader(f)]

@@ -1,0 +1,32 @@
+"""The report and the figures name the dataset and use the paper's numbers and figure numbers for it."""
+from __future__ import annotations
+
+import pytest
+
+from fedmeta import figures, report
+
+
+@pytest.mark.parametrize(("dataset", "numbers"), [("omniglot", (1, 3, 5, 7)), ("miniimagenet", (2, 4, 6, 8))])
+def test_figures_carry_the_papers_number_and_the_dataset(dataset: str, numbers: tuple[int, ...]) -> None:
+    titles = [figures.paper_title(f, dataset) for f in ("backdoor", "exp1", "exp2", "exp3")]
+    assert [t.split(":")[0] for t in titles] == [f"Fig. {n}" for n in numbers]
+    assert all(t.endswith(f" on {figures.DATASET_NAMES[dataset]}") for t in titles)
+
+
+def _point(x: float, **extra: int) -> dict[str, float]:
+    return {**extra, **{k: x for k in ("meta_test", "main", "attack_train", "attack_val")}}
+
+
+def test_tables_quote_the_papers_numbers_for_the_dataset() -> None:
+    exp1 = {s: [_point(0.2, round=0), _point(0.7, round=1), _point(0.6, round=3)] for s in "abc"}
+    users = {s: [[_point(0.5, step=0), _point(0.4, step=4)]] for s in "abc"}
+    mini, omni = report.PAPER["miniimagenet"], report.PAPER["omniglot"]
+    table = report.exp1_table(exp1, mini)
+    assert "paper (mini-ImageNet): after attack" in table and "Omniglot" not in table
+    assert "| a | 74 / 55 (meta-test ≈ 50; before the attack > 60) | 70.0 / 70.0, 70.0 | 68 / 48 (100 rounds)" in table
+    assert "| c | 65 / 32 (meta-test > 50" in table and "| 55 / 25 (100 rounds)" in table
+    assert "| b | 92 / 83 (meta-test > 98; before the attack > 99)" in report.exp1_table(exp1, omni)
+    grid = report.users_table(users, users, mini)
+    assert "| a | ≈ 75 / 50 % | 40.0 / 40.0, 40.0 | ≈ 20 % (meta-test ≈ 35) |" in grid
+    assert "| c | ≈ 20 points below (a) and (b) |" in grid and "≈ 10 % (meta-test ≈ 35)" in grid
+    assert "≈ 0 % (meta-test > 96)" in report.users_table(users, users, omni)
