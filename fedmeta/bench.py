@@ -40,6 +40,7 @@ kernels slow down many times over while the project's lanes (one thread each) do
 not, so ratios taken there overstate the gain; `load_average_before_after` is
 recorded for that reason, and `--threads 1` compares one core against one core.
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,10 +62,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fedmeta import fast, model, reptile, runtime
-from fedmeta.fast import kernels, lanes
 from fedmeta.config import Evaluation, Reptile
 from fedmeta.episodes import Episodes, inner_batches
-from fedmeta.evaluation import FineTune, run as evaluate
+from fedmeta.evaluation import FineTune
+from fedmeta.evaluation import run as evaluate
+from fedmeta.fast import kernels, lanes
 from fedmeta.model import Theta
 
 
@@ -115,7 +117,12 @@ class NaiveConv4(nn.Module):
         layers: list[nn.Module] = []
         c_in = channels
         for _ in range(model.BLOCKS):
-            layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width, eps=model.BN_EPS), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c_in, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width, eps=model.BN_EPS),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             c_in = width
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(width * model.feature_size(image_size) ** 2, n_way)
@@ -130,7 +137,7 @@ class NaiveConv4(nn.Module):
             out += [(f"conv{i}.weight", conv.weight), (f"bn{i}.weight", bn.weight), (f"bn{i}.bias", bn.bias)]
         return out + [("fc.weight", self.fc.weight), ("fc.bias", self.fc.bias)]
 
-    def load(self, params: Theta) -> "NaiveConv4":
+    def load(self, params: Theta) -> NaiveConv4:
         with torch.no_grad():
             for k, p in self._pairs():
                 p.copy_(params[k])
@@ -152,7 +159,14 @@ def naive_episode(net: NaiveConv4, x: torch.Tensor, y: torch.Tensor, batches: to
     return m
 
 
-def naive_meta_train(net: NaiveConv4, images: torch.Tensor, sample: Callable[[int, torch.Generator], Episodes], n_episodes: int, s: Settings, g: torch.Generator) -> NaiveConv4:
+def naive_meta_train(
+    net: NaiveConv4,
+    images: torch.Tensor,
+    sample: Callable[[int, torch.Generator], Episodes],
+    n_episodes: int,
+    s: Settings,
+    g: torch.Generator,
+) -> NaiveConv4:
     """Reptile with the naive episode loop; draws episodes and batches in `reptile.meta_train`'s order."""
     theta = net.params()
     done = 0
@@ -161,8 +175,13 @@ def naive_meta_train(net: NaiveConv4, images: torch.Tensor, sample: Callable[[in
         eps = sample(count, g)
         x = images[eps.support].float().div_(255)
         batches = inner_batches(eps.support.shape[1], s.inner_steps, s.inner_batch, count, g)
-        adapted = [naive_episode(net.load(theta), x[j], eps.support_y[j], batches[j], s.lr).params() for j in range(count)]
-        theta = {k: (1 - s.outer_step) * p + s.outer_step * torch.stack([a[k] for a in adapted]).mean(0) for k, p in theta.items()}
+        adapted = [
+            naive_episode(net.load(theta), x[j], eps.support_y[j], batches[j], s.lr).params() for j in range(count)
+        ]
+        theta = {
+            k: (1 - s.outer_step) * p + s.outer_step * torch.stack([a[k] for a in adapted]).mean(0)
+            for k, p in theta.items()
+        }
         done += count
     return net.load(theta)
 
@@ -175,7 +194,7 @@ def naive_evaluate(net: NaiveConv4, images: torch.Tensor, eps: Episodes, s: Sett
     for j in range(sx.shape[0]):
         m = naive_episode(net, sx[j], eps.support_y[j], batches[j], s.lr)
         with torch.no_grad():
-            pred = m(torch.cat([sx[j], qx[j]]))[sx.shape[1]:].argmax(-1)
+            pred = m(torch.cat([sx[j], qx[j]]))[sx.shape[1] :].argmax(-1)
         correct += float((pred == eps.query_y[j]).float().mean())
     return correct / sx.shape[0]
 
@@ -191,7 +210,7 @@ class Setup:
     images: torch.Tensor  # uint8 [pool, C, H, W]
 
     @classmethod
-    def make(cls, s: Settings) -> "Setup":
+    def make(cls, s: Settings) -> Setup:
         g = torch.Generator().manual_seed(s.seed)
         dev = torch.device(s.device)
         theta = {k: v.to(dev) for k, v in model.init_conv4(s.channels, s.width, s.image_size, s.n_way, g).items()}
@@ -215,7 +234,9 @@ class Setup:
         n = self.s.n_way
         eps = self.sampler(self.s.eval_shots)(count, g)
         query = torch.randint(len(self.images), (count, n), generator=g).to(self.device)
-        return Episodes(eps.support, eps.support_y, query, torch.arange(n, device=self.device).expand(count, -1).clone())
+        return Episodes(
+            eps.support, eps.support_y, query, torch.arange(n, device=self.device).expand(count, -1).clone()
+        )
 
     def naive_net(self) -> NaiveConv4:
         s = self.s
@@ -227,13 +248,24 @@ class Setup:
 
     def eval_cfg(self) -> Evaluation:
         s = self.s
-        return Evaluation(n_way=s.n_way, k_shot=s.eval_shots, steps=s.eval_steps, batch=s.eval_batch, lr=s.lr, bn_mode="support")
+        return Evaluation(
+            n_way=s.n_way, k_shot=s.eval_shots, steps=s.eval_steps, batch=s.eval_batch, lr=s.lr, bn_mode="support"
+        )
 
     # one timed unit of each phase; each returns the number of episodes it ran
     def fedmeta_meta_train(self, g: torch.Generator) -> int:
         n = self.s.meta_batches * self.s.meta_batch
-        reptile.meta_train(self.theta, self.images, self.sampler(self.s.train_shots), n, self.reptile_cfg(), self.s.inner_steps,
-                           self.s.outer_step, reptile.AdamConfig(lr=self.s.lr), g)
+        reptile.meta_train(
+            self.theta,
+            self.images,
+            self.sampler(self.s.train_shots),
+            n,
+            self.reptile_cfg(),
+            self.s.inner_steps,
+            self.s.outer_step,
+            reptile.AdamConfig(lr=self.s.lr),
+            g,
+        )
         return n
 
     def naive_meta_train(self, g: torch.Generator) -> int:
@@ -243,7 +275,15 @@ class Setup:
 
     def fedmeta_evaluation(self, g: torch.Generator) -> int:
         eps = self.eval_episodes(self.s.eval_episodes, g)
-        evaluate(FineTune(reptile.AdamConfig(lr=self.s.lr), "support"), self.theta, self.images, eps, self.eval_cfg(), [self.s.eval_steps], g)
+        evaluate(
+            FineTune(reptile.AdamConfig(lr=self.s.lr), "support"),
+            self.theta,
+            self.images,
+            eps,
+            self.eval_cfg(),
+            [self.s.eval_steps],
+            g,
+        )
         return self.s.eval_episodes
 
     def naive_evaluation(self, g: torch.Generator) -> int:
@@ -261,7 +301,14 @@ def _log(msg: str) -> None:
 
 def _warmup_settings(s: Settings) -> Settings:
     """A tiny unit of each phase: first-call costs (imports, oneDNN kernel caches) stay out of the timings."""
-    return replace(s, meta_batches=1, inner_steps=1, eval_steps=1, naive_eval_episodes=1, eval_episodes=min(s.eval_episodes, 2 * torch.get_num_threads()))
+    return replace(
+        s,
+        meta_batches=1,
+        inner_steps=1,
+        eval_steps=1,
+        naive_eval_episodes=1,
+        eval_episodes=min(s.eval_episodes, 2 * torch.get_num_threads()),
+    )
 
 
 def _sync(dev: torch.device) -> None:
@@ -401,7 +448,9 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
     results: dict[tuple[str, torch.dtype], list[Theta]] = {}
 
     def diffs(a: list[Theta], b: list[Theta]) -> torch.Tensor:
-        return torch.cat([(a[j][k].cpu().double() - b[j][k].cpu().double()).abs().flatten() for j in range(len(a)) for k in a[j]])
+        return torch.cat(
+            [(a[j][k].cpu().double() - b[j][k].cpu().double()).abs().flatten() for j in range(len(a)) for k in a[j]]
+        )
 
     def inputs(dtype: torch.dtype) -> tuple[Theta, torch.Tensor]:
         return {k: v.to(dtype) for k, v in setup.theta.items()}, setup.images[eps.support].to(dtype).div_(255)
@@ -420,7 +469,9 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
 
     truth = results[("fedmeta", torch.float64)]
     extra: dict[str, Any] = {}
-    if setup.device.type == "cpu":  # the reference against itself: its kernels sum in another order on another thread count
+    if (
+        setup.device.type == "cpu"
+    ):  # the reference against itself: its kernels sum in another order on another thread count
         threads = torch.get_num_threads()
         other = 2 if threads == 1 else 1
         torch.set_num_threads(other)
@@ -429,7 +480,11 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
         finally:
             torch.set_num_threads(threads)
         self_diff = diffs(results[("naive", torch.float32)], again)
-        extra["naive_float32_other_threads"] = {"threads": [threads, other], "max": float(self_diff.max()), "share_above_1e-5": float((self_diff > 1e-5).double().mean())}
+        extra["naive_float32_other_threads"] = {
+            "threads": [threads, other],
+            "max": float(self_diff.max()),
+            "share_above_1e-5": float((self_diff > 1e-5).double().mean()),
+        }
     else:  # the same float64 computation on the CPU
         theta = {k: v.to("cpu", torch.float64) for k, v in setup.theta.items()}
         x = setup.images[eps.support].to("cpu", torch.float64).div_(255)
@@ -472,7 +527,9 @@ def memory_probe(settings_json: str, side: str, phase: str) -> None:
     s = Settings(**json.loads(settings_json))
     _configure(s)
     setup = Setup.make(s)
-    getattr(Setup(_warmup_settings(s), setup.device, setup.theta, setup.images), f"{side}_{phase}")(torch.Generator().manual_seed(1))
+    getattr(Setup(_warmup_settings(s), setup.device, setup.theta, setup.images), f"{side}_{phase}")(
+        torch.Generator().manual_seed(1)
+    )
     before = _maxrss_mb()
     gpu = setup.device.type == "cuda"
     if gpu:
@@ -514,7 +571,9 @@ def _configure(s: Settings) -> None:
 def _commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
@@ -529,10 +588,18 @@ def _device_name(dev: torch.device) -> str:
 def onednn_isa() -> str:
     """The ISA oneDNN dispatches to in this environment (its verbose `isa:` line) and the kernel it runs for
     Conv4's 64 → 64 convolution, from a fresh process: oneDNN prints them only when it starts verbose."""
-    code = ("import torch, torch.nn.functional as F; F.conv2d(torch.randn(10, 64, 14, 14).contiguous(memory_format=torch.channels_last), "
-            "torch.randn(64, 64, 3, 3), padding=1)")
+    code = (
+        "import torch, torch.nn.functional as F; F.conv2d(torch.randn(10, 64, 14, 14).contiguous(memory_format=torch.channels_last), "
+        "torch.randn(64, 64, 3, 3), padding=1)"
+    )
     try:
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ONEDNN_VERBOSE": "1"}, capture_output=True, text=True, timeout=120).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "ONEDNN_VERBOSE": "1"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     lines = out.splitlines()
@@ -578,32 +645,59 @@ def run(s: Settings) -> dict[str, Any]:
 
 def table(r: dict[str, Any]) -> str:
     k = r["kernels"]
-    impl = f"lanes ({r['lanes']}), CPU kernels {k['kernels']} ({k['kernels_build']} build)" if r["implementation"] == "lanes" else r["implementation"]
-    lines = [f"fedmeta bench — {r['device']}, torch {r['torch']}, {r['threads']} threads, {impl}, commit {r['commit'][:12]}",
-             f"kernels: {k['kernels_reason']}", f"ATen: {k['aten_cpu_capability']}; oneDNN: {r['onednn']}"]
-    lines.append(f"{'phase':<12}{'naive eps/s':>14}{'fedmeta eps/s':>16}{'ratio':>9}{'FLOP limit':>12}{'faults/ep naive':>17}{'fedmeta':>9}")
+    impl = (
+        f"lanes ({r['lanes']}), CPU kernels {k['kernels']} ({k['kernels_build']} build)"
+        if r["implementation"] == "lanes"
+        else r["implementation"]
+    )
+    lines = [
+        f"fedmeta bench — {r['device']}, torch {r['torch']}, {r['threads']} threads, {impl}, commit {r['commit'][:12]}",
+        f"kernels: {k['kernels_reason']}",
+        f"ATen: {k['aten_cpu_capability']}; oneDNN: {r['onednn']}",
+    ]
+    lines.append(
+        f"{'phase':<12}{'naive eps/s':>14}{'fedmeta eps/s':>16}{'ratio':>9}{'FLOP limit':>12}{'faults/ep naive':>17}{'fedmeta':>9}"
+    )
     for phase in PHASES:
         p = r[phase]
-        lines.append(f"{phase:<12}{p['naive_eps_per_s']:>14.2f}{p['fedmeta_eps_per_s']:>16.2f}{p['ratio']:>8.2f}×{p['flop_limit_eps_per_s']:>12.2f}"
-                     f"{p['naive_page_faults_per_episode']:>17}{p['fedmeta_page_faults_per_episode']:>9}")
-    lines.append(f"FLOP limit: episodes/s at {max(r['matmul_gflops'], r['conv_gflops']):.0f} GFLOP/s, the faster of this device's float32 rates at "
-                 f"{r['threads']} threads: 1024² matrix product {r['matmul_gflops']:.0f}, Conv4's 3×3 convolution {r['conv_gflops']:.0f} "
-                 "(direct convolutions' arithmetic; Winograd's needs less)")
+        lines.append(
+            f"{phase:<12}{p['naive_eps_per_s']:>14.2f}{p['fedmeta_eps_per_s']:>16.2f}{p['ratio']:>8.2f}×{p['flop_limit_eps_per_s']:>12.2f}"
+            f"{p['naive_page_faults_per_episode']:>17}{p['fedmeta_page_faults_per_episode']:>9}"
+        )
+    lines.append(
+        f"FLOP limit: episodes/s at {max(r['matmul_gflops'], r['conv_gflops']):.0f} GFLOP/s, the faster of this device's float32 rates at "
+        f"{r['threads']} threads: 1024² matrix product {r['matmul_gflops']:.0f}, Conv4's 3×3 convolution {r['conv_gflops']:.0f} "
+        "(direct convolutions' arithmetic; Winograd's needs less)"
+    )
     f = r["float32_vs_float64"]
-    lines.append(f"max |Δθ| vs naive after one meta-batch: float64 {r['max_param_diff_float64']:.2e}, float32 {r['max_param_diff_float32']:.2e} "
-                 f"({100 * r['share_above_1e-5_float32']:.1f} % of the elements above 1e-5)")
+    lines.append(
+        f"max |Δθ| vs naive after one meta-batch: float64 {r['max_param_diff_float64']:.2e}, float32 {r['max_param_diff_float32']:.2e} "
+        f"({100 * r['share_above_1e-5_float32']:.1f} % of the elements above 1e-5)"
+    )
     if "naive_float32_other_threads" in r:
         n = r["naive_float32_other_threads"]
-        lines.append(f"max |Δθ| of the naive float32 meta-batch, {n['threads'][0]} against {n['threads'][1]} threads: {n['max']:.2e} "
-                     f"({100 * n['share_above_1e-5']:.1f} % above 1e-5)")
+        lines.append(
+            f"max |Δθ| of the naive float32 meta-batch, {n['threads'][0]} against {n['threads'][1]} threads: {n['max']:.2e} "
+            f"({100 * n['share_above_1e-5']:.1f} % above 1e-5)"
+        )
     if "max_param_diff_float64_device_vs_cpu" in r:
-        lines.append(f"max |Δθ| of the project's float64 meta-batch, this device vs the CPU: {r['max_param_diff_float64_device_vs_cpu']:.2e}")
-    lines.append("float32 vs the float64 result, max / mean |Δθ|: " + ", ".join(f"{k} {v['max']:.1e} / {v['mean']:.1e}" for k, v in f.items()))
+        lines.append(
+            f"max |Δθ| of the project's float64 meta-batch, this device vs the CPU: {r['max_param_diff_float64_device_vs_cpu']:.2e}"
+        )
+    lines.append(
+        "float32 vs the float64 result, max / mean |Δθ|: "
+        + ", ".join(f"{k} {v['max']:.1e} / {v['mean']:.1e}" for k, v in f.items())
+    )
     if "peak_rss_mb" in r:
         m = r["peak_rss_mb"]
-        lines.append("peak RSS MB (growth during the phase): " + ", ".join(f"{k} {m[k]:.0f} (+{m[k + '_growth']:.0f})" for k in m if k + "_growth" in m))
+        lines.append(
+            "peak RSS MB (growth during the phase): "
+            + ", ".join(f"{k} {m[k]:.0f} (+{m[k + '_growth']:.0f})" for k in m if k + "_growth" in m)
+        )
         if any(k.endswith("_gpu") for k in m):
-            lines.append("peak GPU memory allocated MB: " + ", ".join(f"{k[:-4]} {m[k]:.0f}" for k in m if k.endswith("_gpu")))
+            lines.append(
+                "peak GPU memory allocated MB: " + ", ".join(f"{k[:-4]} {m[k]:.0f}" for k in m if k.endswith("_gpu"))
+            )
     lines.append(f"load average before/after: {r['load_average_before_after']}")
     return "\n".join(lines)
 

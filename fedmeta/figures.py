@@ -1,5 +1,6 @@
 """Figures laid out like the paper's: the attack's images (Figs. 1, 2) and the curves of Experiments 1-3
 (Figs. 3-8), each drawn by one function for both datasets, numbered and titled as the paper numbers them."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -87,7 +88,9 @@ def _curves(ax: Any, rows: list[dict[str, Any]], x: str) -> None:
             ys = [100 * r[key] for r in rows]
             ci = [100 * r[f"{key}_ci95"] for r in rows]
             ax.plot(xs, ys, color=colour, label=label, marker=".")
-            ax.fill_between(xs, [y - c for y, c in zip(ys, ci)], [y + c for y, c in zip(ys, ci)], color=colour, alpha=0.12)
+            ax.fill_between(
+                xs, [y - c for y, c in zip(ys, ci)], [y + c for y, c in zip(ys, ci)], color=colour, alpha=0.12
+            )
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
 
@@ -134,7 +137,9 @@ def pretraining(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def server_defenses(curves: dict[tuple[str, str, bool, str, str], list[dict[str, Any]]], path: Path, dataset: str) -> Path:
+def server_defenses(
+    curves: dict[tuple[str, str, bool, str, str], list[dict[str, Any]]], path: Path, dataset: str
+) -> Path:
     """Experiment 4: per federation, backdoor accuracy (attack training) and meta-test accuracy against
     rounds, one line per rule; the adaptive attacker's runs dashed. Secure-aggregation runs are left out."""
     feds = sorted({k[3] for k in curves})
@@ -148,8 +153,14 @@ def server_defenses(curves: dict[tuple[str, str, bool, str, str], list[dict[str,
         i, j = 2 * feds.index(fed), scen.index(s)
         for row, key in ((i, "attack_train"), (i + 1, "meta_test")):
             ax = axes[row][j]
-            ax.plot([r["round"] for r in rows], [100 * r[key] for r in rows], color=colours[rule], ls="--" if attacker == "adaptive" else "-",
-                    marker=".", label=f"{rule}{' (adaptive)' if attacker == 'adaptive' else ''}")
+            ax.plot(
+                [r["round"] for r in rows],
+                [100 * r[key] for r in rows],
+                color=colours[rule],
+                ls="--" if attacker == "adaptive" else "-",
+                marker=".",
+                label=f"{rule}{' (adaptive)' if attacker == 'adaptive' else ''}",
+            )
             ax.set_title(f"{fed}: {SERIES[key][0]}, {SCENARIO_TITLES[s][:3]}", fontsize=9)
             ax.set_ylim(-2, 102)
             ax.grid(alpha=0.3)
@@ -158,5 +169,7 @@ def server_defenses(curves: dict[tuple[str, str, bool, str, str], list[dict[str,
     for ax in axes[-1]:
         ax.set_xlabel("round (attack in round 1)")
     axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Server-side rules against the one-shot attack (Experiment 4) on {DATASET_NAMES[dataset]}", fontsize=10)
+    fig.suptitle(
+        f"Server-side rules against the one-shot attack (Experiment 4) on {DATASET_NAMES[dataset]}", fontsize=10
+    )
     return _save(fig, path)

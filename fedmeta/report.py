@@ -1,4 +1,5 @@
 """The reproduction report: the paper's numbers beside ours, from the stages' metric files."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +11,9 @@ class PaperNumbers:
     """What the paper's text (Sec. 3-4) states for one dataset; its figures are not machine-readable."""
 
     dataset: str  # as the paper names it
-    exp1: dict[str, tuple[tuple[int, int], tuple[int, int]]]  # scenario: (after attack train/val %, after continuation train/val %)
+    exp1: dict[
+        str, tuple[tuple[int, int], tuple[int, int]]
+    ]  # scenario: (after attack train/val %, after continuation train/val %)
     exp1_meta_test: dict[str, str]  # scenario: meta-test accuracy after the attack
     meta_test_before: str  # before the attack (round 0)
     continuation_rounds: int
@@ -71,7 +74,9 @@ def exp1_table(curves: dict[str, list[dict[str, Any]]], paper: PaperNumbers) -> 
     return "\n".join(lines)
 
 
-def users_table(exp2: dict[str, list[list[dict[str, Any]]]], exp3: dict[str, list[list[dict[str, Any]]]], paper: PaperNumbers) -> str:
+def users_table(
+    exp2: dict[str, list[list[dict[str, Any]]]], exp3: dict[str, list[list[dict[str, Any]]]], paper: PaperNumbers
+) -> str:
     """Final points of Experiments 2 and 3, averaged over benign users, at the same fine-tuning step."""
     p = paper.dataset
     lines = [
@@ -82,7 +87,9 @@ def users_table(exp2: dict[str, list[list[dict[str, Any]]]], exp3: dict[str, lis
         final2 = [rows[-1] for rows in exp2[s]]
         final3 = [rows[-1] for rows in exp3.get(s, [])]
         ours3 = (
-            f"{pct(_mean(final3, 'attack_train'))} / {pct(_mean(final3, 'attack_val'))}, {pct(_mean(final3, 'meta_test'))}" if final3 else "—"
+            f"{pct(_mean(final3, 'attack_train'))} / {pct(_mean(final3, 'attack_val'))}, {pct(_mean(final3, 'meta_test'))}"
+            if final3
+            else "—"
         )
         lines.append(
             f"| {s} | {paper.exp2[s]} | {pct(_mean(final2, 'attack_train'))} / {pct(_mean(final2, 'attack_val'))}, {pct(_mean(final2, 'meta_test'))} "
@@ -102,7 +109,10 @@ ABLATION_LABELS = {
 
 
 def ablation_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| defense variant | scenario | attack train | attack val | main task | meta-test | steps |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| defense variant | scenario | attack train | attack val | main task | meta-test | steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {ABLATION_LABELS.get(r['removed'], r['removed'])} | {r['scenario']} | {pct(float(r['attack_train']))} | {pct(float(r['attack_val']))} "
@@ -152,7 +162,10 @@ def exp4_table(curves: dict[Exp4Key, list[dict[str, Any]]]) -> str:
 
 def exp4_price_table(price: dict[tuple[str, str], dict[str, Any]]) -> str:
     """Benign-only rounds from the same pretrained model: each rule's meta-test accuracy beside the mean rule's."""
-    lines = ["| M | rule | meta-test after the benign rounds | change against mean (points) | within mean's interval |", "|---|---|---|---|---|"]
+    lines = [
+        "| M | rule | meta-test after the benign rounds | change against mean (points) | within mean's interval |",
+        "|---|---|---|---|---|",
+    ]
     for (fed, rule), row in sorted(price.items()):
         base = price[(fed, "mean")]
         lines.append(
@@ -187,10 +200,15 @@ def exp4_answers(curves: dict[Exp4Key, list[dict[str, Any]]], price: dict[tuple[
                 continue
             rules = sorted({k[1] for k in keys})
             stop = [r for r in rules if all(exp4_stopped(curves, k) for k in keys if k[1] == r)]
-            costs = ", ".join(f"{r} {100 * (price[(fed, r)]['meta_test'] - price[(fed, 'mean')]['meta_test']):+.1f}" for r in stop if (fed, r) in price)
+            costs = ", ".join(
+                f"{r} {100 * (price[(fed, r)]['meta_test'] - price[(fed, 'mean')]['meta_test']):+.1f}"
+                for r in stop
+                if (fed, r) in price
+            )
             out.append(
                 f"- {fed}, {attacker} attacker (rules run: {', '.join(rules)}): backdoor accuracy after the attack stays within θ_0's intervals "
                 f"in every scenario under {', '.join(stop) if stop else 'none of them'}"
-                + (f"; benign meta-test change against mean (points): {costs}" if costs else "") + "."
+                + (f"; benign meta-test change against mean (points): {costs}" if costs else "")
+                + "."
             )
     return "\n".join(out)

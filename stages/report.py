@@ -1,5 +1,6 @@
 """Stage report: the paper's figures of Experiments 1-3 for all scenarios (3, 5, 7 on Omniglot; 4, 6, 8 on
 mini-ImageNet), Experiment 4's, and the comparison tables against the paper's numbers for the dataset."""
+
 from __future__ import annotations
 
 import csv
@@ -23,7 +24,13 @@ def _value(key: str, text: str) -> Any:
     return int(text) if key in ("round", "step", "steps") else float(text)
 
 
-def _exp4(folder: Path) -> tuple[dict[report.Exp4Key, list[dict[str, Any]]], dict[tuple[str, str], dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
+def _exp4(
+    folder: Path,
+) -> tuple[
+    dict[report.Exp4Key, list[dict[str, Any]]],
+    dict[tuple[str, str], dict[str, Any]],
+    dict[tuple[str, str], dict[str, Any]],
+]:
     """Experiment 4's files, by run name `attacker-rule[-secure]-variant-federation` (stages/exp4.py):
     the curves per scenario, the benign runs' final meta-test, and the secure runs' user-side measurements."""
     curves, price, user = {}, {}, {}
@@ -58,7 +65,10 @@ def main() -> None:
         ]
         curves4, price4, user4 = _exp4(m / "exp4")
         paths.append(figures.server_defenses(curves4, runtime.CURVES / "exp4_defenses.png", ds))
-        by_scenario = {stage: {s: [r for (sc, _), r in sorted(g.items()) if sc == s] for s in SCENARIOS} for stage, g in grids.items()}
+        by_scenario = {
+            stage: {s: [r for (sc, _), r in sorted(g.items()) if sc == s] for s in SCENARIOS}
+            for stage, g in grids.items()
+        }
         text = "\n\n".join(
             [
                 f"# Reproduction report (profile `{params.profile}`, dataset `{params.dataset}`)",

@@ -1,4 +1,5 @@
 """Shared fixtures: a synthetic Omniglot archive in the real layout, and tiny configurations."""
+
 from __future__ import annotations
 
 import io
@@ -48,14 +49,19 @@ def omniglot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two archives sharing one alphabet (as the real small1/small2 share Greek and Latin)."""
     d = tmp_path_factory.mktemp("omniglot")
     write_archive(d / "images_background_small1.zip", "images_background_small1", {"Alpha": 12, "Shared": 8})
-    with zipfile.ZipFile(d / "images_background_small1.zip") as src, zipfile.ZipFile(d / "images_background_small2.zip", "w") as dst:
+    with (
+        zipfile.ZipFile(d / "images_background_small1.zip") as src,
+        zipfile.ZipFile(d / "images_background_small2.zip", "w") as dst,
+    ):
         for info in src.infolist():
             if "/Shared/" in info.filename:
                 dst.writestr(info.filename.replace("small1", "small2"), src.read(info))
         k = 100
         for c in range(14):
             for s in range(20):
-                dst.writestr(f"images_background_small2/Beta/character{c + 1:02d}/{k:04d}_{s + 1:02d}.png", drawing(k, s))
+                dst.writestr(
+                    f"images_background_small2/Beta/character{c + 1:02d}/{k:04d}_{s + 1:02d}.png", drawing(k, s)
+                )
             k += 1
     return d
 
@@ -97,8 +103,15 @@ def tiny_exp(tiny_params: config.Config, tiny_data):
 
 def sh(cwd: Path, *cmd: str) -> str:
     """Run a command of the project's CLI, dvc or git in `cwd`; its stdout, or a failure showing both streams' ends."""
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     env.pop("DVC_ROOT", None)
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -115,7 +128,13 @@ def tiny_pipeline_raw(omniglot_dir: Path) -> dict:
 
 def reproduced_repo(dst: Path, raw: dict) -> Path:
     """A git + DVC copy of the project's tracked files in `dst` with params.yaml `raw`, after `dvc repro`."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for rel in files.stdout.split():
         if rel.startswith(("metrics/", "tests/")) or not (REPO / rel).is_file():
             continue

@@ -1,4 +1,5 @@
 """mini-ImageNet reader: the three layouts agree, resize correctly, and every bad input is a FedmetaError."""
+
 from __future__ import annotations
 
 import builtins
@@ -91,7 +92,12 @@ def write_pickle_layout(root: Path, arrays: Arrays, protocol: int = pickle.DEFAU
 def in_loader_order(arrays: Arrays) -> list[tuple[int, np.ndarray]]:
     """(label, array) pairs in the order the loader must emit them: splits in order, wnids sorted."""
     names = [w for split in ("train", "val", "test") for w in sorted(arrays[split])]
-    return [(names.index(w), arr) for split in ("train", "val", "test") for w in sorted(arrays[split]) for arr in arrays[split][w]]
+    return [
+        (names.index(w), arr)
+        for split in ("train", "val", "test")
+        for w in sorted(arrays[split])
+        for arr in arrays[split][w]
+    ]
 
 
 def expected_images(arrays: Arrays) -> torch.Tensor:
@@ -115,6 +121,7 @@ def assert_same(a, b) -> None:
 
 
 # --- well-formed layouts -----------------------------------------------------
+
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_pickle_layout_reads_exact_pixels_and_labels(tmp_path, protocol):
@@ -188,6 +195,7 @@ def test_hidden_and_non_image_files_in_class_folders_are_ignored(tmp_path):
 
 # --- bad inputs --------------------------------------------------------------
 
+
 def error(root: Path, **kwargs) -> str:
     with pytest.raises(FedmetaError) as info:
         load_miniimagenet(root, **kwargs)
@@ -200,17 +208,21 @@ def test_missing_root(tmp_path):
     assert str(tmp_path / "nope") in error(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("partial", [[], ["train.csv", "val.csv", "test.csv"], ["images/", "train.csv"], ["train/", "val/"]])
+@pytest.mark.parametrize(
+    "partial", [[], ["train.csv", "val.csv", "test.csv"], ["images/", "train.csv"], ["train/", "val/"]]
+)
 def test_unknown_or_incomplete_layout_lists_accepted_layouts(tmp_path, partial):
     for name in partial:
         (tmp_path / name).mkdir() if name.endswith("/") else (tmp_path / name).write_text("filename,label\n")
     msg = error(tmp_path)
-    assert str(tmp_path) in msg and "train.csv" in msg and "mini-imagenet-cache" in msg and "one folder per class" in msg
+    assert (
+        str(tmp_path) in msg and "train.csv" in msg and "mini-imagenet-cache" in msg and "one folder per class" in msg
+    )
 
 
 def test_csv_naming_missing_image(tmp_path):
     write_csv_layout(tmp_path, random_arrays())
-    (tmp_path / "images" / "n05000000" "00000001.png").unlink()  # third line of val.csv
+    (tmp_path / "images" / "n0500000000000001.png").unlink()  # third line of val.csv
     msg = error(tmp_path)
     assert f"{tmp_path / 'val.csv'}: line 3 names missing image {tmp_path / 'images' / 'n0500000000000001.png'}" == msg
 
@@ -235,7 +247,11 @@ def test_csv_row_with_wrong_field_count(tmp_path):
 @pytest.mark.parametrize("payload", [b"this is not a jpeg", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00truncated"])
 def test_corrupt_image(tmp_path, writer, payload):
     writer(tmp_path, random_arrays(), ".jpg")
-    victim = next((tmp_path / "images").glob("*.jpg")) if writer is write_csv_layout else tmp_path / "test" / "n06000000" / "02.jpg"
+    victim = (
+        next((tmp_path / "images").glob("*.jpg"))
+        if writer is write_csv_layout
+        else tmp_path / "test" / "n06000000" / "02.jpg"
+    )
     victim.write_bytes(payload)
     msg = error(tmp_path)
     assert msg.startswith(f"{victim}: unreadable image")
@@ -317,13 +333,25 @@ def test_codecs_encode_only_allowed_for_latin1(tmp_path):
         ({"class_dict": {"n01000000": [0]}}, "'image_data' and 'class_dict'"),
         ({"image_data": np.zeros((1, 84, 84, 3), np.uint8)}, "'image_data' and 'class_dict'"),
         ([1, 2, 3], "'image_data' and 'class_dict'"),
-        ({"image_data": np.zeros((1, 84, 84, 3), np.float32), "class_dict": {"n01000000": [0]}}, "uint8 array [n, H, W, 3]"),
+        (
+            {"image_data": np.zeros((1, 84, 84, 3), np.float32), "class_dict": {"n01000000": [0]}},
+            "uint8 array [n, H, W, 3]",
+        ),
         ({"image_data": np.zeros((1, 84, 84), np.uint8), "class_dict": {"n01000000": [0]}}, "uint8 array [n, H, W, 3]"),
         ({"image_data": [[0]], "class_dict": {"n01000000": [0]}}, "uint8 array [n, H, W, 3]"),
         ({"image_data": np.zeros((1, 84, 84, 3), np.uint8), "class_dict": [0]}, "class_dict must be a dict"),
-        ({"image_data": np.zeros((1, 84, 84, 3), np.uint8), "class_dict": {"n01000000": [1]}}, "indices into image_data"),
-        ({"image_data": np.zeros((1, 84, 84, 3), np.uint8), "class_dict": {"n01000000": []}}, "indices into image_data"),
-        ({"image_data": np.zeros((1, 84, 84, 3), np.uint8), "class_dict": {"n01000000": [0.0]}}, "indices into image_data"),
+        (
+            {"image_data": np.zeros((1, 84, 84, 3), np.uint8), "class_dict": {"n01000000": [1]}},
+            "indices into image_data",
+        ),
+        (
+            {"image_data": np.zeros((1, 84, 84, 3), np.uint8), "class_dict": {"n01000000": []}},
+            "indices into image_data",
+        ),
+        (
+            {"image_data": np.zeros((1, 84, 84, 3), np.uint8), "class_dict": {"n01000000": [0.0]}},
+            "indices into image_data",
+        ),
     ],
 )
 def test_malformed_pickle_contents(tmp_path, cache, expect):

@@ -1,4 +1,5 @@
 """End to end: `dvc repro` of the whole pipeline on the tiny profile, in a temporary copy of the repo."""
+
 from __future__ import annotations
 
 import csv
@@ -11,7 +12,12 @@ import yaml
 from conftest import sh
 
 pytestmark = pytest.mark.pipeline
-METRIC_FILES = ("metrics/attack_exclude.json", "metrics/exp1_include/b.csv", "metrics/finetune_exclude/a_user2.csv", "metrics/report.md")
+METRIC_FILES = (
+    "metrics/attack_exclude.json",
+    "metrics/exp1_include/b.csv",
+    "metrics/finetune_exclude/a_user2.csv",
+    "metrics/report.md",
+)
 
 
 @pytest.fixture()
@@ -20,7 +26,14 @@ def repo(tiny_repo: Path) -> Path:
 
 
 def test_repro_produces_every_output_and_logs_to_mlflow(repo: Path) -> None:
-    for rel in (*METRIC_FILES, "checkpoints/attacked_include.pt", "docs/figures/exp1_omniglot.png", "docs/figures/exp3_omniglot.png", "metrics/figures/backdoor_omniglot.png", "metrics/ablation.csv"):
+    for rel in (
+        *METRIC_FILES,
+        "checkpoints/attacked_include.pt",
+        "docs/figures/exp1_omniglot.png",
+        "docs/figures/exp3_omniglot.png",
+        "metrics/figures/backdoor_omniglot.png",
+        "metrics/ablation.csv",
+    ):
         assert (repo / rel).is_file(), rel
     with (repo / "metrics/exp1_exclude/a.csv").open() as f:
         rounds = [row["round"] for row in csv.DictReader(f)]
@@ -29,7 +42,9 @@ def test_repro_produces_every_output_and_logs_to_mlflow(repo: Path) -> None:
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["fedmeta"])
-    assert {"prepare", "pretrain", "attack", "continue", "finetune", "defend", "ablation", "report"} <= set(runs["tags.stage"])
+    assert {"prepare", "pretrain", "attack", "continue", "finetune", "defend", "ablation", "report"} <= set(
+        runs["tags.stage"]
+    )
     assert (runs["tags.profile"] == "tiny").all()
     assert runs["metrics.a.attack_train"].notna().any()
 
@@ -37,7 +52,9 @@ def test_repro_produces_every_output_and_logs_to_mlflow(repo: Path) -> None:
 def test_ablation_has_every_variant_and_reuses_experiments_2_and_3_exactly(repo: Path) -> None:
     with (repo / "metrics/ablation.csv").open() as f:
         rows = {(r["removed"], r["scenario"]): r for r in csv.DictReader(f)}
-    assert set(rows) == {(v, s) for v in ("none", "attention", "reinit", "finetune", "defense", "attack") for s in "abc"}
+    assert set(rows) == {
+        (v, s) for v in ("none", "attention", "reinit", "finetune", "defense", "attack") for s in "abc"
+    }
     assert rows[("finetune", "a")]["steps"] == "0"
     for removed, stage in (("none", "defend"), ("defense", "finetune")):
         for scenario, variant in (("a", "exclude"), ("b", "include"), ("c", "include")):
@@ -53,7 +70,16 @@ def test_meta_test_command_repeats_the_pipelines_episodes_and_draws_more(repo: P
         exp2 = [(int(r["step"]), float(r["meta_test"])) for r in csv.DictReader(f)]
     count = yaml.safe_load((repo / "params.yaml").read_text())["profiles"]["tiny"]["eval_episodes"]
     for n in (count, 3 * count):
-        sh(repo, "fedmeta", "meta-test", "checkpoints/attacked_include.pt", "--episodes", str(n), "--out", f"mt{n}.json")
+        sh(
+            repo,
+            "fedmeta",
+            "meta-test",
+            "checkpoints/attacked_include.pt",
+            "--episodes",
+            str(n),
+            "--out",
+            f"mt{n}.json",
+        )
     same, more = (json.loads((repo / f"mt{n}.json").read_text()) for n in (count, 3 * count))
     assert [(r["step"], r["meta_test"]) for r in same["curve"]] == exp2
     assert more["episodes"] == 3 * count and [r["step"] for r in more["curve"]] == [s for s, _ in exp2]

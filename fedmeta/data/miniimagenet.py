@@ -4,6 +4,7 @@ The dataset circulates as Ravi-Larochelle CSVs over one image folder, as
 pickle caches of decoded arrays, and as class-per-folder trees; all three
 carry the same fixed 64/16/20 class split, which is kept as `fixed_split`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -71,7 +72,9 @@ def _read_csv(csv_path: Path, image_dir: Path) -> Classes:
                 if not row:
                     continue
                 if len(row) != 2 or not all(row):
-                    raise FedmetaError(f"{csv_path}: line {rows.line_num}: expected 'filename,label', got {','.join(row)!r}")
+                    raise FedmetaError(
+                        f"{csv_path}: line {rows.line_num}: expected 'filename,label', got {','.join(row)!r}"
+                    )
                 path = image_dir / row[0]
                 if not path.is_file():
                     raise FedmetaError(f"{csv_path}: line {rows.line_num} names missing image {path}")
@@ -86,7 +89,8 @@ def _read_folders(split_dir: Path) -> Classes:
     classes: Classes = {}
     for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = sorted(
-            p for p in class_dir.iterdir()
+            p
+            for p in class_dir.iterdir()
             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in _IMAGE_SUFFIXES
         )
         if not files:
@@ -119,10 +123,14 @@ def _read_pickle(path: Path) -> Classes:
     classes: Classes = {}
     for wnid, indices in class_dict.items():
         if not (
-            isinstance(wnid, str) and isinstance(indices, (list, tuple)) and indices
+            isinstance(wnid, str)
+            and isinstance(indices, (list, tuple))
+            and indices
             and all(isinstance(i, (int, np.integer)) and 0 <= i < len(data) for i in indices)
         ):
-            raise FedmetaError(f"{path}: class_dict[{wnid!r}] must be a non-empty list of indices into image_data (0..{len(data) - 1})")
+            raise FedmetaError(
+                f"{path}: class_dict[{wnid!r}] must be a non-empty list of indices into image_data (0..{len(data) - 1})"
+            )
         classes[wnid] = [partial(Image.fromarray, data[i]) for i in indices]
     return classes
 
@@ -160,7 +168,9 @@ def _numpy_globals(np: Any) -> dict[tuple[str, str], Any]:
 def _latin1_encode(text: str, encoding: str) -> bytes:
     """Protocol-2 pickles from Python 3 store bytes as `_codecs.encode(text, 'latin1')`; allow only that."""
     if not isinstance(text, str) or encoding != "latin1":
-        raise ValueError(f"_codecs.encode is only allowed as (str, 'latin1'), got ({type(text).__name__}, {encoding!r})")
+        raise ValueError(
+            f"_codecs.encode is only allowed as (str, 'latin1'), got ({type(text).__name__}, {encoding!r})"
+        )
     return text.encode("latin1")
 
 
