@@ -547,7 +547,10 @@ def peak_rss(s: Settings, which: tuple[tuple[str, str], ...] | None = None) -> d
     the phase's peak of memory allocated on the device."""
     out: dict[str, float] = {}
     for side, phase in which or tuple((side, phase) for phase in PHASES for side in ("naive", "fedmeta")):
-        code = f"from fedmeta.bench import memory_probe; memory_probe({json.dumps(json.dumps(asdict(s)))}, {side!r}, {phase!r})"
+        code = (
+            "from fedmeta.bench import memory_probe; "
+            f"memory_probe({json.dumps(json.dumps(asdict(s)))}, {side!r}, {phase!r})"
+        )
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"memory probe {side} {phase} failed:\n{done.stderr[-2000:]}")
@@ -589,7 +592,8 @@ def onednn_isa() -> str:
     """The ISA oneDNN dispatches to in this environment (its verbose `isa:` line) and the kernel it runs for
     Conv4's 64 → 64 convolution, from a fresh process: oneDNN prints them only when it starts verbose."""
     code = (
-        "import torch, torch.nn.functional as F; F.conv2d(torch.randn(10, 64, 14, 14).contiguous(memory_format=torch.channels_last), "
+        "import torch, torch.nn.functional as F; "
+        "F.conv2d(torch.randn(10, 64, 14, 14).contiguous(memory_format=torch.channels_last), "
         "torch.randn(64, 64, 3, 3), padding=1)"
     )
     try:
@@ -656,33 +660,40 @@ def table(r: dict[str, Any]) -> str:
         f"ATen: {k['aten_cpu_capability']}; oneDNN: {r['onednn']}",
     ]
     lines.append(
-        f"{'phase':<12}{'naive eps/s':>14}{'fedmeta eps/s':>16}{'ratio':>9}{'FLOP limit':>12}{'faults/ep naive':>17}{'fedmeta':>9}"
+        f"{'phase':<12}{'naive eps/s':>14}{'fedmeta eps/s':>16}{'ratio':>9}{'FLOP limit':>12}"
+        f"{'faults/ep naive':>17}{'fedmeta':>9}"
     )
     for phase in PHASES:
         p = r[phase]
         lines.append(
-            f"{phase:<12}{p['naive_eps_per_s']:>14.2f}{p['fedmeta_eps_per_s']:>16.2f}{p['ratio']:>8.2f}×{p['flop_limit_eps_per_s']:>12.2f}"
+            f"{phase:<12}{p['naive_eps_per_s']:>14.2f}{p['fedmeta_eps_per_s']:>16.2f}{p['ratio']:>8.2f}×"
+            f"{p['flop_limit_eps_per_s']:>12.2f}"
             f"{p['naive_page_faults_per_episode']:>17}{p['fedmeta_page_faults_per_episode']:>9}"
         )
     lines.append(
-        f"FLOP limit: episodes/s at {max(r['matmul_gflops'], r['conv_gflops']):.0f} GFLOP/s, the faster of this device's float32 rates at "
-        f"{r['threads']} threads: 1024² matrix product {r['matmul_gflops']:.0f}, Conv4's 3×3 convolution {r['conv_gflops']:.0f} "
+        f"FLOP limit: episodes/s at {max(r['matmul_gflops'], r['conv_gflops']):.0f} GFLOP/s, "
+        "the faster of this device's float32 rates at "
+        f"{r['threads']} threads: 1024² matrix product {r['matmul_gflops']:.0f}, "
+        f"Conv4's 3×3 convolution {r['conv_gflops']:.0f} "
         "(direct convolutions' arithmetic; Winograd's needs less)"
     )
     f = r["float32_vs_float64"]
     lines.append(
-        f"max |Δθ| vs naive after one meta-batch: float64 {r['max_param_diff_float64']:.2e}, float32 {r['max_param_diff_float32']:.2e} "
+        f"max |Δθ| vs naive after one meta-batch: float64 {r['max_param_diff_float64']:.2e}, "
+        f"float32 {r['max_param_diff_float32']:.2e} "
         f"({100 * r['share_above_1e-5_float32']:.1f} % of the elements above 1e-5)"
     )
     if "naive_float32_other_threads" in r:
         n = r["naive_float32_other_threads"]
         lines.append(
-            f"max |Δθ| of the naive float32 meta-batch, {n['threads'][0]} against {n['threads'][1]} threads: {n['max']:.2e} "
+            f"max |Δθ| of the naive float32 meta-batch, {n['threads'][0]} against {n['threads'][1]} threads: "
+            f"{n['max']:.2e} "
             f"({100 * n['share_above_1e-5']:.1f} % above 1e-5)"
         )
     if "max_param_diff_float64_device_vs_cpu" in r:
         lines.append(
-            f"max |Δθ| of the project's float64 meta-batch, this device vs the CPU: {r['max_param_diff_float64_device_vs_cpu']:.2e}"
+            "max |Δθ| of the project's float64 meta-batch, this device vs the CPU: "
+            f"{r['max_param_diff_float64_device_vs_cpu']:.2e}"
         )
     lines.append(
         "float32 vs the float64 result, max / mean |Δθ|: "

@@ -57,7 +57,8 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
 def exp1_table(curves: dict[str, list[dict[str, Any]]], paper: PaperNumbers) -> str:
     p = paper.dataset
     lines = [
-        f"| scenario | paper ({p}): after attack (train / val) | ours: after attack (train / val, meta-test) | paper ({p}): after continuation "
+        f"| scenario | paper ({p}): after attack (train / val) | ours: after attack (train / val, meta-test) "
+        f"| paper ({p}): after continuation "
         "| ours: after continuation (round, train / val, meta-test) |",
         "|---|---|---|---|---|",
     ]
@@ -68,7 +69,8 @@ def exp1_table(curves: dict[str, list[dict[str, Any]]], paper: PaperNumbers) -> 
         lines.append(
             f"| {s} | {pa} / {pv} (meta-test {paper.exp1_meta_test[s]}; before the attack {paper.meta_test_before}) "
             f"| {pct(after['attack_train'])} / {pct(after['attack_val'])}, {pct(after['meta_test'])} "
-            f"| {ca} / {cv} ({paper.continuation_rounds} rounds) | round {last['round']}: {pct(last['attack_train'])} / {pct(last['attack_val'])}, "
+            f"| {ca} / {cv} ({paper.continuation_rounds} rounds) "
+            f"| round {last['round']}: {pct(last['attack_train'])} / {pct(last['attack_val'])}, "
             f"{pct(last['meta_test'])} |"
         )
     return "\n".join(lines)
@@ -80,19 +82,22 @@ def users_table(
     """Final points of Experiments 2 and 3, averaged over benign users, at the same fine-tuning step."""
     p = paper.dataset
     lines = [
-        f"| scenario | paper ({p}) Exp 2 backdoor | ours Exp 2 (train / val, meta-test) | paper ({p}) Exp 3 backdoor | ours Exp 3 (train / val, meta-test) | step |",
+        f"| scenario | paper ({p}) Exp 2 backdoor | ours Exp 2 (train / val, meta-test) "
+        f"| paper ({p}) Exp 3 backdoor | ours Exp 3 (train / val, meta-test) | step |",
         "|---|---|---|---|---|---|",
     ]
     for s in sorted(exp2):
         final2 = [rows[-1] for rows in exp2[s]]
         final3 = [rows[-1] for rows in exp3.get(s, [])]
         ours3 = (
-            f"{pct(_mean(final3, 'attack_train'))} / {pct(_mean(final3, 'attack_val'))}, {pct(_mean(final3, 'meta_test'))}"
+            f"{pct(_mean(final3, 'attack_train'))} / {pct(_mean(final3, 'attack_val'))}, "
+            f"{pct(_mean(final3, 'meta_test'))}"
             if final3
             else "—"
         )
         lines.append(
-            f"| {s} | {paper.exp2[s]} | {pct(_mean(final2, 'attack_train'))} / {pct(_mean(final2, 'attack_val'))}, {pct(_mean(final2, 'meta_test'))} "
+            f"| {s} | {paper.exp2[s]} | {pct(_mean(final2, 'attack_train'))} / {pct(_mean(final2, 'attack_val'))}, "
+            f"{pct(_mean(final2, 'meta_test'))} "
             f"| {paper.exp3[s]} (meta-test {paper.exp3_meta_test}) | {ours3} | {final2[0]['step']} |"
         )
     return "\n".join(lines)
@@ -115,7 +120,8 @@ def ablation_table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {ABLATION_LABELS.get(r['removed'], r['removed'])} | {r['scenario']} | {pct(float(r['attack_train']))} | {pct(float(r['attack_val']))} "
+            f"| {ABLATION_LABELS.get(r['removed'], r['removed'])} | {r['scenario']} | {pct(float(r['attack_train']))} "
+            f"| {pct(float(r['attack_val']))} "
             f"| {pct(float(r['main']))} | {pct(float(r['meta_test']))} | {r['steps']} |"
         )
     return "\n".join(lines)
@@ -147,15 +153,18 @@ def exp4_stopped(curves: dict[Exp4Key, list[dict[str, Any]]], key: Exp4Key) -> b
 def exp4_table(curves: dict[Exp4Key, list[dict[str, Any]]]) -> str:
     """Per federation, attacker, rule and scenario: the attack round and the last benign round."""
     lines = [
-        "| M | attacker | rule | scenario | backdoor after attack: train | val | meta-test after attack | backdoor at last round: train | meta-test at last round | stopped |",
+        "| M | attacker | rule | scenario | backdoor after attack: train | val | meta-test after attack "
+        "| backdoor at last round: train | meta-test at last round | stopped |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(k for k in curves if not k[2]):
         attacker, rule, _, fed, scenario = key
         after, last = next(r for r in curves[key] if r["round"] == 1), curves[key][-1]
         lines.append(
-            f"| {fed} | {attacker} | {rule} | {scenario} | {ci(after, 'attack_train')} | {ci(after, 'attack_val')} | {ci(after, 'meta_test')} "
-            f"| round {last['round']}: {ci(last, 'attack_train')} | {ci(last, 'meta_test')} | {'yes' if exp4_stopped(curves, key) else 'no'} |"
+            f"| {fed} | {attacker} | {rule} | {scenario} | {ci(after, 'attack_train')} | {ci(after, 'attack_val')} "
+            f"| {ci(after, 'meta_test')} "
+            f"| round {last['round']}: {ci(last, 'attack_train')} | {ci(last, 'meta_test')} "
+            f"| {'yes' if exp4_stopped(curves, key) else 'no'} |"
         )
     return "\n".join(lines)
 
@@ -169,7 +178,8 @@ def exp4_price_table(price: dict[tuple[str, str], dict[str, Any]]) -> str:
     for (fed, rule), row in sorted(price.items()):
         base = price[(fed, "mean")]
         lines.append(
-            f"| {fed} | {rule} | round {row['round']}: {ci(row, 'meta_test')} | {100 * (row['meta_test'] - base['meta_test']):+.1f} "
+            f"| {fed} | {rule} | round {row['round']}: {ci(row, 'meta_test')} "
+            f"| {100 * (row['meta_test'] - base['meta_test']):+.1f} "
             f"| {'yes' if overlaps(row, base, 'meta_test') else 'no'} |"
         )
     return "\n".join(lines)
@@ -178,13 +188,16 @@ def exp4_price_table(price: dict[tuple[str, str], dict[str, Any]]) -> str:
 def exp4_secure_table(user: dict[tuple[str, str], dict[str, Any]]) -> str:
     """Under secure aggregation: the attacked model as the server produced it, then each user's own choice."""
     lines = [
-        "| rule under secure aggregation | scenario | backdoor after attack (train / val) | user fine-tunes: backdoor train / val, meta-test | user's matching defense: backdoor train / val, meta-test | steps |",
+        "| rule under secure aggregation | scenario | backdoor after attack (train / val) "
+        "| user fine-tunes: backdoor train / val, meta-test "
+        "| user's matching defense: backdoor train / val, meta-test | steps |",
         "|---|---|---|---|---|---|",
     ]
     for (rule, scenario), s in sorted(user.items()):
         a, f, d = s["attack_round"], s["user_finetune"], s["user_defense"]
         lines.append(
-            f"| {rule} | {scenario} | {ci(a, 'attack_train')} / {ci(a, 'attack_val')} | {ci(f, 'attack_train')} / {ci(f, 'attack_val')}, {ci(f, 'meta_test')} "
+            f"| {rule} | {scenario} | {ci(a, 'attack_train')} / {ci(a, 'attack_val')} "
+            f"| {ci(f, 'attack_train')} / {ci(f, 'attack_val')}, {ci(f, 'meta_test')} "
             f"| {ci(d, 'attack_train')} / {ci(d, 'attack_val')}, {ci(d, 'meta_test')} | {d['step']} |"
         )
     return "\n".join(lines)
@@ -206,7 +219,8 @@ def exp4_answers(curves: dict[Exp4Key, list[dict[str, Any]]], price: dict[tuple[
                 if (fed, r) in price
             )
             out.append(
-                f"- {fed}, {attacker} attacker (rules run: {', '.join(rules)}): backdoor accuracy after the attack stays within θ_0's intervals "
+                f"- {fed}, {attacker} attacker (rules run: {', '.join(rules)}): "
+                "backdoor accuracy after the attack stays within θ_0's intervals "
                 f"in every scenario under {', '.join(stop) if stop else 'none of them'}"
                 + (f"; benign meta-test change against mean (points): {costs}" if costs else "")
                 + "."

@@ -81,16 +81,21 @@ def main() -> None:
                 "## Ablation of the defense",
                 report.ablation_table(_read(m / "ablation.csv")),
                 "## Experiment 4: server-side defenses against the one-shot attack (docs/experiment4.md)",
-                "All numbers are % ± the 95 % interval's half-width. 'stopped': backdoor accuracy after the attack round within the intervals "
-                "of the pretrained model before the attack (round 0). m4: the paper's federation (M = 4, M_min = 3, λ = 3); m20: the same classes "
-                "among 20 users (M_r = M_min = 5, λ = 5); the adaptive attacker rescales its update to just under norm_clip's bound.",
+                "All numbers are % ± the 95 % interval's half-width. "
+                "'stopped': backdoor accuracy after the attack round within the intervals "
+                "of the pretrained model before the attack (round 0). "
+                "m4: the paper's federation (M = 4, M_min = 3, λ = 3); m20: the same classes "
+                "among 20 users (M_r = M_min = 5, λ = 5); "
+                "the adaptive attacker rescales its update to just under norm_clip's bound.",
                 report.exp4_answers(curves4, price4),
                 report.exp4_table(curves4),
                 "### The price of each rule when nobody attacks",
                 report.exp4_price_table(price4),
                 "### Secure aggregation: what is left to a user",
-                "The server sees only masked updates, so only mean and norm_clip can run (clipping by each client, which the attacker's client skips); "
-                "each benign user can still fine-tune the attacked model, plainly or with Experiment 3's matching-network defense.",
+                "The server sees only masked updates, so only mean and norm_clip can run "
+                "(clipping by each client, which the attacker's client skips); "
+                "each benign user can still fine-tune the attacked model, "
+                "plainly or with Experiment 3's matching-network defense.",
                 report.exp4_secure_table(user4),
             ]
         )
