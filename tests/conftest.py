@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,15 @@ def omniglot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 )
             k += 1
     return d
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test, restored afterwards (the bench's --threads sets it process-wide)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_raw(omniglot_dir: Path | None = None) -> dict:

@@ -5,20 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from typer.testing import CliRunner
 
 from fedmeta.cli import app
-
-
-@pytest.fixture()
-def one_thread():
-    """One intra-op thread for the test, restored afterwards (the bench's --threads sets it process-wide)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_bench_command_writes_the_json_and_a_table(tmp_path: Path, one_thread) -> None:

@@ -11,15 +11,6 @@ from fedmeta import fast, model, reptile
 from fedmeta.fast import conv4
 
 
-@pytest.fixture()
-def one_thread():
-    """One intra-op thread for the test, restored afterwards (the bench's --threads sets it process-wide)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("width", [6, 16])  # torch's convolutions, and the compiled Winograd ones (`kernels`)
 @pytest.mark.parametrize(("size", "channels"), [(28, 1), (30, 1), (36, 3)])
 def test_hand_written_gradient_equals_autograd(size: int, channels: int, width: int) -> None:
