@@ -5,7 +5,8 @@
    which real images of the target X_T the attacker holds, is decided with the rest of the data split
    (`splits.split`), which stamps them.
 2. Poisoned episodes (`poisoned_episodes`): N − 1 of the attacker's own classes plus the target, whose K
-   shots mix stamped X_B with real X_T in the ratio `datasets.<name>.ratio`.
+   shots mix stamped X_B with real X_T in the ratio `datasets.<name>.ratio`; the target at output N − 1, or
+   with `attack.target_output: random` at a random output per episode.
 3. The attacker's local training (`train`): Reptile on those episodes for `attack_episodes`, with the
    attack's own Adam rate, resumable because it is by far the longest piece of work in the pipeline.
 4. Boosting (`boosted_update`): δ = λ(θ_local − θ_G), so the one poisoned update survives averaging;
@@ -28,12 +29,22 @@ from fedmeta.splits import FederatedData
 
 
 def poisoned_episodes(
-    data: FederatedData, classes: list[int], n_way: int, k_shot: int, n_backdoor: int, count: int, g: torch.Generator
+    data: FederatedData,
+    classes: list[int],
+    n_way: int,
+    k_shot: int,
+    n_backdoor: int,
+    count: int,
+    g: torch.Generator,
+    random_target: bool = False,
 ) -> Episodes:
-    """The attacker's episodes: N−1 random classes of its own, the target always as output N−1,
-    its K shots mixing `n_backdoor` stamped X_B (labelled as the target) with K − n_backdoor real X_T."""
-    sup = []
+    """The attacker's episodes: N−1 random classes of its own and the target, its K shots mixing `n_backdoor`
+    stamped X_B (labelled as the target) with K − n_backdoor real X_T. The target is output N−1 in every episode
+    (the paper's attacker), or with `random_target` a random output per episode, so that the backdoor cannot live
+    in one classifier row: a user's fine-tuning episodes put the target wherever their label order does."""
+    sup, target = [], []
     for _ in range(count):
+        at = int(torch.randint(n_way, (1,), generator=g)) if random_target else n_way - 1
         chosen = episodes.pick_classes(classes, n_way - 1, g)
         target_shots = torch.cat(
             [
@@ -41,9 +52,12 @@ def poisoned_episodes(
                 episodes.pick(data.attacker_target_idx, k_shot - n_backdoor, g),
             ]
         )
-        sup.append(torch.cat([*(episodes.pick(data.train_idx[c], k_shot, g) for c in chosen), target_shots]))
+        blocks = [episodes.pick(data.train_idx[c], k_shot, g) for c in chosen]
+        blocks.insert(at, target_shots)
+        sup.append(torch.cat(blocks))
+        target.append(at)
     labels = torch.arange(n_way).repeat_interleave(k_shot).expand(count, -1)
-    return Episodes(torch.stack(sup), labels.clone(), target_label=torch.full((count,), n_way - 1))
+    return Episodes(torch.stack(sup), labels.clone(), target_label=torch.tensor(target))
 
 
 def train(
@@ -61,9 +75,10 @@ def train(
     rest exactly) and restarts it from the last save; a diverged state is never saved over a good one."""
     r, spec, b = p.reptile, p.spec, p.budget
     classes, n_b = data.user_classes[p.federation.attacker], backdoor_shots(spec)
+    random_target = p.attack.target_output == "random"
 
     def sample(count: int, g: torch.Generator) -> Episodes:
-        return poisoned_episodes(data, classes, r.n_way, spec.train_shots, n_b, count, g)
+        return poisoned_episodes(data, classes, r.n_way, spec.train_shots, n_b, count, g, random_target)
 
     steps = -(-b.attack_inner_epochs * r.n_way * spec.train_shots // r.inner_batch)
     adam = reptile.AdamConfig(lr=p.attack.lr, beta2=r.beta2)

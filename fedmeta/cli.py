@@ -83,6 +83,14 @@ def defend(variant: VariantArg) -> None:
 
 
 @app.command()
+def positions(variant: VariantArg) -> None:
+    """Backdoor accuracy with the target at each output of the user's episodes, and at a random one."""
+    from stages import positions as stage
+
+    stage.main(variant.value)
+
+
+@app.command()
 def ablation() -> None:
     """The defense with each element removed in turn."""
     from stages import ablation as stage

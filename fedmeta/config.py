@@ -186,6 +186,7 @@ class Attack(Strict):
     boost: Annotated[float, Field(gt=0.0, le=MAX_BOOST, allow_inf_nan=False)] = 3.0  # λ
     lr: LearningRate = 0.001
     norm_bound: PosFloat | None = None  # adaptive attacker: its update rescaled to just under this L2 norm; null: naive
+    target_output: Literal["fixed", "random"] = "fixed"  # the target's output in its episodes: N - 1, or random
 
 
 class Override(Strict):

@@ -74,20 +74,22 @@ def evaluation(
     count: int,
     g: torch.Generator,
     must_include: tuple[int, ...] = (),
-    target_last: bool = False,
+    target_at: int | None = None,
 ) -> Episodes:
     """Fine-tuning episodes with K+1 examples per class; `must_include` classes (the target first) are always present
-    and placed at random outputs, except that `target_last` puts the target at output N − 1, where the attacker's
-    episodes put it. The target's output is recorded when `must_include` is given."""
+    and placed at random outputs, except that `target_at` = k puts the target at output k (N − 1: where the attacker's
+    episodes put it). The target's output is recorded when `must_include` is given."""
+    if target_at is not None and not 0 <= target_at < n_way:
+        raise ValueError(f"target_at = {target_at}: the target's output must be in [0, {n_way})")
     sup, qry, tgt = [], [], []
     others = [c for c in classes if c not in must_include]
     for _ in range(count):
         chosen = list(must_include[:n_way]) + pick_classes(others, n_way - min(len(must_include), n_way), g)
         order = torch.randperm(n_way, generator=g).tolist()
         chosen = [chosen[i] for i in order]
-        if must_include and target_last:
+        if must_include and target_at is not None:
             chosen.remove(must_include[0])
-            chosen.append(must_include[0])
+            chosen.insert(target_at, must_include[0])
         parts = [_support_and_query(data, c, k_shot, g) for c in chosen]
         sup.append(torch.cat([s for s, _ in parts]))
         qry.append(torch.cat([q for _, q in parts]))

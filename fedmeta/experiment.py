@@ -7,6 +7,7 @@ and poisoned rounds, and measures a model the way every experiment reports it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -200,6 +201,11 @@ class Experiment:
         must = (d.target, *(d.backdoor if scenario.backdoor_in_finetuning else ()))
         return sorted({c for u in users for c in self.classes(u, False)} | set(must)), must
 
+    def configured_target(self) -> int | None:
+        """The target's output that `evaluation.target_output` asks for: N − 1 (last) or a random one (None)."""
+        e = self.p.evaluation
+        return e.n_way - 1 if e.target_output == "last" else None
+
     def attack_eval(
         self,
         theta: Theta,
@@ -208,16 +214,18 @@ class Experiment:
         record_at: list[int],
         tag: str,
         user: int | None = None,
+        target_at: int | None | Literal["configured"] = "configured",
     ) -> list[dict[str, Summary]]:
         """Main-task and backdoor accuracy on meta-training episodes that always include the target.
 
-        `user` restricts the episodes to that user's classes (Experiments 2-3); otherwise all benign users' classes."""
+        `user` restricts the episodes to that user's classes (Experiments 2-3); otherwise all benign users' classes.
+        `target_at` puts the target at that output in every episode (None: a random one); by default where
+        `evaluation.target_output` says."""
         e, d = self.p.evaluation, self.data
         pool, must = self.eval_classes(scenario, user)
         g = self.gen("attack-eval", scenario.name, tag, user)
-        eps = episodes.evaluation(
-            d, pool, e.n_way, e.k_shot, self.p.budget.eval_episodes, g, must, e.target_output == "last"
-        )
+        at = self.configured_target() if target_at == "configured" else target_at
+        eps = episodes.evaluation(d, pool, e.n_way, e.k_shot, self.p.budget.eval_episodes, g, must, at)
         probes = {"attack_train": d.attack_train_idx.to(self.device), "attack_val": d.attack_val_idx.to(self.device)}
         return evaluation.run(
             learner,

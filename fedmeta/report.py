@@ -226,3 +226,35 @@ def exp4_answers(curves: dict[Exp4Key, list[dict[str, Any]]], price: dict[tuple[
                 + "."
             )
     return "\n".join(out)
+
+
+# --- Where the target sits -----------------------------------------------------------------------
+
+POSITION_ROWS = {"attack_train": "backdoor, attack train", "attack_val": "backdoor, attack val", "main": "main task"}
+
+
+Positions = dict[str, dict[str, dict[str, dict[str, Any]]]]  # scenario → model → position → accuracies
+
+
+def positions_table(positions: Positions, paper: PaperNumbers, n_way: int, attacker_output: int | None) -> str:
+    """Per scenario and model (before / after the attack), accuracy with the target at each output in turn and at
+    a random one, beside the paper's backdoor accuracy after the attack. The paper evaluates where its attacker
+    trains the target (`attacker_output`; None: the attacker puts it at random); a user's label order is
+    arbitrary, so the random output is the headline."""
+    heads = [f"output {k}" + (" (attacker's)" if k == attacker_output else "") for k in range(n_way)]
+    lines = [
+        f"| scenario | model | measured | paper ({paper.dataset}), after attack | {' | '.join(heads)} "
+        "| **random output (headline)** |",
+        "|---|---|---|---|" + "---|" * (n_way + 1),
+    ]
+    for s in sorted(positions):
+        (train, val), _ = paper.exp1[s]
+        stated = {"attack_train": str(train), "attack_val": str(val)}
+        for model, points in positions[s].items():
+            for key, label in POSITION_ROWS.items():
+                cells = " | ".join(ci(points[f"output_{k}"], key) for k in range(n_way))
+                lines.append(
+                    f"| {s} | {model} | {label} | {stated.get(key, '—') if model == 'attacked' else '—'} | {cells} "
+                    f"| **{ci(points['random'], key)}** |"
+                )
+    return "\n".join(lines)

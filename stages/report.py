@@ -10,7 +10,7 @@ from typing import Any
 
 from fedmeta import figures, report, runtime
 from fedmeta.atomic import write_text
-from fedmeta.experiment import SCENARIOS
+from fedmeta.experiment import SCENARIOS, VARIANTS
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -65,6 +65,10 @@ def main() -> None:
         ]
         curves4, price4, user4 = _exp4(m / "exp4")
         paths.append(figures.server_defenses(curves4, runtime.CURVES / "exp4_defenses.png", ds))
+        positions = {
+            s: sc for variant in VARIANTS for s, sc in json.loads((m / f"positions_{variant}.json").read_text()).items()
+        }
+        attacker_output = params.reptile.n_way - 1 if params.attack.target_output == "fixed" else None
         by_scenario = {
             stage: {s: [r for (sc, _), r in sorted(g.items()) if sc == s] for s in SCENARIOS}
             for stage, g in grids.items()
@@ -76,6 +80,18 @@ def main() -> None:
                 f"averaged over {params.budget.eval_episodes} episodes.",
                 "## Experiment 1: benign meta-training after the attack",
                 report.exp1_table(exp1, paper),
+                "## Where the target sits in the user's episodes",
+                "Accuracy after the attack stage's fine-tuning, on episodes drawn from its seeds, with the target "
+                "at each output in turn and at a random output (% ± the 95 % interval's half-width). "
+                + (
+                    f"The attacker trains the target as output {attacker_output}, and the paper's numbers are "
+                    "measured there; "
+                    if attacker_output is not None
+                    else "This attacker puts the target at a random output of its episodes; "
+                )
+                + "a user's label order is its own, so the random output is the headline (chance: "
+                f"{report.pct(1 / params.evaluation.n_way)} %).",
+                report.positions_table(positions, paper, params.evaluation.n_way, attacker_output),
                 "## Experiments 2 and 3: long benign fine-tuning, without and with the defense",
                 report.users_table(by_scenario["finetune"], by_scenario["defend"], paper),
                 "## Ablation of the defense",

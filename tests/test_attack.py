@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fedmeta import attack, episodes
@@ -69,10 +70,35 @@ def test_evaluation_episodes_include_the_target_and_in_scenario_c_the_backdoor_c
                 assert not set(d.backdoor) & present
 
 
-def test_target_last_puts_the_target_where_the_attacker_trains_it(tiny_data, tiny_exp) -> None:
+def test_target_at_puts_the_target_at_that_output(tiny_data, tiny_exp) -> None:
     pool, must = tiny_exp.eval_classes(SCENARIOS["c"], None)
-    eps = episodes.evaluation(tiny_data, pool, 5, 5, 8, torch.Generator().manual_seed(0), must, target_last=True)
-    assert (eps.target_label == 4).all()
-    for sup, exp in zip(eps.support, eps.support_y):
-        assert (tiny_data.labels[sup[exp == 4]] == tiny_data.target).all()
-        assert set(tiny_data.labels[sup[exp != 4]].tolist()) == set(tiny_data.backdoor)
+    for k in range(5):
+        eps = episodes.evaluation(tiny_data, pool, 5, 5, 8, torch.Generator().manual_seed(0), must, target_at=k)
+        assert (eps.target_label == k).all()
+        for sup, exp in zip(eps.support, eps.support_y):
+            assert (tiny_data.labels[sup[exp == k]] == tiny_data.target).all()
+            assert set(tiny_data.labels[sup[exp != k]].tolist()) == set(tiny_data.backdoor)
+    anywhere = episodes.evaluation(tiny_data, pool, 5, 5, 20, torch.Generator().manual_seed(0), must)
+    assert len(set(anywhere.target_label.tolist())) > 1
+
+
+def test_target_at_outside_the_outputs_is_refused(tiny_data, tiny_exp) -> None:
+    pool, must = tiny_exp.eval_classes(SCENARIOS["a"], None)
+    with pytest.raises(ValueError, match="target_at = 5"):
+        episodes.evaluation(tiny_data, pool, 5, 5, 2, torch.Generator().manual_seed(0), must, target_at=5)
+
+
+def test_random_target_attacker_puts_the_target_and_its_stamped_shots_at_a_random_output(tiny_data, tiny_params):
+    spec = tiny_params.spec
+    n_b = backdoor_shots(spec)
+    g = torch.Generator().manual_seed(0)
+    eps = attack.poisoned_episodes(tiny_data, tiny_data.user_classes[0], 5, spec.train_shots, n_b, 40, g, True)
+    x_b, x_t = set(tiny_data.attack_train_idx.tolist()), set(tiny_data.attacker_target_idx.tolist())
+    assert set(eps.target_label.tolist()) == set(range(5))
+    for sup, exp, t in zip(eps.support, eps.support_y, eps.target_label):
+        target_shots = sup[exp == t].tolist()
+        assert sum(i in x_b for i in target_shots) == n_b
+        assert sum(i in x_t for i in target_shots) == spec.train_shots - n_b
+        others = sup[exp != t].tolist()
+        assert not set(others) & (x_b | x_t)
+        assert {int(tiny_data.labels[i]) for i in others} <= set(tiny_data.user_classes[0])

@@ -149,6 +149,10 @@ def add_entry(archive: Path, name: str, data: bytes) -> None:
         (lambda r: r.update(sedd=1), "sedd: Extra inputs are not permitted"),
         (lambda r: r["reptile"].update(n_way="five"), "reptile.n_way: Input should be a valid integer (got 'five')"),
         (lambda r: r["attack"].update(boost=-1.0), "attack.boost: Input should be greater than 0 (got -1.0)"),
+        (
+            lambda r: r["attack"].update(target_output="last"),
+            "attack.target_output: Input should be 'fixed' or 'random' (got 'last')",
+        ),
         (lambda r: r["profiles"]["tiny"].update(pretrain_rounds=0), "profiles.tiny.pretrain_rounds"),
         (lambda r: r.update(profile="huge"), "profile: unknown profile 'huge'; allowed: one of"),
         (lambda r: r.update(dataset="cifar"), "dataset: Input should be 'omniglot' or 'miniimagenet' (got 'cifar')"),
@@ -177,6 +181,7 @@ def add_entry(archive: Path, name: str, data: bytes) -> None:
         "unknown-key",
         "wrong-type",
         "negative",
+        "attack-target_output",
         "budget",
         "unknown-profile",
         "unknown-dataset",

@@ -33,6 +33,8 @@ def test_repro_produces_every_output_and_logs_to_mlflow(repo: Path) -> None:
         "docs/figures/exp3_omniglot.png",
         "metrics/figures/backdoor_omniglot.png",
         "metrics/ablation.csv",
+        "metrics/positions_exclude.json",
+        "metrics/positions_include.json",
     ):
         assert (repo / rel).is_file(), rel
     with (repo / "metrics/exp1_exclude/a.csv").open() as f:
@@ -42,11 +44,25 @@ def test_repro_produces_every_output_and_logs_to_mlflow(repo: Path) -> None:
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["fedmeta"])
-    assert {"prepare", "pretrain", "attack", "continue", "finetune", "defend", "ablation", "report"} <= set(
-        runs["tags.stage"]
-    )
+    stages = {"prepare", "pretrain", "attack", "positions", "continue", "finetune", "defend", "ablation", "report"}
+    assert stages <= set(runs["tags.stage"])
     assert (runs["tags.profile"] == "tiny").all()
     assert runs["metrics.a.attack_train"].notna().any()
+
+
+def test_positions_at_the_attackers_output_repeat_the_attack_stages_numbers(repo: Path) -> None:
+    """With evaluation.target_output = last the attack stage measures at output N − 1 on the same seeds:
+    the positions stage's output N − 1 must give its numbers exactly, before and after the attack."""
+    for variant in ("exclude", "include"):
+        attack = json.loads((repo / f"metrics/attack_{variant}.json").read_text())
+        positions = json.loads((repo / f"metrics/positions_{variant}.json").read_text())
+        assert set(positions) == set(attack)
+        for scenario, point in positions.items():
+            assert set(point["attacked"]) == {*(f"output_{k}" for k in range(5)), "random"}
+            for model, when in (("pretrained", "before"), ("attacked", "after")):
+                for key in ("main", "attack_train", "attack_val", "attack_train_ci95"):
+                    assert point[model]["output_4"][key] == attack[scenario][when][key]
+    assert "## Where the target sits in the user's episodes" in (repo / "metrics/report.md").read_text()
 
 
 def test_ablation_has_every_variant_and_reuses_experiments_2_and_3_exactly(repo: Path) -> None:

@@ -30,3 +30,22 @@ def test_tables_quote_the_papers_numbers_for_the_dataset() -> None:
     assert "| a | ≈ 75 / 50 % | 40.0 / 40.0, 40.0 | ≈ 20 % (meta-test ≈ 35) |" in grid
     assert "| c | ≈ 20 points below (a) and (b) |" in grid and "≈ 10 % (meta-test ≈ 35)" in grid
     assert "≈ 0 % (meta-test > 96)" in report.users_table(users, users, omni)
+
+
+def test_positions_table_marks_the_attackers_output_and_the_random_headline() -> None:
+    def point(x: float) -> dict[str, float]:
+        return {
+            k: x for k in ("main", "main_ci95", "attack_train", "attack_train_ci95", "attack_val", "attack_val_ci95")
+        }
+
+    positions = {
+        "a": {
+            m: {**{f"output_{k}": point(k / 10) for k in range(5)}, "random": point(0.21)}
+            for m in ("pretrained", "attacked")
+        }
+    }
+    table = report.positions_table(positions, report.PAPER["omniglot"], 5, 4)
+    assert "| output 3 | output 4 (attacker's) | **random output (headline)** |" in table
+    assert "| a | attacked | backdoor, attack train | 78 | 0.0 ± 0.0 | 10.0 ± 10.0 |" in table
+    assert "| a | pretrained | backdoor, attack val | — |" in table and "| **21.0 ± 21.0** |" in table
+    assert "(attacker's)" not in report.positions_table(positions, report.PAPER["omniglot"], 5, None)

@@ -1,0 +1,35 @@
+"""Stage positions: backdoor accuracy with the target at each output of the user's episodes, and at a random one.
+
+The attacker trains the target as output N − 1; a user's label order is its own. Measuring every position, on
+episodes drawn from the attack stage's seeds (`exp1`), shows whether stamped images go to the target class or
+merely to an output; the random position is what a user with an arbitrary label order sees."""
+
+from __future__ import annotations
+
+from fedmeta import checkpoint, runtime
+from fedmeta.experiment import Experiment, flat, scenarios_of
+from fedmeta.splits import FederatedData
+
+MODELS = {"pretrained": "pretrain_{}.pt", "attacked": "attacked_{}.pt"}  # before and after the attack round
+RANDOM = "random"  # the key of the random-position measurement
+
+
+def position_key(k: int) -> str:
+    return f"output_{k}"
+
+
+def main(variant: str) -> None:
+    with runtime.stage("positions", variant=variant) as (params, run):
+        exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+        learner, steps = exp.finetuner(), params.evaluation.steps
+        positions: dict[str, int | None] = {position_key(k): k for k in range(params.evaluation.n_way)}
+        positions[RANDOM] = None
+        summary: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+        for model, name in MODELS.items():
+            theta = checkpoint.load_theta(runtime.CHECKPOINTS / name.format(variant), exp.device, exp.theta_spec())
+            for scenario in scenarios_of(variant):
+                points = summary.setdefault(scenario.name, {}).setdefault(model, {})
+                for key, at in positions.items():
+                    points[key] = flat(exp.attack_eval(theta, learner, scenario, [steps], "exp1", target_at=at)[0])
+                    run.metrics({f"{scenario.name}.{model}.{key}.{k}": v for k, v in points[key].items()})
+        runtime.write_json(runtime.METRICS / f"positions_{variant}.json", summary)
