@@ -1,6 +1,7 @@
 """End to end on mini-ImageNet: `dvc repro` of the whole pipeline on the tiny profile, over a generated dataset in
 the Ravi-Larochelle layout (images/ + train.csv, val.csv, test.csv) with the paper's 64/16/20 classes of 84×84
 images, each holding the fewest images that `datasets.miniimagenet` (at the smaller sizes below) accepts."""
+
 from __future__ import annotations
 
 import csv
@@ -105,7 +106,18 @@ def test_every_stage_logs_to_mlflow_as_miniimagenet(mini_repo: Path) -> None:
 
     mlflow.set_tracking_uri(f"sqlite:///{mini_repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["fedmeta"])
-    stages = {"prepare", "pretrain", "attack", "continue", "finetune", "defend", "ablation", "exp4", "report"}
+    stages = {
+        "prepare",
+        "pretrain",
+        "attack",
+        "continue",
+        "finetune",
+        "defend",
+        "ablation",
+        "positions",
+        "exp4",
+        "report",
+    }
     assert stages <= set(runs["tags.stage"])
     assert (runs["tags.dataset"] == "miniimagenet").all() and (runs["tags.profile"] == "tiny").all()
     assert runs["metrics.a.attack_train"].notna().any() and runs["metrics.c.user2.attack_val"].notna().any()
