@@ -46,6 +46,7 @@ class Budget(Strict):
     eval_episodes: PosInt  # paper: 40
     checkpoint_every: PosInt  # rounds (attack: meta-batches) between resumable checkpoints
     pretrain_eval_every: PosInt  # rounds between meta-test points on the pretraining curve
+    continuation_eval_every: PosInt = 1  # Experiment 1: benign rounds between measured points (the last is measured)
     outer_step: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]  # Reptile's ε (paper: 0.1)
     inner_lr: LearningRate  # Adam's η in benign meta-training (paper: 0.001); evaluation keeps evaluation.lr
 

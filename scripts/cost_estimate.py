@@ -9,6 +9,7 @@ against plain fine-tuning in docs/performance.md). Run the bench at the profile'
 (`fedmeta bench --dataset miniimagenet` for mini-ImageNet). Process start-up, data loading and
 predictions at every recorded point are left out, so the figures are lower bounds of the arithmetic.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,8 @@ def stage_work(p: config.Config) -> dict[str, tuple[int, float]]:
         evaluated = math.ceil(b.pretrain_rounds / b.pretrain_eval_every)
         work[f"pretrain@{variant}"] = (b.pretrain_rounds * round_steps, evaluated * measure)
         work[f"attack@{variant}"] = (attacker + (fed.min_updates - 1) * local, 2 * points * measure)
-        work[f"continue@{variant}"] = (b.continuation_rounds * round_steps, b.continuation_rounds * points * measure)
+        measured = math.ceil(b.continuation_rounds / b.continuation_eval_every)
+        work[f"continue@{variant}"] = (b.continuation_rounds * round_steps, measured * points * measure)
         users = fed.users - 1
         work[f"finetune@{variant}"] = (0, (1 + users * scenarios) * tuned)
         work[f"defend@{variant}"] = (0, (1 + users * scenarios) * tuned * DEFENSE_FACTOR)

@@ -28,7 +28,8 @@ def main(variant: str) -> None:
         learner, last = exp.finetuner(), b.continuation_rounds + 1
         for rnd in runtime.progress(range(start, last + 1), f"continue {variant}", start=start - 2, total=last - 1):
             theta = exp.round(theta, rnd, include)
-            record_round(run, rows, rnd, exp.measure(theta, variant, learner, params.evaluation.steps, "exp1"))
+            if (rnd - 1) % b.continuation_eval_every == 0 or rnd == last:
+                record_round(run, rows, rnd, exp.measure(theta, variant, learner, params.evaluation.steps, "exp1"))
             resume.save(rnd, {"theta": theta, "rows": rows}, force=rnd == last)
         out = runtime.METRICS / f"exp1_{variant}"
         for name, series in rows.items():

@@ -1,4 +1,5 @@
 """scripts/cost_estimate.py counts each stage's training steps from params.yaml as the stages run them."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -25,6 +26,9 @@ def test_paper_profiles_steps_match_the_papers_budgets() -> None:
     assert mini["attack@include"][0] == 150_000 * 8 + 2 * 100 * 10  # one epoch of 5 × 15 shots: 7.5 → 8 batches
     assert mini["pretrain@exclude"][0] == 1000 * 3 * 100 * 10
     assert paper["exp4"][0] > 32 * 50_000 * 250  # each of its 32 runs with an attacker trains one
+    long = cost.stage_work(config.parse(raw | {"profile": "long"}))
+    # 50 rounds measured every 5: 10 points of meta-test and (b), (c), 40 episodes each
+    assert long["continue@include"] == (50 * 3 * 100 * 10, 10 * 3 * 40)
 
 
 def estimate(profile: str, bench: Path) -> subprocess.CompletedProcess:
