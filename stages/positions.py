@@ -2,15 +2,19 @@
 
 The attacker trains the target as output N − 1; a user's label order is its own. Measuring every position, on
 episodes drawn from the attack stage's seeds (`exp1`), shows whether stamped images go to the target class or
-merely to an output; the random position is what a user with an arbitrary label order sees."""
+merely to an output; the random position is what a user with an arbitrary label order sees. The position the
+attack stage measured (`evaluation.target_output`) is taken from its metrics, not measured a second time."""
 
 from __future__ import annotations
+
+import json
 
 from fedmeta import checkpoint, runtime
 from fedmeta.experiment import Experiment, flat, scenarios_of
 from fedmeta.splits import FederatedData
 
 MODELS = {"pretrained": "pretrain_{}.pt", "attacked": "attacked_{}.pt"}  # before and after the attack round
+ATTACK_POINTS = {"pretrained": "before", "attacked": "after"}  # the same models in metrics/attack_<variant>.json
 RANDOM = "random"  # the key of the random-position measurement
 
 
@@ -24,12 +28,19 @@ def main(variant: str) -> None:
         learner, steps = exp.finetuner(), params.evaluation.steps
         positions: dict[str, int | None] = {position_key(k): k for k in range(params.evaluation.n_way)}
         positions[RANDOM] = None
+        configured = exp.configured_target()
+        measured = RANDOM if configured is None else position_key(configured)
+        attack = json.loads((runtime.METRICS / f"attack_{variant}.json").read_text())
         summary: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
         for model, name in MODELS.items():
             theta = checkpoint.load_theta(runtime.CHECKPOINTS / name.format(variant), exp.device, exp.theta_spec())
             for scenario in scenarios_of(variant):
                 points = summary.setdefault(scenario.name, {}).setdefault(model, {})
                 for key, at in positions.items():
-                    points[key] = flat(exp.attack_eval(theta, learner, scenario, [steps], "exp1", target_at=at)[0])
+                    if key == measured:  # the same episodes and model as the attack stage's measurement
+                        done = attack[scenario.name][ATTACK_POINTS[model]]
+                        points[key] = {k: v for k, v in done.items() if not k.startswith(("meta_test", "round"))}
+                    else:
+                        points[key] = flat(exp.attack_eval(theta, learner, scenario, [steps], "exp1", target_at=at)[0])
                     run.metrics({f"{scenario.name}.{model}.{key}.{k}": v for k, v in points[key].items()})
         runtime.write_json(runtime.METRICS / f"positions_{variant}.json", summary)

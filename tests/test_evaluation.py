@@ -105,3 +105,21 @@ def test_lanes_run_under_the_callers_grad_mode(monkeypatch) -> None:
         off = lanes.run(2, lambda sl: torch.is_grad_enabled())
     assert off == [False, False]
     assert lanes.run(2, lambda sl: torch.is_grad_enabled()) == [True, True]
+
+
+def test_the_configured_target_position_is_the_explicit_one_on_the_same_episodes(tiny_params, tiny_data) -> None:
+    """The positions stage takes the attack stage's numbers for the position `evaluation.target_output` names
+    instead of measuring it again: that is sound only if the configured measurement is the explicit one."""
+    from fedmeta import config
+    from fedmeta.experiment import SCENARIOS, Experiment, flat
+
+    theta = model.init_conv4(1, 8, 28, 5, torch.Generator().manual_seed(3))
+    for target_output, explicit in (("last", 4), ("random", None)):
+        raw = tiny_params.model_dump(mode="json")
+        raw["evaluation"]["target_output"] = target_output
+        exp = Experiment(config.parse(raw), tiny_data, torch.device("cpu"))
+        for scenario in (SCENARIOS["a"], SCENARIOS["c"]):
+            configured = exp.attack_eval(theta, exp.finetuner(), scenario, [3], "exp1")
+            at = exp.attack_eval(theta, exp.finetuner(), scenario, [3], "exp1", target_at=explicit)
+            other = exp.attack_eval(theta, exp.finetuner(), scenario, [3], "exp1", target_at=0)
+            assert flat(configured[0]) == flat(at[0]) != flat(other[0])
