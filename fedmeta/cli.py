@@ -1,4 +1,4 @@
-"""`fedmeta`: one command per DVC stage, plus the benchmark."""
+"""`fedmeta`: one command per DVC stage, plus the benchmark, one-checkpoint meta-tests and the summary across seeds."""
 
 from __future__ import annotations
 
@@ -138,6 +138,27 @@ def report() -> None:
     from stages import report as stage
 
     stage.main()
+
+
+@app.command()
+def seeds(
+    out: Annotated[Path, typer.Argument(help="Folder of the summary, e.g. metrics/seeds/quick.")],
+    exp: Annotated[
+        list[str] | None, typer.Option("--exp", help="A DVC experiment to include, by name (repeatable).")
+    ] = None,
+    workspace: Annotated[bool, typer.Option(help="Include the workspace's own run.")] = True,
+) -> None:
+    """The paper's claims across seeds: copy runs that differ only in `seed` into OUT/seed_<seed>/ (replacing
+    those seeds, keeping the others), then write OUT/report.md, summary.json and Figs. 3, 5, 7 with bands over
+    every seed there. With --no-workspace and no --exp, only redraws."""
+    from fedmeta import seeds as stage
+
+    sources = [("the workspace", None)] if workspace else []
+    sources += [(f"--exp {name}", stage.experiment_ref(Path.cwd(), name)) for name in exp or []]
+    if sources:
+        stage.collect(Path.cwd(), sources, out)
+    for path in stage.write(out):
+        print(path)
 
 
 class LearnerName(str, Enum):

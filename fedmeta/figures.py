@@ -173,3 +173,30 @@ def server_defenses(
         f"Server-side rules against the one-shot attack (Experiment 4) on {DATASET_NAMES[dataset]}", fontsize=10
     )
     return _save(fig, path)
+
+
+BANDED = ("attack_train", "attack_val", "meta_test")  # the three series of the paper's Figs. 3, 5 and 7
+
+
+def across_seeds(curves: dict[str, list[list[dict[str, Any]]]], x: str, path: Path, figure: str, dataset: str) -> Path:
+    """Figs. 3, 5 and 7 (4, 6, 8) over several seeds (`curves`: scenario → one curve per seed, on the same x):
+    one panel per scenario, the mean over seeds as a line and their range as a band."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
+    for ax, (s, runs) in zip(axes[0], sorted(curves.items())):
+        xs = [r[x] for r in runs[0]]
+        for key in BANDED:
+            label, colour = SERIES[key]
+            at = [[100 * run[i][key] for run in runs] for i in range(len(xs))]
+            ax.plot(xs, [sum(v) / len(v) for v in at], color=colour, label=label, marker=".")
+            ax.fill_between(xs, [min(v) for v in at], [max(v) for v in at], color=colour, alpha=0.2, lw=0)
+        if x == "round":
+            ax.axvline(1, color="red", ls=":", lw=1)
+        ax.set_title(SCENARIO_TITLES[s], fontsize=9)
+        ax.set_xlabel("round (attack in round 1)" if x == "round" else "fine-tuning iteration")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    n = len(next(iter(curves.values())))
+    fig.suptitle(f"{paper_title(figure, dataset)}: mean and range over {n} seed{'s' * (n > 1)}", fontsize=10, y=1.04)
+    return _save(fig, path)

@@ -90,6 +90,18 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text(path, buf.getvalue())
 
 
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """What write_csv wrote: counters as int, labels as str, accuracies as float."""
+    with path.open() as f:
+        return [{k: _value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _value(key: str, text: str) -> Any:
+    if key in ("removed", "scenario"):
+        return text
+    return int(text) if key in ("round", "step", "steps") else float(text)
+
+
 @contextlib.contextmanager
 def stage(
     name: str, params_path: Path = Path("params.yaml"), **tags: str

@@ -3,7 +3,6 @@ mini-ImageNet), Experiment 4's, and the comparison tables against the paper's nu
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -11,17 +10,6 @@ from typing import Any
 from fedmeta import figures, report, runtime
 from fedmeta.atomic import write_text
 from fedmeta.experiment import SCENARIOS, VARIANTS
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    with path.open() as f:
-        return [{k: _value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _value(key: str, text: str) -> Any:
-    if key in ("removed", "scenario"):
-        return text
-    return int(text) if key in ("round", "step", "steps") else float(text)
 
 
 def _exp4(
@@ -41,7 +29,7 @@ def _exp4(
             price[(fed, rule)] = summary
             continue
         for csv_path in sorted((folder / path.stem).glob("*.csv")):
-            curves[(attacker, rule, bool(secure), fed, csv_path.stem)] = _read(csv_path)
+            curves[(attacker, rule, bool(secure), fed, csv_path.stem)] = runtime.read_csv(csv_path)
         if secure:
             user.update({(rule, s): summary[s] for s in summary})
     return curves, price, user
@@ -50,13 +38,13 @@ def _exp4(
 def main() -> None:
     with runtime.stage("report") as (params, run):
         m = runtime.METRICS
-        exp1 = {s: _read(m / f"exp1_{sc.variant}" / f"{s}.csv") for s, sc in SCENARIOS.items()}
+        exp1 = {s: runtime.read_csv(m / f"exp1_{sc.variant}" / f"{s}.csv") for s, sc in SCENARIOS.items()}
         grids: dict[str, dict[tuple[str, int], list[dict[str, Any]]]] = {}
         for stage in ("finetune", "defend"):
             grids[stage] = {}
             for s, sc in SCENARIOS.items():
                 for path in sorted((m / f"{stage}_{sc.variant}").glob(f"{s}_user*.csv")):
-                    grids[stage][(s, int(path.stem.split("user")[1]) - 1)] = _read(path)
+                    grids[stage][(s, int(path.stem.split("user")[1]) - 1)] = runtime.read_csv(path)
         ds, paper = params.dataset, report.PAPER[params.dataset]
         paths = [
             figures.meta_training_after_attack(exp1, runtime.CURVES / f"exp1_{ds}.png", ds),
@@ -95,7 +83,7 @@ def main() -> None:
                 "## Experiments 2 and 3: long benign fine-tuning, without and with the defense",
                 report.users_table(by_scenario["finetune"], by_scenario["defend"], paper),
                 "## Ablation of the defense",
-                report.ablation_table(_read(m / "ablation.csv")),
+                report.ablation_table(runtime.read_csv(m / "ablation.csv")),
                 "## Experiment 4: server-side defenses against the one-shot attack (docs/experiment4.md)",
                 "All numbers are % ± the 95 % interval's half-width. "
                 "'stopped': backdoor accuracy after the attack round within the intervals "

@@ -1,4 +1,5 @@
 """The report and the figures name the dataset and use the paper's numbers and figure numbers for it."""
+
 from __future__ import annotations
 
 import pytest
