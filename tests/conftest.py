@@ -1,13 +1,15 @@
-"""Shared fixtures: a synthetic Omniglot archive in the real layout, and tiny configurations."""
+"""Shared fixtures: a synthetic Omniglot archive in the real layout, tiny configurations, and the pipeline copies
+the end-to-end tests share, reproduced in the background from the start of the session."""
 
 from __future__ import annotations
 
 import io
 import os
 import shutil
+import signal
 import subprocess
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -111,19 +113,26 @@ def tiny_exp(tiny_params: config.Config, tiny_data):
     return Experiment(tiny_params, tiny_data, torch.device("cpu"))
 
 
-def sh(cwd: Path, *cmd: str) -> str:
-    """Run a command of the project's CLI, dvc or git in `cwd`; its stdout, or a failure showing both streams' ends."""
-    env = {
-        **os.environ,
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the project's CLI, dvc and git run in under test: no telemetry, a git identity, MLflow's
+    store in the working dir and no DVC_ROOT inherited from a DVC run of the suite itself, unless `extra` says
+    otherwise."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
+    return {
+        **env,
         "DVC_NO_ANALYTICS": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "GIT_AUTHOR_NAME": "t",
         "GIT_AUTHOR_EMAIL": "t@t",
         "GIT_COMMITTER_NAME": "t",
         "GIT_COMMITTER_EMAIL": "t@t",
+        **(extra or {}),
     }
-    env.pop("DVC_ROOT", None)
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def sh(cwd: Path, *cmd: str) -> str:
+    """Run a command of the project's CLI, dvc or git in `cwd`; its stdout, or a failure showing both streams' ends."""
+    done = subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
 
@@ -136,29 +145,65 @@ def tiny_pipeline_raw(omniglot_dir: Path) -> dict:
     return raw
 
 
-def reproduced_repo(dst: Path, raw: dict) -> Path:
-    """A git + DVC copy of the project's tracked files in `dst` with params.yaml `raw`, after `dvc repro`."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    for rel in files.stdout.split():
-        if rel.startswith(("metrics/", "tests/")) or not (REPO / rel).is_file():
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, dst / rel)
-    (dst / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    sh(dst, "git", "init", "-q")
-    sh(dst, "git", "add", "-A")
-    sh(dst, "git", "commit", "-qm", "tiny")
-    sh(dst, "dvc", "repro")
-    return dst
+class Repro:
+    """`dvc repro` of a git + DVC copy of the project's tracked files in `dst` with params.yaml `raw`, in a process
+    of its own. A pipeline's stages run one thread each, mostly starting Python, so a repro started at the beginning
+    of the session (`background_repros`) runs on the second core while the other tests run on the first."""
+
+    def __init__(self, dst: Path, raw: dict) -> None:
+        files = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        for rel in files.stdout.split():
+            if rel.startswith(("metrics/", "tests/")) or not (REPO / rel).is_file():
+                continue
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+        (dst / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        sh(dst, "git", "init", "-q")
+        sh(dst, "git", "add", "-A")
+        sh(dst, "git", "commit", "-qm", "tiny")
+        self.dst, self.log = dst, dst.with_name(dst.name + ".repro.log")
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                ["dvc", "repro"], cwd=dst, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def result(self, timeout: float = 3600) -> Path:
+        """The reproduced copy, once `dvc repro` has finished; a failure shows the end of its output."""
+        code = self.proc.wait(timeout=timeout)
+        assert code == 0, f"dvc repro in {self.dst} failed:\n{self.log.read_text()[-4000:]}"
+        return self.dst
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:  # the session ended early (-x, Ctrl-C): stop the pipeline with it
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+# Session fixtures whose `dvc repro` starts with the session when a selected test needs them: name → its Repro.
+BACKGROUND: dict[str, Callable[[pytest.FixtureRequest], Repro]] = {
+    "tiny_repo": lambda request: Repro(
+        request.getfixturevalue("tmp_path_factory").mktemp("repo"),
+        tiny_pipeline_raw(request.getfixturevalue("omniglot_dir")),
+    ),
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_repros(request: pytest.FixtureRequest) -> Iterator[dict[str, Repro]]:
+    wanted = {name for item in request.session.items for name in item.fixturenames}
+    started = {name: make(request) for name, make in BACKGROUND.items() if name in wanted}
+    yield started
+    for repro in started.values():
+        repro.stop()
 
 
 @pytest.fixture(scope="session")
-def tiny_repo(tmp_path_factory: pytest.TempPathFactory, omniglot_dir: Path) -> Path:
+def tiny_repo(background_repros: dict[str, Repro]) -> Path:
     """A git + DVC copy of the project's tracked files, on the tiny profile and synthetic archives, reproduced once."""
-    return reproduced_repo(tmp_path_factory.mktemp("repo"), tiny_pipeline_raw(omniglot_dir))
+    return background_repros["tiny_repo"].result()

@@ -26,19 +26,13 @@ from fedmeta.data.imageset import ImageSet
 from fedmeta.data.omniglot import fetch_archives, load_omniglot
 from fedmeta.errors import FedmetaError
 
-from conftest import REPO, drawing, tiny_raw
+from conftest import REPO, cli_env, drawing, tiny_raw
 
 ARCHIVES = ("images_background_small1.zip", "images_background_small2.zip")
 DRAWING = "images_background_small1/Alpha/character01/9999_01.png"  # a valid place for an extra entry
 
 
 # --- helpers -----------------------------------------------------------------
-
-
-def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a stage run by hand: MLflow's store in the working dir unless `extra` says otherwise."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
-    return {**env, "MLFLOW_DISABLE_TELEMETRY": "true", **(extra or {})}
 
 
 def run_cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

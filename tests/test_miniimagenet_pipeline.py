@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +17,10 @@ from PIL import Image
 from fedmeta import config
 from fedmeta.key import key_pattern
 
-from conftest import reproduced_repo, sh, tiny_pipeline_raw
+from conftest import BACKGROUND, Repro, sh, tiny_pipeline_raw
 
-# 22 stages at 84×84×3: about 6 CPU-minutes, more than the default suite's budget allows, so it runs on request.
-pytestmark = [
-    pytest.mark.pipeline,
-    pytest.mark.skipif(os.environ.get("FEDMETA_SLOW_TESTS") != "1", reason="runs with FEDMETA_SLOW_TESTS=1"),
-]
+# Its stages run in the background from the start of the session (conftest.background_repros), on the second core.
+pytestmark = pytest.mark.pipeline
 CLASSES = {"train": 64, "val": 16, "test": 20}
 SIDE = 84
 # Every measurement predicts the attack sets for each episode: at the paper's 100 + 50 images they dominate the run.
@@ -66,15 +62,23 @@ def write_dataset(root: Path, spec: dict) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def mini_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def start_mini_repo(request: pytest.FixtureRequest) -> Repro:
+    factory = request.getfixturevalue("tmp_path_factory")
     raw = tiny_pipeline_raw(None)
     raw["datasets"]["miniimagenet"].update(SPEC)
-    source = write_dataset(tmp_path_factory.mktemp("miniimagenet"), raw["datasets"]["miniimagenet"])
+    source = write_dataset(factory.mktemp("miniimagenet"), raw["datasets"]["miniimagenet"])
     raw["dataset"] = "miniimagenet"
     raw["evaluation"]["steps"] = 2  # every measurement fine-tunes this long: at 84×84 the paper's 50 dominate the run
     raw["miniimagenet"]["source"] = str(source)
-    return reproduced_repo(tmp_path_factory.mktemp("mini_repo"), raw)
+    return Repro(factory.mktemp("mini_repo"), raw)
+
+
+BACKGROUND["mini_repo"] = start_mini_repo
+
+
+@pytest.fixture(scope="session")
+def mini_repo(background_repros: dict[str, Repro]) -> Path:
+    return background_repros["mini_repo"].result()
 
 
 def test_every_stage_writes_its_outputs_on_miniimagenet(mini_repo: Path) -> None:

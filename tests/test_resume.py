@@ -15,8 +15,8 @@ import torch
 from fedmeta import checkpoint, config, model
 from fedmeta.experiment import Experiment
 
-from conftest import tiny_raw
-from test_errors import cli_env, prepared, run_cli, store, workdir  # noqa: F401  (prepared, store: fixtures)
+from conftest import cli_env, tiny_raw
+from test_errors import prepared, run_cli, store, workdir  # noqa: F401  (prepared, store: fixtures)
 
 OUTPUTS = ("metrics/pretrain_exclude.json", "metrics/pretrain_exclude.csv")
 
