@@ -1,4 +1,5 @@
-"""`fedmeta`: one command per DVC stage, plus the benchmark, one-checkpoint meta-tests and the summary across seeds."""
+"""`fedmeta`: one command per DVC stage, plus the benchmark, one-checkpoint meta-tests, the summary across seeds
+and a user machine's node of a federation across machines."""
 
 from __future__ import annotations
 
@@ -130,6 +131,20 @@ def exp4(
     from stages import exp4 as stage
 
     stage.main(aggregator.value, variant.value, federation, attacker.value, secure)
+
+
+@app.command()
+def node(
+    user: Annotated[int, typer.Argument(help="The user this machine serves: 0 to federation.users - 1.")],
+    auth_key: Annotated[
+        Path | None,
+        typer.Option(help="The SuperNode's private key (ECDSA, OpenSSH format) when the SuperLink authenticates."),
+    ] = None,
+) -> None:
+    """One user's worker and SuperNode for the SuperLink named by federation.flower.superlink, until Ctrl-C."""
+    from fedmeta.engine import node as stage
+
+    stage.main(user, auth_key)
 
 
 @app.command()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedmeta.errors import FedmetaError, first_line
 
@@ -96,10 +96,23 @@ class Reptile(Strict):
     adam_state: Literal["episode", "carry"] = "episode"
 
 
+def check_address(address: str) -> str:
+    """host:port, as Flower's --superlink takes it."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
+        raise ValueError("expected host:port, e.g. server.example:9200")
+    return address
+
+
 class FlowerEngine(Strict):
-    """Flower's deployment runtime on 127.0.0.1 (federation.engine: flower); see docs/flower.md."""
+    """Flower's deployment runtime (federation.engine: flower): started on 127.0.0.1 for each stage, or a SuperLink
+    already running with one `fedmeta node` per user (superlink); see docs/flower.md."""
 
     port: Annotated[int, Field(ge=1024, le=65000)] = 9200  # SuperLink's; SuperNode i listens on port + 1 + i
+    # host:port of a running SuperLink whose SuperNodes are `fedmeta node` processes; null: start one on 127.0.0.1
+    superlink: Annotated[str, AfterValidator(check_address)] | None = None
+    # PEM file of the CA that signed the SuperLink's TLS certificate; null: an unencrypted connection
+    root_certificates: str | None = None
     # seconds a round may take before it fails
     round_timeout: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 3600.0
     # SecAgg+ (secure_aggregation: true) clips each coordinate of every upload to ±clipping_range before quantizing;
@@ -257,6 +270,11 @@ class Config(Strict):
                 f"federation.per_round: {fed.per_round} exceeds the users - 1 = {fed.users - 1} "
                 "benign users a benign round picks from; "
                 "allowed: min_updates <= per_round <= users - 1"
+            )
+        if fed.flower.root_certificates is not None and fed.flower.superlink is None:
+            raise ValueError(
+                "federation.flower.root_certificates: only a running SuperLink is reached over TLS; "
+                "allowed: set with federation.flower.superlink, or null"
             )
         if fed.attacker >= fed.users:
             raise ValueError(

@@ -156,6 +156,14 @@ def add_entry(archive: Path, name: str, data: bytes) -> None:
             "federation.per_round: 4 exceeds the users - 1 = 3",
         ),
         (lambda r: r["federation"].update(attacker=4), "federation.attacker: 4 is not a user index"),
+        (
+            lambda r: r["federation"]["flower"].update(superlink="server.example"),
+            "federation.flower.superlink: expected host:port, e.g. server.example:9200 (got 'server.example')",
+        ),
+        (
+            lambda r: r["federation"]["flower"].update(root_certificates="ca.crt"),
+            "federation.flower.root_certificates: only a running SuperLink is reached over TLS",
+        ),
         (lambda r: r["datasets"]["omniglot"].update(ratio=[0, 3]), "datasets.omniglot.ratio.0"),
         (
             lambda r: r["datasets"]["omniglot"].update(ratio=[1, 30]),
@@ -182,6 +190,8 @@ def add_entry(archive: Path, name: str, data: bytes) -> None:
         "min_updates",
         "per_round",
         "attacker",
+        "superlink-address",
+        "tls-without-superlink",
         "ratio-zero",
         "no-X_B",
         "no-X_T",
@@ -1290,3 +1300,24 @@ def test_cli_diverging_pretraining_keeps_its_resumable_state(tmp_path: Path, sto
     assert "profiles.tiny.inner_lr = 0.003" in line
     assert not (cwd / "metrics").exists() and not (cwd / "checkpoints").exists()
     assert checkpoint.load(cwd / "state/pretrain_exclude.pt", ("done",))["done"] == 1
+
+
+def node_raw(**flower: object) -> dict:
+    raw = tiny_raw()
+    raw["federation"] |= {"engine": "flower", "flower": {"superlink": "10.0.0.1:9200", **flower}}
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "args", "culprit"),
+    [
+        (tiny_raw(), ("0",), ("federation.flower.superlink is null", "host:port")),
+        (node_raw(), ("4",), ("USER: 4 is not a user of this federation; allowed: 0 to 3",)),
+        (node_raw(), ("1", "--auth-key", "missing.key"), ("--auth-key: missing.key: no such file",)),
+        (node_raw(root_certificates="ca.crt"), ("1",), ("federation.flower.root_certificates: ca.crt: no such file",)),
+        (node_raw(), ("1",), (f"{DATASET}: prepared dataset not found",)),
+    ],
+    ids=["no-superlink", "user", "auth-key", "root-certificates", "no-dataset"],
+)
+def test_cli_node_refuses_what_it_cannot_join_with(tmp_path: Path, raw: dict, args: tuple[str, ...], culprit) -> None:
+    refused(workdir(tmp_path, raw), "node", *args, culprit=culprit)

@@ -22,7 +22,8 @@ import torch
 
 from fedmeta import config, model, runtime
 from fedmeta.engine import plan, processes
-from fedmeta.engine.deployment import FlowerEngine
+from fedmeta.engine.deployment import FlowerEngine, private_copy
+from fedmeta.engine.worker import Trainer
 from fedmeta.errors import FedmetaError
 from fedmeta.experiment import Experiment
 from fedmeta.splits import FederatedData
@@ -283,3 +284,17 @@ def test_secagg_plus_reports_the_coordinates_its_range_clips(secagg) -> None:
     print("clipped share at clipping_range 1e-3:", stats["clipped_share"])
     assert stats["clipping_range"] == 1e-3
     assert 0.0 < stats["clipped_share"] <= 1.0
+
+
+def test_a_worker_refuses_a_round_of_another_prepared_dataset(tiny_data: FederatedData, tiny_params) -> None:
+    """A node across machines loads its own checkout's dataset: a round of a stage prepared from another one is
+    refused, naming both digests, before any training."""
+    trainer = Trainer(1, private_copy(tiny_data, 1, 0), tiny_data.digest(), torch.device("cpu"))
+    other = "0" * 64
+    with pytest.raises(
+        FedmetaError,
+        match=rf"^user 1's images come from another prepared dataset than the stage's "
+        rf"\(digest {tiny_data.digest()[:12]}, the stage's {other[:12]}\)",
+    ):
+        trainer.answer({"data": other, "params": tiny_params.model_dump_json()})
+    assert trainer.exp is None

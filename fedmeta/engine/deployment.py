@@ -83,6 +83,47 @@ def private_copy(data: FederatedData, user: int, attacker: int) -> FederatedData
     return FederatedData(images=images, **fields)
 
 
+def root_certificates(path: str | None) -> Path | None:
+    """The CA certificate the SuperLink's TLS certificate is verified against (federation.flower.root_certificates),
+    or None: an unencrypted connection."""
+    if path is None:
+        return None
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        raise FedmetaError(f"federation.flower.root_certificates: {path}: no such file")
+    return resolved
+
+
+def link_args(superlink: str, ca: Path | None) -> list[str]:
+    """How a SuperNode reaches the SuperLink."""
+    return [*(["--root-certificates", str(ca)] if ca is not None else ["--insecure"]), "--superlink", superlink]
+
+
+def start_worker(
+    sup: processes.Supervisor,
+    folder: Path,
+    user: int,
+    data: FederatedData,
+    attacker: int,
+    params_json: Path,
+    digest: str,
+) -> Path:
+    """User `user`'s worker, given a dataset file with only its own images; the socket it will listen on once
+    loaded (fedmeta.engine.worker)."""
+    data_path, socket = folder / f"user{user}.pt", folder / f"worker{user}.sock"
+    private_copy(data, user, attacker).save(data_path)
+    argv = [sys.executable, "-m", "fedmeta.engine.worker", str(user), str(params_json), str(data_path), str(socket)]
+    sup.start(f"worker{user}", [*argv, digest])
+    return socket
+
+
+def start_supernode(sup: processes.Supervisor, user: int, link: list[str], port: int, socket: Path) -> None:
+    """User `user`'s SuperNode: `link` says how it reaches the SuperLink; its ClientApps reach the worker at
+    `socket`, and its ClientAppIo API listens on 127.0.0.1:`port`."""
+    argv = ["flower-supernode", *link, "--host", processes.HOST, "--port", str(port)]
+    sup.start(f"supernode{user}", [*argv, "--node-config", f"user={user} worker='{socket}'"])
+
+
 def _mlflow_run():  # type: ignore[no-untyped-def]
     """The MLflow module when a stage's run is active (fedmeta.tracking opened it), else None: no import otherwise."""
     mlflow = sys.modules.get("mlflow")
@@ -96,6 +137,7 @@ class FlowerEngine:
         self.dir: Path | None = None
         self.secagg: list[dict] = []  # per round under SecAgg+: clipping range, share clipped, per user
         self.jobs = 0  # rounds handed to the ServerApp since start: the next job's number
+        self.digest = data.digest()  # every worker checks that its user's data was cut from this dataset
 
     @property
     def ports(self) -> list[int]:
@@ -103,18 +145,21 @@ class FlowerEngine:
         return [base, *(base + 1 + u for u in range(self.p.federation.users))]
 
     def start(self) -> None:
-        for i, port in enumerate(self.ports):
-            processes.check_port(port, "SuperLink" if i == 0 else f"SuperNode {i - 1}")
+        fl = self.p.federation.flower
+        if fl.superlink is None:
+            for i, port in enumerate(self.ports):
+                processes.check_port(port, "SuperLink" if i == 0 else f"SuperNode {i - 1}")
+        ca = root_certificates(fl.root_certificates)
         self.dir = Path(tempfile.mkdtemp(prefix="fedmeta-flower-"))
         atexit.register(self.close)
         processes.terminate_on_sigterm()
         home, app, exchange = self.dir / "home", self.dir / "app", self.dir / "exchange"
         for d in (home, app, exchange):
             d.mkdir()
-        port = self.ports[0]
+        address = fl.superlink or f"{processes.HOST}:{self.ports[0]}"
         (home / "config.toml").write_text(
             '[superlink]\ndefault = "fedmeta"\n\n[superlink.fedmeta]\n'
-            f'address = "{processes.HOST}:{port}"\ninsecure = true\n'
+            f'address = "{address}"\n' + (f'root-certificates = "{ca}"\n' if ca is not None else "insecure = true\n")
         )
         (app / "pyproject.toml").write_text(
             APP_TOML.replace("{clientapp}", "secure_client" if self.p.federation.secure_aggregation else "client")
@@ -124,6 +169,20 @@ class FlowerEngine:
         if run is not None:
             run.set_tag("engine", "flower")
         self.sup = processes.Supervisor(self.dir / "logs", flower_env(home))
+        sockets = self._start_deployment(exchange / "params.json") if fl.superlink is None else []
+        self.sup.start(
+            "run", ["flwr", "run", str(app), "fedmeta", "--stream", "--run-config", f"exchange='{exchange}'"]
+        )
+        for user, socket in enumerate(sockets):
+            self.sup.wait_listening(f"supernode{user}", self.ports[1 + user], START_TIMEOUT_S)
+            self.sup.wait_file(f"worker{user}", socket, START_TIMEOUT_S)
+        self.jobs = 0
+
+    def _start_deployment(self, params_json: Path) -> list[Path]:
+        """The SuperLink, then each user's worker and SuperNode, on 127.0.0.1; the workers' sockets (a user is
+        ready when its SuperNode listens and its socket exists)."""
+        assert self.dir is not None and self.sup is not None
+        port, fed = self.ports[0], self.p.federation
         self.sup.start(
             "superlink",
             [
@@ -136,44 +195,15 @@ class FlowerEngine:
                 "--disable-runtime-dependency-installation",
             ],
         )
-        fed = self.p.federation
-        sockets = [self.dir / f"worker{user}.sock" for user in range(fed.users)]
-        for user in range(fed.users):
-            data_path = self.dir / f"user{user}.pt"
-            private_copy(self.data, user, fed.attacker).save(data_path)
-            self.sup.start(
-                f"worker{user}",
-                [
-                    sys.executable,
-                    "-m",
-                    "fedmeta.engine.worker",
-                    str(user),
-                    str(exchange / "params.json"),
-                    str(data_path),
-                    str(sockets[user]),
-                ],
-            )
+        sockets = [
+            start_worker(self.sup, self.dir, user, self.data, fed.attacker, params_json, self.digest)
+            for user in range(fed.users)
+        ]
         self.sup.wait_listening("superlink", port, START_TIMEOUT_S)
         for user in range(fed.users):
-            node_config = f"user={user} worker='{sockets[user]}'"
-            argv = [
-                "flower-supernode",
-                "--insecure",
-                "--superlink",
-                f"{processes.HOST}:{port}",
-                "--host",
-                processes.HOST,
-                "--port",
-                str(self.ports[1 + user]),
-            ]
-            self.sup.start(f"supernode{user}", [*argv, "--node-config", node_config])
-        self.sup.start(
-            "run", ["flwr", "run", str(app), "fedmeta", "--stream", "--run-config", f"exchange='{exchange}'"]
-        )
-        for user in range(fed.users):
-            self.sup.wait_listening(f"supernode{user}", self.ports[1 + user], START_TIMEOUT_S)
-            self.sup.wait_file(f"worker{user}", sockets[user], START_TIMEOUT_S)
-        self.jobs = 0
+            link = link_args(f"{processes.HOST}:{port}", None)
+            start_supernode(self.sup, user, link, self.ports[1 + user], sockets[user])
+        return sockets
 
     def round(
         self, theta: Theta, rnd: int, key: str, include_backdoor: bool, with_attacker: bool, resume: Resume | None
@@ -194,6 +224,7 @@ class FlowerEngine:
             "with_attacker": with_attacker,
             "params": self.p.model_dump_json(),
             "max_weight": float(len(self.data.images)),
+            "data": self.digest,
         }
         if resume is not None:
             job["resume"] = {

@@ -121,6 +121,8 @@ def main(grid: Grid, context: Context) -> None:
     for seq in itertools.count():
         job = exchange / f"job-{seq}.pt"
         while not job.is_file():
+            if not exchange.is_dir():  # the engine closed the federation; a SuperLink that outlives it gets no orphan
+                return
             time.sleep(POLL_S)
         try:
             checkpoint.save(exchange / f"result-{seq}.pt", _serve(grid, job, context, known))
@@ -130,7 +132,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _serve(grid: Grid, job_path: Path, context: Context, known: dict[int, int]) -> dict:
-    job = checkpoint.load(job_path, ("theta", "round", "key", "include_backdoor", "with_attacker", "params"))
+    job = checkpoint.load(job_path, ("theta", "round", "key", "include_backdoor", "with_attacker", "params", "data"))
     params = config.parse(json.loads(job["params"]))
     deadline = time.monotonic() + float(params.federation.flower.round_timeout)
     users = _users_of_nodes(grid, known, params.federation.users, deadline)
@@ -148,6 +150,8 @@ def _serve(grid: Grid, job_path: Path, context: Context, known: dict[int, int]) 
             "resume_path": resume["path"] if mine else "",
             "resume_every": int(resume["every"]),
             "resume_fingerprint": resume["fingerprint"],
+            "params": job["params"],
+            "data": job["data"],
         }
 
     if params.federation.secure_aggregation:

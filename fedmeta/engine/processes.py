@@ -10,6 +10,7 @@ stopping kills every descendant found under each child, not just its group.
 from __future__ import annotations
 
 import ctypes
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import psutil
 from fedmeta.errors import FedmetaError
 
 HOST = "127.0.0.1"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log levels
 _PR_SET_PDEATHSIG = 1
 GRACE_S = 3.0  # seconds a stopped process may take to leave cleanly before SIGKILL
 
@@ -48,6 +50,13 @@ def check_port(port: int, what: str) -> None:
             ) from None
 
 
+def free_port() -> int:
+    """A port on HOST that nothing listens on now (for a SuperNode's local API, which only its ClientApps use)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
 class Supervisor:
     """Starts named processes, logs each to its own file, and stops all of them."""
 
@@ -71,23 +80,27 @@ class Supervisor:
         return proc
 
     def log_tail(self, name: str) -> str:
-        """The last non-empty line a process logged: what a one-line error can quote."""
+        """What a one-line error can quote from a process's log: Flower's last ERROR and the lines explaining it
+        (a SuperNode refused by the SuperLink logs its reason there, then shuts down politely), else the last
+        line."""
         path = self.logs / f"{name}.log"
-        lines = (
-            [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-            if path.exists()
-            else []
-        )
+        text = ANSI.sub("", path.read_text(errors="replace")) if path.exists() else ""
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        errors = [i for i, line in enumerate(lines) if line.startswith("ERROR")]
+        if errors:
+            first = errors[-1]
+            reason = [lines[first].removeprefix("ERROR").lstrip(" :"), *lines[first + 1 : first + 4]]
+            return " ".join(line for line in reason if not line.startswith(("INFO", "For more information")))
         return lines[-1] if lines else "no output"
 
-    def wait_listening(self, name: str, port: int, timeout: float) -> None:
-        """Until `port` accepts connections; a child that exits or never listens is an error naming it."""
+    def wait_listening(self, name: str, port: int, timeout: float, host: str = HOST) -> None:
+        """Until `host:port` accepts connections; a child that exits or never listens is an error naming it."""
 
         def listening() -> bool:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                return s.connect_ex((HOST, port)) == 0
+                return s.connect_ex((host, port)) == 0
 
-        self._wait(name, listening, f"listening on {HOST}:{port}", timeout)
+        self._wait(name, listening, f"listening on {host}:{port}", timeout)
 
     def wait_file(self, name: str, path: Path, timeout: float) -> None:
         """Until `path` exists (a worker's socket, made once it has loaded); exiting first is an error naming it."""
