@@ -585,7 +585,18 @@ def _commit() -> str:
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(dev)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"cpu ({_cpu_model()}, {os.cpu_count()} cores)"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name and its widest vector ISA: the same model name covers CPUs with and without AVX-512."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    flags = set(fields.get("flags", "").split())
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "")
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return f"{name}, {isa}" if isa else name
 
 
 def onednn_isa() -> str:

@@ -84,7 +84,7 @@ def _match(
     alpha = gates(head)
     # cos(α_l ⊙ q, s_i) = Σ_d α_ld q_d ŝ_id / ‖α_l ⊙ q‖: per-class gates without a [Q, N, D] tensor.
     num = f_q @ ((onehot @ alpha) * F.normalize(f_s, dim=-1)).T  # [Q, k]
-    gated_norm = (f_q.square() @ alpha.square().T).clamp_min(NORM_EPS**2).sqrt()  # [Q, N]
+    gated_norm = model.sqrt((f_q.square() @ alpha.square().T).clamp_min(NORM_EPS**2))  # [Q, N]
     scores = num / (gated_norm @ onehot.T) * (onehot @ scales(head))
     if exclude is not None:
         scores = scores.masked_fill(exclude, float("-inf"))

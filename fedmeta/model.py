@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fedmeta import PORTABLE
+
 Theta = dict[str, torch.Tensor]
 
 BN_EPS = 1e-5
@@ -23,6 +25,17 @@ EMBEDDING_KEYS = frozenset(
     [f"conv{i}.weight" for i in range(BLOCKS)] + [f"bn{i}.{n}" for i in range(BLOCKS) for n in ("weight", "bias")]
 )
 CONV4_KEYS = EMBEDDING_KEYS | {"fc.weight", "fc.bias"}
+
+
+def sqrt(t: torch.Tensor, portable: bool = PORTABLE) -> torch.Tensor:
+    """√t, in portable mode (FEDMETA_KERNELS=portable) the same bits on every CPU.
+
+    Torch's float32 root goes to MKL's vector math, which is not correctly rounded and rounds differently on AMD
+    and Intel CPUs whatever MKL_CBWR says. Portable mode takes the root in float64 and rounds it once: a float64
+    root within an ulp of the exact one rounds to the correctly rounded float32 root (the exact root of a float32
+    never lies that close to a midpoint of two float32 values), which is one value on any CPU.
+    """
+    return t.double().sqrt().to(t.dtype) if portable else t.sqrt()
 
 
 def feature_size(image_size: int) -> int:

@@ -65,7 +65,7 @@ def adam_update(params: Theta, grads: Theta, state: AdamState, cfg: AdamConfig) 
         g = grads[k]
         state.m[k] = g if cfg.beta1 == 0 else state.m[k].mul(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
         state.v[k] = state.v[k].mul(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
-        denom = state.v[k].sqrt().div_(bc2_sqrt).add_(cfg.eps)
+        denom = model.sqrt(state.v[k]).div_(bc2_sqrt).add_(cfg.eps)
         new[k] = p.addcdiv(state.m[k], denom, value=-cfg.lr / bc1)
     return new
 

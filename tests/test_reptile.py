@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import pytest
 import torch
 from torch.func import grad, vmap
@@ -39,6 +42,35 @@ def test_adam_update_matches_torch_adam_with_beta1_zero() -> None:
         opt.step()
         params = reptile.adam_update(params, {"p": gr}, state, cfg)
     assert torch.allclose(params["p"], ref.detach(), atol=1e-12)
+
+
+def test_portable_sqrt_is_the_correctly_rounded_root() -> None:
+    """Portable mode's root equals IEEE's (numpy's float32 sqrt is the CPU's own instruction, correctly rounded),
+    which is one value on every CPU: every 7th float32 of [1, 4) (both exponent parities), zero, the extremes."""
+    x = np.concatenate(
+        [np.arange(0x3F800000, 0x40800000, 7, dtype=np.uint32).view(np.float32), [0.0, 1e-45, 1.2e-38, 3.4e38]]
+    ).astype(np.float32)
+    got = model.sqrt(torch.from_numpy(x), portable=True)
+    assert got.dtype == torch.float32
+    assert np.array_equal(got.numpy().view(np.uint32), np.sqrt(x).view(np.uint32))
+
+
+def test_portable_adam_on_lanes_is_reptiles_portable_adam(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lanes' in-place Adam and `reptile.adam_update` take the same portable root, so they stay bit for bit."""
+    from fedmeta.fast import conv4
+
+    monkeypatch.setattr(model, "sqrt", functools.partial(model.sqrt, portable=True))
+    g = torch.Generator().manual_seed(3)
+    p0, v0 = torch.randn(64, 9, generator=g), torch.rand(64, 9, generator=g) * 1e-4
+    grads = [torch.randn(64, 9, generator=g) for _ in range(3)]
+    cfg = reptile.AdamConfig(lr=0.003)
+    params, state = {"p": p0.clone()}, reptile.AdamState.zeros_like({"p": p0})
+    state.v["p"] = v0.clone()
+    p, v = [p0.clone()], [v0.clone()]
+    for step, gr in enumerate(grads, 1):
+        params = reptile.adam_update(params, {"p": gr}, state, cfg)
+        conv4.adam_(p, [gr], [torch.zeros_like(gr)], v, step, cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, True)
+    assert torch.equal(p[0], params["p"]) and torch.equal(v[0], state.v["p"])
 
 
 def test_one_inner_step_reptile_equals_closed_form() -> None:

@@ -19,9 +19,10 @@ from typing import NamedTuple, Optional, TypeVar
 import torch
 import torch.nn.functional as F
 
+from fedmeta import PORTABLE
 from fedmeta.fast import kernels
 from fedmeta.fast.kernels.implementations import block0_patches
-from fedmeta.model import BLOCKS, BN_EPS, Theta, relu_max_pool_values
+from fedmeta.model import BLOCKS, BN_EPS, Theta, relu_max_pool_values, sqrt
 
 T = TypeVar("T")
 Moments = tuple[torch.Tensor, torch.Tensor]  # Σ patch patchᵀ [9C, 9C] and Σ patch [9C], float64
@@ -204,6 +205,7 @@ def adam_(
     beta1: float,
     beta2: float,
     eps: float,
+    portable: bool = PORTABLE,
 ) -> list[torch.Tensor]:
     """`reptile.adam_update`'s arithmetic, op for op (so bit for bit), in place on lists of tensors with `_foreach`
     kernels (one call per operation for all tensors, not one per tensor); returns the new first moments."""
@@ -216,7 +218,7 @@ def adam_(
         torch._foreach_add_(m, grads, alpha=1 - beta1)
     torch._foreach_mul_(v, beta2)
     torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-    denom = torch._foreach_sqrt(v)
+    denom = [sqrt(t, True) for t in v] if portable else torch._foreach_sqrt(v)
     torch._foreach_div_(denom, bc2_sqrt)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, m, denom, value=-lr / bc1)

@@ -15,9 +15,10 @@ well. So FEDMETA_KERNELS chooses:
   verdict is cached beside the compiled library, keyed by the CPU, the sources, torch's version and the ISA limits
   set in the environment, and printed when it is made;
 - `compiled` / `reference`: both families one way, unmeasured;
-- `portable`: both families compiled for x86-64-v3 (AVX2 + FMA) whatever the CPU, MKL and ATen's own kernels held
-  to AVX2 as well (`PORTABLE_ENV`, set by `fedmeta/__init__.py` before torch is imported) and oneDNN off, so that an
-  AVX-512 machine computes the same bytes as an AVX2 one (with the same torch build and C++ compiler).
+- `portable`: both families compiled for x86-64-v3 (AVX2 + FMA) whatever the CPU, ATen's own kernels held to AVX2
+  and MKL to the one code path it takes on every x86-64 CPU (`PORTABLE_ENV`, set by `fedmeta/__init__.py` before
+  torch is imported), oneDNN off, and square roots correctly rounded (`model.sqrt`), so that AVX-512 and AVX2
+  machines, Intel or AMD, compute the same bytes (with the same torch build and C++ compiler).
 Without a C++ compiler (or when the build fails) `auto` and `compiled` run torch's versions, with one warning.
 """
 
