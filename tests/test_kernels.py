@@ -246,7 +246,7 @@ for got, ref in zip(torch.ops.fedmeta.block0_forward(x, w0, shift), reference.bl
 
 def test_the_portable_build_computes_the_same_function() -> None:
     """The x86-64-v3 build (AVX2 registers, which an AVX-512 machine runs otherwise never) against torch, in float64."""
-    flags = set(kernels._cpu().split())
+    flags = set(kernels.cpu().split())
     if not _buildable() or not {"avx2", "fma"} <= flags:
         pytest.skip("needs a C++ compiler, ninja and an AVX2 + FMA CPU")
     out = _run(PORTABLE, FEDMETA_KERNELS="portable")

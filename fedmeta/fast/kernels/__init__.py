@@ -17,8 +17,9 @@ well. So FEDMETA_KERNELS chooses:
 - `compiled` / `reference`: both families one way, unmeasured;
 - `portable`: both families compiled for x86-64-v3 (AVX2 + FMA) whatever the CPU, ATen's own kernels held to AVX2
   and MKL to the one code path it takes on every x86-64 CPU (`PORTABLE_ENV`, set by `fedmeta/__init__.py` before
-  torch is imported), oneDNN off, and square roots correctly rounded (`model.sqrt`), so that AVX-512 and AVX2
-  machines, Intel or AMD, compute the same bytes (with the same torch build and C++ compiler).
+  torch is imported), oneDNN off, and square roots correctly rounded (`model.sqrt`): everything known to pick code
+  by CPU is pinned, so that AVX-512 and AVX2 machines, Intel or AMD, can compute the same bytes (with the same torch
+  build and C++ compiler; docs/performance.md says how far that has been shown).
 Without a C++ compiler (or when the build fails) `auto` and `compiled` run torch's versions, with one warning.
 """
 
@@ -106,7 +107,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedmeta"
 
 
-def _cpu() -> str:
+def cpu() -> str:
     """The CPU's model name and feature flags: a native build and a verdict hold for this CPU only."""
     info = Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.exists() else []
@@ -125,7 +126,7 @@ def library_name(build: str) -> str:
     sources = b"".join(p.read_bytes() for p in (*SOURCES, HEADER))
     return (
         f"fedmeta_kernels_{build}_"
-        f"{_digest(sources, ' '.join(BUILDS[build]), torch.__version__, _cpu() if build == 'native' else '')}"
+        f"{_digest(sources, ' '.join(BUILDS[build]), torch.__version__, cpu() if build == 'native' else '')}"
     )
 
 
@@ -220,7 +221,7 @@ def measure(rounds: int = 7, calls: int = 5) -> dict[str, dict[str, float]]:
 def _verdict(build: str) -> Selection:
     """The cached verdict for this CPU and build, or a new measurement (printed once, then cached)."""
     pins = " ".join(f"{k}={os.environ.get(k, '')}" for k in PORTABLE_ENV)
-    path = cache_dir() / "kernels" / f"verdict-{_digest(library_name(build), pins, _cpu())}.json"
+    path = cache_dir() / "kernels" / f"verdict-{_digest(library_name(build), pins, cpu())}.json"
     if path.exists():
         saved = json.loads(path.read_text())
         return Selection("auto", saved["families"], build, saved["reason"])
@@ -244,7 +245,7 @@ def _check_portable() -> None:
             f"FEDMETA_KERNELS=portable: {' '.join(wrong) or 'ATEN_CPU_CAPABILITY=avx2'} not in force "
             "(torch was imported before fedmeta; set them in the environment)"
         )
-    flags = set(_cpu().split())
+    flags = set(cpu().split())
     if flags and not {"avx2", "fma"} <= flags:
         raise FedmetaError("FEDMETA_KERNELS=portable: this CPU lacks AVX2 or FMA, which the x86-64-v3 build needs")
 
