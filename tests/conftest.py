@@ -194,6 +194,12 @@ BACKGROUND: dict[str, Callable[[pytest.FixtureRequest], Repro]] = {
 }
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that read a background repro run last, so the rest of the suite runs while those pipelines do rather
+    than after them (the sort is stable: the order within each group is kept)."""
+    items.sort(key=lambda item: any(name in BACKGROUND for name in item.fixturenames))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def background_repros(request: pytest.FixtureRequest) -> Iterator[dict[str, Repro]]:
     wanted = {name for item in request.session.items for name in item.fixturenames}

@@ -1,12 +1,15 @@
 """Bad input: one line naming the culprit, exit code 2, and no output created or changed.
 
-Most cases run the real CLI (`python -m fedmeta <stage>`) in a fresh working
-directory; the rest call the library function that does the check.
-docs/errors.md lists every message.
+Most cases run the CLI's entry point (`fedmeta.cli.main`, what `fedmeta <stage>` runs) in this process, in a
+fresh working directory: a process of its own would spend seconds importing torch and MLflow for a check that takes
+milliseconds. The cases that need a process of their own (--debug's traceback, a stage whose code is patched, the
+prepared dataset the others share) start the real `python -m fedmeta`; the rest call the library function that does
+the check. docs/errors.md lists every message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -41,6 +44,34 @@ def run_cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subproc
     )
 
 
+def cli_in_process(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """What `run_cli` returns, from the entry point called here: in `cwd`, with the CLI's environment and argv, its
+    streams captured, and the process state a stage sets (threads, RNG, environment, cwd) restored afterwards."""
+    from fedmeta import cli
+
+    saved = (dict(os.environ), Path.cwd(), sys.argv, torch.get_num_threads(), torch.get_rng_state(), dict(cli._state))
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(cli_env(env))
+    os.chdir(cwd)
+    sys.argv = ["fedmeta", *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved[0])
+        os.chdir(saved[1])
+        sys.argv = saved[2]
+        torch.set_num_threads(saved[3])
+        torch.set_rng_state(saved[4])
+        cli._state.update(saved[5])
+    return subprocess.CompletedProcess(["fedmeta", *args], code, out.getvalue(), err.getvalue())
+
+
 def workdir(path: Path, raw: dict | None, store: Path | None = None, files: dict[str, bytes] | None = None) -> Path:
     """A working directory holding params.yaml (unless raw is None), a copy of an MLflow store, and `files`."""
     path.mkdir(parents=True, exist_ok=True)
@@ -66,7 +97,7 @@ def snapshot(cwd: Path) -> dict[str, bytes]:
 def refused(cwd: Path, *args: str, culprit: tuple[str, ...], env: dict[str, str] | None = None) -> str:
     """Run the CLI; assert exit code 2, one line naming every part of `culprit`, and no file created or changed."""
     before = snapshot(cwd)
-    done = run_cli(cwd, *args, env=env)
+    done = cli_in_process(cwd, *args, env=env)
     line = done.stderr.strip()
     assert done.returncode == 2, done.stderr
     assert line.startswith("error: ") and "\n" not in line, line
@@ -239,7 +270,7 @@ def test_cli_invalid_param(tmp_path: Path) -> None:
 
 
 def test_cli_unknown_variant(tmp_path: Path) -> None:
-    done = run_cli(workdir(tmp_path, tiny_raw()), "pretrain", "sometimes")
+    done = cli_in_process(workdir(tmp_path, tiny_raw()), "pretrain", "sometimes")
     assert done.returncode == 2 and "'sometimes' is not one of" in " ".join(done.stderr.replace("│", " ").split())
     assert snapshot(tmp_path) == {"params.yaml": (tmp_path / "params.yaml").read_bytes()}
 
