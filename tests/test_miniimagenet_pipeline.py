@@ -1,7 +1,8 @@
 """End to end on mini-ImageNet: `dvc repro` of the whole pipeline on the tiny profile, over a generated dataset in
 the Ravi-Larochelle layout (images/ + train.csv, val.csv, test.csv) with the paper's 64/16/20 classes of 84×84
-images, each holding the fewest images that `datasets.miniimagenet` (at the smaller sizes below) accepts, read at
-the side below: every stage costs a ninth of what it would at 84, and the loader's resizing is on the way."""
+images, each holding the fewest images that `datasets.miniimagenet` (at the smaller sizes below) accepts. The
+pipeline reads them at a smaller side (SIZE): a ninth of the pixels, so every stage's compute shrinks alike, and
+the loader's resizing runs too."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def start_mini_repo(request: pytest.FixtureRequest) -> Repro:
     raw["datasets"]["miniimagenet"].update(SPEC)
     source = write_dataset(factory.mktemp("miniimagenet"), raw["datasets"]["miniimagenet"])
     raw["dataset"] = "miniimagenet"
-    raw["evaluation"]["steps"] = 2  # every measurement fine-tunes this long: at 84×84 the paper's 50 dominate the run
+    raw["evaluation"]["steps"] = 2  # every measurement fine-tunes this long: the paper's 50 would dominate the run
     raw["miniimagenet"] |= {"source": str(source), "image_size": SIZE}
     return Repro(factory.mktemp("mini_repo"), raw)
 
