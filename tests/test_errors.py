@@ -49,7 +49,8 @@ def cli_in_process(cwd: Path, *args: str, env: dict[str, str] | None = None) -> 
     streams captured, and the process state a stage sets (threads, RNG, environment, cwd) restored afterwards."""
     from fedmeta import cli
 
-    saved = (dict(os.environ), Path.cwd(), sys.argv, torch.get_num_threads(), torch.get_rng_state(), dict(cli._state))
+    env_before, cwd_before, argv_before = dict(os.environ), Path.cwd(), sys.argv
+    threads_before, rng_before, state_before = torch.get_num_threads(), torch.get_rng_state(), dict(cli._state)
     out, err = io.StringIO(), io.StringIO()
     os.environ.clear()
     os.environ.update(cli_env(env))
@@ -59,16 +60,16 @@ def cli_in_process(cwd: Path, *args: str, env: dict[str, str] | None = None) -> 
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             cli.main()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
+    except SystemExit as exit_:  # as the interpreter reads it: None is success, a message is failure
+        code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
     finally:
         os.environ.clear()
-        os.environ.update(saved[0])
-        os.chdir(saved[1])
-        sys.argv = saved[2]
-        torch.set_num_threads(saved[3])
-        torch.set_rng_state(saved[4])
-        cli._state.update(saved[5])
+        os.environ.update(env_before)
+        os.chdir(cwd_before)
+        sys.argv = argv_before
+        torch.set_num_threads(threads_before)
+        torch.set_rng_state(rng_before)
+        cli._state.update(state_before)
     return subprocess.CompletedProcess(["fedmeta", *args], code, out.getvalue(), err.getvalue())
 
 
