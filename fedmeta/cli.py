@@ -99,38 +99,17 @@ def ablation() -> None:
     stage.main()
 
 
-# config.AGGREGATORS (tests/test_aggregators.py keeps them equal)
-AGGREGATOR_NAMES = ("mean", "norm_clip", "median", "trimmed_mean", "multi_krum", "flame")
-Aggregator = Enum("Aggregator", {a: a for a in AGGREGATOR_NAMES}, type=str)  # type: ignore[misc]
-
-
-class Attacker(str, Enum):
-    naive = "naive"
-    adaptive = "adaptive"
-    benign = "benign"
-
-
 @app.command()
 def exp4(
-    aggregator: Annotated[Aggregator, typer.Argument(help="The server's rule (docs/experiment4.md).")],
     variant: VariantArg,
     federation: Annotated[
         str, typer.Argument(help="A federation under experiment4.federations in params.yaml, e.g. m4 or m20.")
     ],
-    attacker: Annotated[
-        Attacker,
-        typer.Option(
-            help="naive: the boosted attack; adaptive: rescaled to just under the norm bound; benign: nobody attacks."
-        ),
-    ] = Attacker.naive,
-    secure: Annotated[
-        bool, typer.Option("--secure", help="Secure aggregation: the server sees only masked updates.")
-    ] = False,
 ) -> None:
-    """Experiment 4: one server-side rule against the one-shot attack, then benign rounds."""
+    """Experiment 4: every server-side rule against the one-shot attack on one federation, then benign rounds."""
     from stages import exp4 as stage
 
-    stage.main(aggregator.value, variant.value, federation, attacker.value, secure)
+    stage.main(variant.value, federation)
 
 
 @app.command()

@@ -42,6 +42,16 @@ def scenarios_of(variant: str) -> list[Scenario]:
     return [s for s in SCENARIOS.values() if s.variant == variant]
 
 
+@dataclass(frozen=True)
+class LocalWork:
+    """A round's local training: the applied users (in `Selection.applied` order) and each one's model after
+    it; Experiment 4 lets every server rule aggregate the same work."""
+
+    key: str  # the round's seed path (plan.round_key)
+    users: list[int]
+    local: list[Theta]
+
+
 class Experiment:
     """The paper's setting over one prepared dataset: who the M users are (the attacker among them), the
     server's rounds (benign, or the attack round with the attacker's boosted update) and the two
@@ -96,15 +106,58 @@ class Experiment:
             self.gen("local", rnd, user),
         )
 
+    def _local_model(
+        self, theta: Theta, user: int, rnd: int, key: str, include_backdoor: bool, resume: Resume | None
+    ) -> Theta:
+        if user == self.attacker:
+            return attack.train(self.p, self.data, self.images, theta, rnd, self.gen("attack", rnd), resume)
+        return self._benign_local(theta, user, key, include_backdoor)
+
+    def _delta(self, theta: Theta, user: int, local: Theta) -> Theta:
+        if user == self.attacker:
+            return attack.boosted_update(local, theta, self.p)
+        return federation.update(local, theta)
+
     def local_update(
         self, theta: Theta, user: int, rnd: int, key: str, include_backdoor: bool, resume: Resume | None = None
     ) -> Theta:
         """User `user`'s δ for round `rnd` (`key`: its seed path): boosted for the attacker. Flower's workers
         run this too."""
-        if user == self.attacker:
-            local = attack.train(self.p, self.data, self.images, theta, rnd, self.gen("attack", rnd), resume)
-            return attack.boosted_update(local, theta, self.p)
-        return federation.update(self._benign_local(theta, user, key, include_backdoor), theta)
+        return self._delta(theta, user, self._local_model(theta, user, rnd, key, include_backdoor, resume))
+
+    def local_work(
+        self,
+        theta: Theta,
+        rnd: int,
+        include_backdoor: bool,
+        with_attacker: bool = False,
+        resume: Resume | None = None,
+        pretraining: bool = False,
+    ) -> LocalWork:
+        """The users' side of a round on the local engine: who is applied and what each trained (the attacker's
+        model before it boosts). It depends on neither the server's rule nor secure aggregation nor the boost."""
+        key = plan.round_key(rnd, pretraining)
+        users = plan.select(self.p, key, with_attacker).applied
+        return LocalWork(key, users, [self._local_model(theta, u, rnd, key, include_backdoor, resume) for u in users])
+
+    def server_step(
+        self, theta: Theta, work: LocalWork, rnd: int, include_backdoor: bool, pretraining: bool = False
+    ) -> Theta:
+        """The server's side of a round over `work`: the users' δ (the attacker's boosted by this experiment's
+        attack.*), secure masking when asked, this experiment's rule, and the divergence check."""
+        fed, users = self.p.federation, work.users
+        deltas = [self._delta(theta, u, local) for u, local in zip(users, work.local)]
+        alphas = federation.weights([self._size(u, include_backdoor) for u in users], fed.weighting)
+        sent = deltas
+        if (
+            fed.secure_aggregation
+        ):  # honest clients clip their own update if the rule asks; the attacker's client need not
+            clipped = [d if u == self.attacker else federation.client_side(d, fed) for u, d in zip(users, deltas)]
+            sent = secure.mask(clipped, alphas, lambda i, j: self.gen("secagg", work.key, users[i], users[j]))
+        new = federation.aggregate(theta, sent, alphas, fed, self.gen("aggregate", work.key))
+        if not federation.finite(new):  # one check per round; finding the culprit costs only when it fails
+            raise Diverged(self._divergence(f"{'pretraining ' if pretraining else ''}round {rnd}", users, deltas))
+        return new
 
     def round(
         self,
@@ -120,8 +173,8 @@ class Experiment:
         Pretraining rounds draw from their own seeds, so round r of pretraining and round r after
         the attack never share episodes."""
         fed = self.p.federation
-        key = plan.round_key(rnd, pretraining)
         if fed.engine == "flower":  # the same selection, local training and aggregation, in Flower's processes
+            key = plan.round_key(rnd, pretraining)
             if self.flower is None:
                 self.flower = FlowerEngine(self.p, self.data)
             new = self.flower.round(theta, rnd, key, include_backdoor, with_attacker, resume)
@@ -132,19 +185,15 @@ class Experiment:
                     f"likely cause: profiles.{self.p.profile}.inner_lr, attack.lr or attack.boost too large"
                 )
             return new
-        users = plan.select(self.p, key, with_attacker).applied
-        deltas = [self.local_update(theta, u, rnd, key, include_backdoor, resume) for u in users]
-        alphas = federation.weights([self._size(u, include_backdoor) for u in users], fed.weighting)
-        sent = deltas
-        if (
-            fed.secure_aggregation
-        ):  # honest clients clip their own update if the rule asks; the attacker's client need not
-            clipped = [d if u == self.attacker else federation.client_side(d, fed) for u, d in zip(users, deltas)]
-            sent = secure.mask(clipped, alphas, lambda i, j: self.gen("secagg", key, users[i], users[j]))
-        new = federation.aggregate(theta, sent, alphas, fed, self.gen("aggregate", key))
-        if not federation.finite(new):  # one check per round; finding the culprit costs only when it fails
-            raise Diverged(self._divergence(f"{'pretraining ' if pretraining else ''}round {rnd}", users, deltas))
-        return new
+        work = self.local_work(theta, rnd, include_backdoor, with_attacker, resume, pretraining)
+        return self.server_step(theta, work, rnd, include_backdoor, pretraining)
+
+    def close(self) -> None:
+        """Stop this experiment's Flower federation, if it started one (a stage that runs several experiments
+        frees the ports before the next starts; otherwise process exit does it)."""
+        if self.flower is not None:
+            self.flower.close()
+            self.flower = None
 
     def _divergence(self, where: str, users: list[int], deltas: list[Theta]) -> str:
         b, a, prof = self.p.budget, self.p.attack, f"profiles.{self.p.profile}"

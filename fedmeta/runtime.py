@@ -78,16 +78,24 @@ def progress(items: Iterable[T], description: str, start: int = 0, total: int | 
             bar.advance(task)
 
 
-def write_json(path: Path, values: dict[str, Any]) -> None:
-    write_text(path, json.dumps(values, indent=2, sort_keys=True) + "\n")
+def json_text(values: dict[str, Any]) -> str:
+    return json.dumps(values, indent=2, sort_keys=True) + "\n"
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def csv_text(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_json(path: Path, values: dict[str, Any]) -> None:
+    write_text(path, json_text(values))
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    write_text(path, csv_text(rows))
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
@@ -102,15 +110,21 @@ def _value(key: str, text: str) -> Any:
     return int(text) if key in ("round", "step", "steps") else float(text)
 
 
+def logged(params: config.Config) -> dict[str, Any]:
+    """What MLflow records of a run's parameters: all but the other profiles, the chosen one as `budget`."""
+    raw = params.model_dump(mode="json")
+    return {k: v for k, v in raw.items() if k != "profiles"} | {"budget": raw["profiles"][params.profile]}
+
+
 @contextlib.contextmanager
 def stage(
     name: str, params_path: Path = Path("params.yaml"), **tags: str
 ) -> Iterator[tuple[config.Config, tracking.Run]]:
     params = config.load(params_path)
     configure(params)
-    raw = params.model_dump(mode="json")
-    logged = {k: v for k, v in raw.items() if k != "profiles"} | {"budget": raw["profiles"][params.profile]}
-    with tracking.stage_run(name, logged, {"profile": params.profile, "dataset": params.dataset, **tags}) as run:
+    with tracking.stage_run(
+        name, logged(params), {"profile": params.profile, "dataset": params.dataset, **tags}
+    ) as run:
         try:
             yield params, run
         except Diverged as err:  # name the stage; nothing was written (outputs come after the loops, atomically)

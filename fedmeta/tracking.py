@@ -55,8 +55,17 @@ def _git_commit() -> str:
 class Run:
     """The handle a stage logs through."""
 
-    def __init__(self, mlflow: Any) -> None:
-        self._mlflow = mlflow
+    def __init__(self, mlflow: Any, stage: str, own_tags: dict[str, str], tags: dict[str, str]) -> None:
+        self._mlflow, self._stage, self._own, self._tags = mlflow, stage, own_tags, tags
+
+    @contextlib.contextmanager
+    def child(self, params: dict[str, Any], tags: dict[str, str]) -> Iterator[Run]:
+        """A run nested under this one, with this run's tags and its own `tags` and `params`: a stage that runs
+        several configurations (Experiment 4's rules) logs each as a run of its own."""
+        own, all_tags = {**self._own, **tags}, {**self._tags, **tags}
+        with self._mlflow.start_run(run_name=run_name(self._stage, own, all_tags), tags=all_tags, nested=True):
+            _log_params(self._mlflow, params)
+            yield Run(self._mlflow, self._stage, own, all_tags)
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         self._mlflow.log_metrics(values, step=step)
@@ -126,8 +135,11 @@ def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str]) -> Itera
     if "seed" in params:
         all_tags.setdefault("seed", str(params["seed"]))
     with mlflow.start_run(run_name=run_name(stage, tags, all_tags), tags=all_tags):
-        flat = _flatten(params)
-        items = list(flat.items())
-        for i in range(0, len(items), 100):
-            mlflow.log_params(dict(items[i : i + 100]))
-        yield Run(mlflow)
+        _log_params(mlflow, params)
+        yield Run(mlflow, stage, tags, all_tags)
+
+
+def _log_params(mlflow: Any, params: dict[str, Any]) -> None:
+    items = list(_flatten(params).items())
+    for i in range(0, len(items), 100):
+        mlflow.log_params(dict(items[i : i + 100]))

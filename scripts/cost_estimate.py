@@ -50,13 +50,14 @@ def stage_work(p: config.Config) -> dict[str, tuple[int, float]]:
     for name in x4.federations:
         per_round = config.with_overrides(p, name).federation.per_round
         for scenarios in (1, 2):
-            # naive under each rule, adaptive; on m4 also secure aggregation under mean and norm_clip
+            # naive under each rule, adaptive; on m4 also secure aggregation under mean and norm_clip; all on one
+            # round-1 local training (stages/exp4.py), then each its own benign rounds
             runs = len(x4.aggregators) + 1 + (2 if name == "m4" else 0)
-            steps += runs * (attacker + (per_round - 1) * local + rounds * per_round * local)
+            steps += attacker + (per_round - 1) * local + runs * rounds * per_round * local
             evals += runs * (rounds + 1) * (1 + scenarios) * measure
             if name == "m4":
                 evals += 2 * (1 + scenarios) * tuned * (1 + DEFENSE_FACTOR)
-        steps += len(x4.aggregators) * (1 + rounds) * per_round * local  # the benign runs
+        steps += (1 + len(x4.aggregators) * rounds) * per_round * local  # the benign runs, round 1 shared
         evals += len(x4.aggregators) * measure
     work["exp4"] = (steps, evals)
     return work

@@ -1,86 +1,187 @@
-"""Stage exp4 (Experiment 4): one server rule against the one-shot attack, then benign rounds.
+"""Stage exp4 (Experiment 4): every server rule against the one-shot attack, on one variant and federation.
 
-Attacker `naive` boosts as in Experiments 1-3, `adaptive` knows the norm bound and rescales its update
-to just under it (attack.norm_bound = federation.norm_clip.clip_norm), `benign` is nobody: the rule's
-price in meta-test accuracy, measured once, after the last round. With `secure`, the server sees only
-masked updates, and each benign user's matching-network defense (Experiment 3) is measured on the
-attacked model, beside plain fine-tuning on the same episodes.
+Its runs, one MLflow run each under the stage's:
+- naive: the attacker boosts as in Experiments 1-3, under every rule of experiment4.aggregators;
+- adaptive: it knows the norm bound and rescales its update to just under it (attack.norm_bound =
+  federation.norm_clip.clip_norm), under norm_clip;
+- benign (variant exclude): nobody attacks; each rule's price in meta-test accuracy after the last round;
+- secure (federation m4): mean and norm_clip see only masked updates, and each benign user's matching-network
+  defense (Experiment 3) is measured on the attacked model, beside plain fine-tuning on the same episodes.
+
+On the local engine all runs aggregate the same round-1 local training, computed once: it depends on neither
+the rule nor masking nor how the attacker scales its update, so the rules are compared on identical updates and
+the attacker's long training is not repeated per rule. On Flower each run is a federation of its own.
 """
 
 from __future__ import annotations
 
-from fedmeta import checkpoint, config, robust, runtime
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmeta import checkpoint, config, robust, runtime, tracking
+from fedmeta.atomic import write_text
+from fedmeta.config import Config
 from fedmeta.defense import MatchingDefense
-from fedmeta.experiment import Experiment, flat
+from fedmeta.experiment import Experiment, LocalWork, flat
+from fedmeta.model import Theta
 from fedmeta.splits import FederatedData
 from stages.common import record_round
 
-ATTACKERS = ("naive", "adaptive", "benign")
+SUMMARY = runtime.METRICS / "exp4" / "summary"  # <variant>-<federation>/<run>.json: DVC metrics
+CURVES = runtime.METRICS / "exp4" / "curves"  # <variant>-<federation>/<run>/<scenario>.csv: DVC plots
+ADAPTIVE_RULE = "norm_clip"  # the rule whose bound the adaptive attacker knows
+SECURE_RULES = ("mean", "norm_clip")  # the rules that need only the sum of the updates
+SECURE_FEDERATION = "m4"  # the paper's federation
+BENIGN_VARIANT = "exclude"  # a rule's price needs one pretrained model
 
 
-def run_name(aggregator: str, variant: str, federation: str, attacker: str, secure: bool) -> str:
-    return "-".join([attacker, aggregator, *(["secure"] if secure else []), variant, federation])
+@dataclass(frozen=True)
+class Run:
+    attacker: str  # naive, adaptive or benign (nobody)
+    aggregator: str
+    secure: bool = False
 
+    @property
+    def name(self) -> str:
+        return "-".join([self.attacker, self.aggregator, *(["secure"] if self.secure else [])])
 
-def main(aggregator: str, variant: str, federation: str, attacker: str, secure: bool) -> None:
-    name = run_name(aggregator, variant, federation, attacker, secure)
-    tags = {
-        "variant": variant,
-        "aggregator": aggregator,
-        "federation": federation,
-        "attacker": attacker,
-        "secure_aggregation": str(secure).lower(),
-    }
-    with runtime.stage("exp4", **tags) as (base, run):
-        params = config.with_overrides(base, federation, aggregator=aggregator, secure_aggregation=secure)
-        if attacker == "adaptive":
-            bound = {"norm_bound": params.federation.norm_clip.clip_norm}
-            params = config.with_overrides(
-                base, federation, attack=bound, aggregator=aggregator, secure_aggregation=secure
-            )
-        fed, b = params.federation, params.budget
-        data = robust.regroup(FederatedData.load(runtime.PREPARED, base), fed.users, fed.attacker)
-        exp = Experiment(params, data, runtime.device_of(params))
-        pretrained = runtime.CHECKPOINTS / f"pretrain_{variant}.pt"
-        theta = checkpoint.load_theta(pretrained, exp.device, exp.theta_spec())
-        fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, pretrained)
-        resume = checkpoint.Resume(
-            runtime.STATE / f"exp4_{name}.pt", b.checkpoint_every * params.reptile.meta_batch, fingerprint
-        )
-        learner, steps, include = exp.finetuner(), params.evaluation.steps, variant == "include"
-        last = (base.experiment4.rounds or b.continuation_rounds) + 1  # `params` holds one federation, not experiment4
-        rows: dict[str, list[dict[str, float]]] = {}
-        if attacker != "benign" and aggregator == "mean" and not secure:  # θ_0, the same for every rule: recorded once
-            record_round(run, rows, 0, exp.measure(theta, variant, learner, steps, robust.EXP1_TAG))
-        attacked = theta
-        for rnd in runtime.progress(range(1, last + 1), f"exp4 {name}", total=last):
-            theta = exp.round(
-                theta,
-                rnd,
-                include,
-                with_attacker=rnd == 1 and attacker != "benign",
-                resume=resume if rnd == 1 else None,
-            )
-            attacked = theta if rnd == 1 else attacked
-            if attacker != "benign":
-                record_round(run, rows, rnd, exp.measure(theta, variant, learner, steps, robust.EXP1_TAG))
-        if attacker == "benign":  # the price of the rule: the final model's meta-test accuracy, nobody attacking
-            meta = flat(exp.meta_test(theta, learner, [steps], robust.EXP1_TAG)[0])
-            run.metrics(meta, step=last)
-            runtime.write_json(runtime.METRICS / "exp4" / f"{name}.json", {"round": last, **meta})
-            resume.finish()
-            return
-        summary = {
-            s: {"attack_round": next(r for r in series if r["round"] == 1), "final": series[-1]}
-            for s, series in rows.items()
+    def tags(self) -> dict[str, str]:
+        return {
+            "aggregator": self.aggregator,
+            "attacker": self.attacker,
+            "secure_aggregation": str(self.secure).lower(),
         }
-        if secure:  # what is left to a user: its own defense against the model the masked round produced
-            n = b.finetune_steps
-            for label, user_learner in (("finetune", learner), ("defense", MatchingDefense.from_params(params))):
-                for scenario, point in exp.measure(attacked, variant, user_learner, n, robust.USER_TAG).items():
-                    summary[scenario][f"user_{label}"] = {"step": n, **point}
-                    run.metrics({f"{scenario}.user_{label}.{k}": v for k, v in point.items()})
-        for scenario, series in rows.items():
-            runtime.write_csv(runtime.METRICS / "exp4" / name / f"{scenario}.csv", series)
-        runtime.write_json(runtime.METRICS / "exp4" / f"{name}.json", summary)
-        resume.finish()
+
+
+def runs(variant: str, federation: str, aggregators: list[str]) -> list[Run]:
+    out = [Run("naive", a) for a in aggregators] + [Run("adaptive", ADAPTIVE_RULE)]
+    if variant == BENIGN_VARIANT:
+        out += [Run("benign", a) for a in aggregators]
+    if federation == SECURE_FEDERATION:
+        out += [Run("naive", a, secure=True) for a in SECURE_RULES]
+    return out
+
+
+def run_params(base: Config, federation: str, run: Run) -> Config:
+    attack = None
+    if run.attacker == "adaptive":  # it knows the federation's clipping bound
+        attack = {"norm_bound": config.with_overrides(base, federation).federation.norm_clip.clip_norm}
+    return config.with_overrides(
+        base, federation, attack=attack, aggregator=run.aggregator, secure_aggregation=run.secure
+    )
+
+
+class Round1:
+    """The round-1 local work every run of the stage aggregates (local engine), each kind computed on first use
+    and kept in the stage's resumable state."""
+
+    def __init__(self, exp: Experiment, theta: Theta, include: bool, resume: checkpoint.Resume, state: dict) -> None:
+        self.exp, self.theta, self.include, self.resume, self.state = exp, theta, include, resume, state
+
+    def get(self, with_attacker: bool) -> LocalWork:
+        kind = "attacked" if with_attacker else "benign"
+        if kind not in self.state["work"]:
+            path = self.resume.path.with_name(f"{self.resume.path.stem}-attacker.pt")
+            attacker = checkpoint.Resume(path, attacker_every(self.exp.p), self.resume.fingerprint)
+            work = self.exp.local_work(self.theta, 1, self.include, with_attacker, attacker)
+            self.state["work"][kind] = {"key": work.key, "users": work.users, "local": work.local}
+            self.resume.save(len(self.state["outputs"]), self.state, force=True)
+            attacker.finish()
+        w = self.state["work"][kind]
+        return LocalWork(w["key"], list(w["users"]), list(w["local"]))
+
+
+def main(variant: str, federation: str) -> None:
+    with runtime.stage("exp4", variant=variant, federation=federation) as (base, stage_run):
+        fed = config.with_overrides(base, federation).federation
+        data = robust.regroup(FederatedData.load(runtime.PREPARED, base), fed.users, fed.attacker)
+        pretrained = runtime.CHECKPOINTS / f"pretrain_{variant}.pt"
+        plan = runs(variant, federation, list(base.experiment4.aggregators))
+        fingerprint = checkpoint.fingerprint(
+            base.model_dump_json() + federation + variant, runtime.PREPARED, pretrained
+        )
+        progress = checkpoint.Resume(runtime.STATE / f"exp4_{variant}-{federation}.pt", 1, fingerprint)
+        device = runtime.device_of(base)
+        saved = progress.restore(device) or {"work": {}, "outputs": {}}
+        state = {"work": saved["work"], "outputs": saved["outputs"]}  # runs done, and the round-1 work they share
+        shared: Round1 | None = None
+        for run in runtime.progress(plan, f"exp4 {variant} {federation}", total=len(plan)):
+            if run.name in state["outputs"]:
+                continue
+            params = run_params(base, federation, run)
+            exp = Experiment(params, data, device)
+            theta = checkpoint.load_theta(pretrained, exp.device, exp.theta_spec())
+            if shared is None and params.federation.engine == "local":
+                shared = Round1(exp, theta, variant == "include", progress, state)
+            try:
+                with stage_run.child(runtime.logged(params), run.tags()) as mlflow_run:
+                    state["outputs"][run.name] = _run(
+                        exp, base, theta, variant, federation, run, mlflow_run, shared, fingerprint
+                    )
+            finally:
+                exp.close()
+            progress.save(len(state["outputs"]), state, force=True)
+        for files in state["outputs"].values():
+            for rel, text in files.items():
+                write_text(Path(rel), text)
+        progress.finish()
+
+
+def _run(
+    exp: Experiment,
+    base: Config,
+    theta: Theta,
+    variant: str,
+    federation: str,
+    run: Run,
+    mlflow_run: tracking.Run,
+    shared: Round1 | None,
+    fingerprint: str,
+) -> dict[str, str]:
+    """One rule's run from the pretrained θ: the attack round (or a benign one), then experiment4.rounds benign
+    rounds; the files it writes, by path."""
+    params, b = exp.p, exp.p.budget
+    learner, steps, include = exp.finetuner(), params.evaluation.steps, variant == "include"
+    last = (base.experiment4.rounds or b.continuation_rounds) + 1  # `params` holds one federation, not experiment4
+    attacking = run.attacker != "benign"
+    stem = f"{variant}-{federation}/{run.name}"
+    rows: dict[str, list[dict[str, float]]] = {}
+    if attacking and run.aggregator == "mean" and not run.secure:  # θ_0, the same for every rule: recorded once
+        record_round(mlflow_run, rows, 0, exp.measure(theta, variant, learner, steps, robust.EXP1_TAG))
+    attacked = theta
+    for rnd in range(1, last + 1):
+        with_attacker = rnd == 1 and attacking
+        if rnd == 1 and shared is not None:
+            theta = exp.server_step(theta, shared.get(with_attacker), rnd, include)
+        else:
+            path = runtime.STATE / f"exp4_{variant}-{federation}-{run.name}.pt"  # the attacker's training, on Flower
+            resume = (
+                checkpoint.Resume(path, attacker_every(params), f"{fingerprint}-{run.name}") if with_attacker else None
+            )
+            theta = exp.round(theta, rnd, include, with_attacker=with_attacker, resume=resume)
+            if resume is not None:
+                resume.finish()
+        attacked = theta if rnd == 1 else attacked
+        if attacking:
+            record_round(mlflow_run, rows, rnd, exp.measure(theta, variant, learner, steps, robust.EXP1_TAG))
+    if not attacking:  # the price of the rule: the final model's meta-test accuracy, nobody attacking
+        meta = flat(exp.meta_test(theta, learner, [steps], robust.EXP1_TAG)[0])
+        mlflow_run.metrics(meta, step=last)
+        return {str(SUMMARY / f"{stem}.json"): runtime.json_text({"round": last, **meta})}
+    summary = {
+        s: {"attack_round": next(r for r in series if r["round"] == 1), "final": series[-1]}
+        for s, series in rows.items()
+    }
+    if run.secure:  # what is left to a user: its own defense against the model the masked round produced
+        n = b.finetune_steps
+        for label, user_learner in (("finetune", learner), ("defense", MatchingDefense.from_params(params))):
+            for scenario, point in exp.measure(attacked, variant, user_learner, n, robust.USER_TAG).items():
+                summary[scenario][f"user_{label}"] = {"step": n, **point}
+                mlflow_run.metrics({f"{scenario}.user_{label}.{k}": v for k, v in point.items()})
+    files = {str(CURVES / stem / f"{s}.csv"): runtime.csv_text(series) for s, series in rows.items()}
+    return files | {str(SUMMARY / f"{stem}.json"): runtime.json_text(summary)}
+
+
+def attacker_every(params: Config) -> int:
+    """How often the attacker's training is saved: every checkpoint_every meta-batches of B episodes."""
+    return params.budget.checkpoint_every * params.reptile.meta_batch

@@ -19,16 +19,17 @@ def _exp4(
     dict[tuple[str, str], dict[str, Any]],
     dict[tuple[str, str], dict[str, Any]],
 ]:
-    """Experiment 4's files, by run name `attacker-rule[-secure]-variant-federation` (stages/exp4.py):
-    the curves per scenario, the benign runs' final meta-test, and the secure runs' user-side measurements."""
+    """Experiment 4's files (stages/exp4.py), `summary/<variant>-<federation>/<attacker>-<rule>[-secure].json` and
+    their curves: the curves per scenario, the benign runs' final meta-test, and the secure runs' user-side
+    measurements."""
     curves, price, user = {}, {}, {}
-    for path in sorted(folder.glob("*.json")):
-        attacker, rule, *secure, _, fed = path.stem.split("-")
+    for path in sorted((folder / "summary").glob("*/*.json")):
+        (_, fed), (attacker, rule, *secure) = path.parent.name.split("-"), path.stem.split("-")
         summary = json.loads(path.read_text())
         if attacker == "benign":
             price[(fed, rule)] = summary
             continue
-        for csv_path in sorted((folder / path.stem).glob("*.csv")):
+        for csv_path in sorted((folder / "curves" / path.parent.name / path.stem).glob("*.csv")):
             curves[(attacker, rule, bool(secure), fed, csv_path.stem)] = runtime.read_csv(csv_path)
         if secure:
             user.update({(rule, s): summary[s] for s in summary})

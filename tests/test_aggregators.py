@@ -6,9 +6,8 @@ from typing import get_args
 
 import pytest
 import torch
-import yaml
 
-from fedmeta import cli, config, federation
+from fedmeta import config, federation
 from fedmeta.config import Federation
 from fedmeta.errors import FedmetaError
 
@@ -115,12 +114,23 @@ def test_flame_noise_scales_with_the_median_norm() -> None:
     assert (noisy["w"] - quiet["w"]).std().item() == pytest.approx(0.01 * s, rel=0.15)
 
 
-def test_every_aggregator_is_a_cli_choice_and_a_dvc_stage() -> None:
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert config.AGGREGATORS == get_args(config.Aggregator) == cli.AGGREGATOR_NAMES
-    for name in ("exp4", "exp4_benign"):  # the matrices run what params.yaml lists, by default every rule
-        assert stages[name]["matrix"]["aggregator"] == "${experiment4.aggregators}"
-    assert tuple(config.load(REPO / "params.yaml").experiment4.aggregators) == config.AGGREGATORS
+def test_experiment4_runs_every_listed_rule_naive_and_nobody_attacking_by_default() -> None:
+    from stages import exp4
+
+    aggregators = list(config.load(REPO / "params.yaml").experiment4.aggregators)
+    assert tuple(aggregators) == config.AGGREGATORS == get_args(config.Aggregator)
+    names = [r.name for r in exp4.runs("exclude", "m4", aggregators)]
+    assert names == [
+        *(f"naive-{a}" for a in aggregators),
+        "adaptive-norm_clip",
+        *(f"benign-{a}" for a in aggregators),
+        "naive-mean-secure",
+        "naive-norm_clip-secure",
+    ]
+    assert [r.name for r in exp4.runs("include", "m20", aggregators)] == [
+        *(f"naive-{a}" for a in aggregators),
+        "adaptive-norm_clip",
+    ]
 
 
 def _federation(**changes: object) -> dict:
