@@ -194,10 +194,20 @@ BACKGROUND: dict[str, Callable[[pytest.FixtureRequest], Repro]] = {
 }
 
 
+# Modules whose tests mostly wait (Flower's SuperNodes poll their SuperLink every few seconds): they run first, while
+# the background pipelines use the cores they leave idle.
+WAITING = ("test_flower.py", "test_flower_network.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that read a background repro run last, so the rest of the suite runs while those pipelines do rather
-    than after them (the sort is stable: the order within each group is kept)."""
-    items.sort(key=lambda item: any(name in BACKGROUND for name in item.fixturenames))
+    """Waiting tests first and tests that read a background repro last, so the rest of the suite runs while those
+    pipelines do rather than after them (the sort is stable: the order within each group is kept)."""
+    items.sort(
+        key=lambda item: (
+            any(name in BACKGROUND for name in item.fixturenames),
+            item.path.name not in WAITING,
+        )
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
