@@ -134,6 +134,14 @@ def report() -> None:
     stage.main()
 
 
+@app.command(name="exp4-report")
+def exp4_report() -> None:
+    """Experiment 4's figure and tables, from its stages' files."""
+    from stages import exp4_report as stage
+
+    stage.main()
+
+
 @app.command()
 def seeds(
     out: Annotated[Path, typer.Argument(help="Folder of the summary, e.g. metrics/seeds/quick.")],

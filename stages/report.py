@@ -1,39 +1,15 @@
 """Stage report: the paper's figures of Experiments 1-3 for all scenarios (3, 5, 7 on Omniglot; 4, 6, 8 on
-mini-ImageNet), Experiment 4's, and the comparison tables against the paper's numbers for the dataset."""
+mini-ImageNet) and the comparison tables against the paper's numbers for the dataset (Experiment 4 has its own
+report: stages/exp4_report.py)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from fedmeta import figures, report, runtime
 from fedmeta.atomic import write_text
 from fedmeta.experiment import SCENARIOS, VARIANTS
-
-
-def _exp4(
-    folder: Path,
-) -> tuple[
-    dict[report.Exp4Key, list[dict[str, Any]]],
-    dict[tuple[str, str], dict[str, Any]],
-    dict[tuple[str, str], dict[str, Any]],
-]:
-    """Experiment 4's files (stages/exp4.py), `summary/<variant>-<federation>/<attacker>-<rule>[-secure].json` and
-    their curves: the curves per scenario, the benign runs' final meta-test, and the secure runs' user-side
-    measurements."""
-    curves, price, user = {}, {}, {}
-    for path in sorted((folder / "summary").glob("*/*.json")):
-        (_, fed), (attacker, rule, *secure) = path.parent.name.split("-"), path.stem.split("-")
-        summary = json.loads(path.read_text())
-        if attacker == "benign":
-            price[(fed, rule)] = summary
-            continue
-        for csv_path in sorted((folder / "curves" / path.parent.name / path.stem).glob("*.csv")):
-            curves[(attacker, rule, bool(secure), fed, csv_path.stem)] = runtime.read_csv(csv_path)
-        if secure:
-            user.update({(rule, s): summary[s] for s in summary})
-    return curves, price, user
 
 
 def main() -> None:
@@ -52,8 +28,6 @@ def main() -> None:
             figures.finetuning_grid(grids["finetune"], runtime.CURVES / f"exp2_{ds}.png", "exp2", ds),
             figures.finetuning_grid(grids["defend"], runtime.CURVES / f"exp3_{ds}.png", "exp3", ds),
         ]
-        curves4, price4, user4 = _exp4(m / "exp4")
-        paths.append(figures.server_defenses(curves4, runtime.CURVES / "exp4_defenses.png", ds))
         positions = {
             s: sc for variant in VARIANTS for s, sc in json.loads((m / f"positions_{variant}.json").read_text()).items()
         }
@@ -85,23 +59,6 @@ def main() -> None:
                 report.users_table(by_scenario["finetune"], by_scenario["defend"], paper),
                 "## Ablation of the defense",
                 report.ablation_table(runtime.read_csv(m / "ablation.csv")),
-                "## Experiment 4: server-side defenses against the one-shot attack (docs/experiment4.md)",
-                "All numbers are % ± the 95 % interval's half-width. "
-                "'stopped': backdoor accuracy after the attack round within the intervals "
-                "of the pretrained model before the attack (round 0). "
-                "m4: the paper's federation (M = 4, M_min = 3, λ = 3); m20: the same classes "
-                "among 20 users (M_r = M_min = 5, λ = 5); "
-                "the adaptive attacker rescales its update to just under norm_clip's bound.",
-                report.exp4_answers(curves4, price4),
-                report.exp4_table(curves4),
-                "### The price of each rule when nobody attacks",
-                report.exp4_price_table(price4),
-                "### Secure aggregation: what is left to a user",
-                "The server sees only masked updates, so only mean and norm_clip can run "
-                "(clipping by each client, which the attacker's client skips); "
-                "each benign user can still fine-tune the attacked model, "
-                "plainly or with Experiment 3's matching-network defense.",
-                report.exp4_secure_table(user4),
             ]
         )
         write_text(m / "report.md", text + "\n")

@@ -146,9 +146,10 @@ def tiny_pipeline_raw(omniglot_dir: Path) -> dict:
 
 
 class Repro:
-    """`dvc repro` of a git + DVC copy of the project's tracked files in `dst` with params.yaml `raw`, in a process
-    of its own. A pipeline's stages run one thread each, mostly starting Python, so a repro started at the beginning
-    of the session (`background_repros`) runs on the second core while the other tests run on the first."""
+    """`dvc repro -P` (the paper's pipeline and Experiment 4's) of a git + DVC copy of the project's tracked files in
+    `dst` with params.yaml `raw`, in a process of its own. A pipeline's stages run one thread each, mostly starting
+    Python, so a repro started at the beginning of the session (`background_repros`) runs on the second core while
+    the other tests run on the first."""
 
     def __init__(self, dst: Path, raw: dict) -> None:
         files = subprocess.run(
@@ -170,7 +171,12 @@ class Repro:
         self.dst, self.log = dst, dst.with_name(dst.name + ".repro.log")
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
-                ["dvc", "repro"], cwd=dst, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                ["dvc", "repro", "-P"],
+                cwd=dst,
+                env=cli_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def result(self, timeout: float = 3600) -> Path:

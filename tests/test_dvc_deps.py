@@ -14,8 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 NEVER_CHANGE_OUTPUTS = {"fedmeta/atomic.py", "fedmeta/errors.py", "fedmeta/tracking.py"}
 # Building the dataset: after `prepare` it reaches a stage through data/prepared/dataset.pt.
 DATASET_BUILDING = {"fedmeta/key.py", "fedmeta/data"}
-MODULE_OF = {"continue": "continue_training"}  # `fedmeta continue` (a Python keyword)
-STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+MODULE_OF = {"continue": "continue_training", "exp4-report": "exp4_report"}  # `fedmeta <command>` → its module
+PIPELINES = ("dvc.yaml", "experiment4/dvc.yaml")  # the paper's, and Experiment 4's (its stages run at the root)
+STAGES = {
+    f"{path}:{name}": stage
+    for path in PIPELINES
+    for name, stage in yaml.safe_load((ROOT / path).read_text())["stages"].items()
+}
 
 
 def _module_path(name: str) -> Path | None:
@@ -70,5 +75,5 @@ def test_stage_code_deps_are_its_imports(name: str) -> None:
     missing = sorted(f for f in needed if not any(_covered(d, f) for d in deps))
     unused = sorted(d for d in deps if not any(_covered(d, f) for f in needed))
     assert not missing and not unused, (
-        f"dvc.yaml stage {name}: missing deps {missing}, deps it does not import {unused}"
+        f"stage {name}: missing deps {missing}, deps it does not import {unused}"
     )

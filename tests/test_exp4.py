@@ -40,8 +40,8 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 @pytest.mark.pipeline
 def test_experiment4_stages_reproduce_on_the_tiny_profile(tiny_repo: Path) -> None:
-    """The tiny pipeline's Experiment-4 stages (the baseline rule only: conftest.tiny_pipeline_raw), the report's
-    section and figure; `mean` on the paper's federation is Experiment 1, round for round and bit for bit, though
+    """The tiny pipeline's Experiment-4 stages (the baseline rule only: conftest.tiny_pipeline_raw), its report and
+    figure; `mean` on the paper's federation is Experiment 1, round for round and bit for bit, though
     its round 1 is the stage's shared round-1 work and Experiment 1's is the attack stage's own round."""
     m = tiny_repo / "metrics"
     summary, curves = m / "exp4/summary", m / "exp4/curves"
@@ -61,8 +61,8 @@ def test_experiment4_stages_reproduce_on_the_tiny_profile(tiny_repo: Path) -> No
     benign = json.loads((summary / "exclude-m4/benign-mean.json").read_text())
     assert benign["round"] == 3 and 0 <= benign["meta_test"] <= 1
     assert not list((tiny_repo / "state").glob("exp4_*"))  # the resumable state goes once the stage is done
-    text = (m / "report.md").read_text()
-    assert "## Experiment 4" in text and "| m4 | adaptive | norm_clip | a |" in text and "| norm_clip | c |" in text
+    text = (m / "exp4/report.md").read_text()
+    assert "# Experiment 4" in text and "| m4 | adaptive | norm_clip | a |" in text and "| norm_clip | c |" in text
     assert (tiny_repo / "docs/figures/exp4_defenses.png").is_file()
     import mlflow
 

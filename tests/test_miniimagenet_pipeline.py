@@ -124,6 +124,7 @@ def test_every_stage_logs_to_mlflow_as_miniimagenet(mini_repo: Path) -> None:
         "positions",
         "exp4",
         "report",
+        "exp4-report",
     }
     assert stages <= set(runs["tags.stage"])
     assert (runs["tags.dataset"] == "miniimagenet").all() and (runs["tags.profile"] == "tiny").all()

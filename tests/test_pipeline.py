@@ -125,7 +125,7 @@ def test_continuation_measured_every_k_rounds_trains_the_same_rounds(repo: Path,
 
 
 def test_second_repro_does_nothing(repo: Path) -> None:
-    out = sh(repo, "dvc", "repro")
+    out = sh(repo, "dvc", "repro", "-P")
     assert "Running stage" not in out
 
 
