@@ -146,12 +146,12 @@ def tiny_pipeline_raw(omniglot_dir: Path) -> dict:
 
 
 class Repro:
-    """`dvc repro -P` (the paper's pipeline and Experiment 4's) of a git + DVC copy of the project's tracked files in
-    `dst` with params.yaml `raw`, in a process of its own. A pipeline's stages run one thread each, mostly starting
-    Python, so a repro started at the beginning of the session (`background_repros`) runs on the second core while
-    the other tests run on the first."""
+    """`dvc repro` of a git + DVC copy of the project's tracked files in `dst` with params.yaml `raw`, in a process of
+    its own: both pipelines (the paper's and Experiment 4's), or with `paper_only` the paper's. A pipeline's stages
+    run one thread each, mostly starting Python, so a repro started at the beginning of the session
+    (`background_repros`) runs on the second core while the other tests run on the first."""
 
-    def __init__(self, dst: Path, raw: dict) -> None:
+    def __init__(self, dst: Path, raw: dict, paper_only: bool = False) -> None:
         files = subprocess.run(
             ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
             cwd=REPO,
@@ -171,7 +171,7 @@ class Repro:
         self.dst, self.log = dst, dst.with_name(dst.name + ".repro.log")
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
-                ["dvc", "repro", "-P"],
+                ["dvc", "repro", *([] if paper_only else ["-P"])],
                 cwd=dst,
                 env=cli_env(),
                 stdout=log,
