@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install fedmeta with its pinned stack; a no-op when pyproject.toml has not changed.
 # The stack is about 6 GB (torch's CUDA build pulls NVIDIA's libraries), so it is installed by uv, which unpacks and
-# byte-compiles in parallel (2.4 times faster than pip on a 2-core CPU, docs/performance.md); where uv cannot be
+# byte-compiles in parallel where pip uses one core (docs/performance.md has both times); where uv cannot be
 # installed, pip does the same install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
