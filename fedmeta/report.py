@@ -240,7 +240,8 @@ def positions_table(positions: Positions, paper: PaperNumbers, n_way: int, attac
     """Per scenario and model (before / after the attack), accuracy with the target at each output in turn and at
     a random one, beside the paper's backdoor accuracy after the attack. The paper evaluates where its attacker
     trains the target (`attacker_output`; None: the attacker puts it at random); a user's label order is
-    arbitrary, so the random output is the headline."""
+    arbitrary, so the random output is the headline. A position not measured (the pretrained model's, but for
+    the random one and the attacker's) shows "—"."""
     heads = [f"output {k}" + (" (attacker's)" if k == attacker_output else "") for k in range(n_way)]
     lines = [
         f"| scenario | model | measured | paper ({paper.dataset}), after attack | {' | '.join(heads)} "
@@ -252,7 +253,9 @@ def positions_table(positions: Positions, paper: PaperNumbers, n_way: int, attac
         stated = {"attack_train": str(train), "attack_val": str(val)}
         for model, points in positions[s].items():
             for key, label in POSITION_ROWS.items():
-                cells = " | ".join(ci(points[f"output_{k}"], key) for k in range(n_way))
+                cells = " | ".join(
+                    ci(points[f"output_{k}"], key) if f"output_{k}" in points else "—" for k in range(n_way)
+                )
                 lines.append(
                     f"| {s} | {model} | {label} | {stated.get(key, '—') if model == 'attacked' else '—'} | {cells} "
                     f"| **{ci(points['random'], key)}** |"

@@ -2,8 +2,10 @@
 
 The attacker trains the target as output N − 1; a user's label order is its own. Measuring every position, on
 episodes drawn from the attack stage's seeds (`exp1`), shows whether stamped images go to the target class or
-merely to an output; the random position is what a user with an arbitrary label order sees. The position the
-attack stage measured (`evaluation.target_output`) is taken from its metrics, not measured a second time."""
+merely to an output; the random position is what a user with an arbitrary label order sees. The pretrained model
+was never attacked, so no output of it holds a backdoor: it is measured at the random position only, its base rate.
+The position the attack stage measured (`evaluation.target_output`) is taken from its metrics, for both models, not
+measured a second time."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from fedmeta.splits import FederatedData
 MODELS = {"pretrained": "pretrain_{}.pt", "attacked": "attacked_{}.pt"}  # before and after the attack round
 ATTACK_POINTS = {"pretrained": "before", "attacked": "after"}  # the same models in metrics/attack_<variant>.json
 RANDOM = "random"  # the key of the random-position measurement
+MEASURED_AT_EVERY_OUTPUT = "attacked"  # the pretrained model's outputs are alike: measured at random only
 
 
 def position_key(k: int) -> str:
@@ -26,14 +29,15 @@ def main(variant: str) -> None:
     with runtime.stage("positions", variant=variant) as (params, run):
         exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
         learner, steps = exp.finetuner(), params.evaluation.steps
-        positions: dict[str, int | None] = {position_key(k): k for k in range(params.evaluation.n_way)}
-        positions[RANDOM] = None
+        every: dict[str, int | None] = {position_key(k): k for k in range(params.evaluation.n_way)}
+        every[RANDOM] = None
         configured = exp.configured_target()
         measured = RANDOM if configured is None else position_key(configured)
         attack = json.loads((runtime.METRICS / f"attack_{variant}.json").read_text())
         summary: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
         for model, name in MODELS.items():
             theta = checkpoint.load_theta(runtime.CHECKPOINTS / name.format(variant), exp.device, exp.theta_spec())
+            positions = every if model == MEASURED_AT_EVERY_OUTPUT else {k: every[k] for k in (measured, RANDOM)}
             for scenario in scenarios_of(variant):
                 points = summary.setdefault(scenario.name, {}).setdefault(model, {})
                 for key, at in positions.items():

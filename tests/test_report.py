@@ -41,12 +41,12 @@ def test_positions_table_marks_the_attackers_output_and_the_random_headline() ->
 
     positions = {
         "a": {
-            m: {**{f"output_{k}": point(k / 10) for k in range(5)}, "random": point(0.21)}
-            for m in ("pretrained", "attacked")
+            "pretrained": {"output_4": point(0.4), "random": point(0.21)},
+            "attacked": {**{f"output_{k}": point(k / 10) for k in range(5)}, "random": point(0.21)},
         }
     }
     table = report.positions_table(positions, report.PAPER["omniglot"], 5, 4)
     assert "| output 3 | output 4 (attacker's) | **random output (headline)** |" in table
     assert "| a | attacked | backdoor, attack train | 78 | 0.0 ± 0.0 | 10.0 ± 10.0 |" in table
-    assert "| a | pretrained | backdoor, attack val | — |" in table and "| **21.0 ± 21.0** |" in table
+    assert "| a | pretrained | backdoor, attack val | — | — | — | — | — | 40.0 ± 40.0 | **21.0 ± 21.0** |" in table
     assert "(attacker's)" not in report.positions_table(positions, report.PAPER["omniglot"], 5, None)
