@@ -3,6 +3,7 @@ and a user machine's node of a federation across machines."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from enum import Enum
@@ -35,68 +36,60 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
     _state["debug"] = debug
 
 
+def _stage(module: str, *args: str) -> None:
+    """Run stages.<module>. MLflow's logging process starts first, so that it loads beside torch (fedmeta.tracking)."""
+    from fedmeta import tracking
+
+    tracking.early()
+    importlib.import_module(f"stages.{module}").main(*args)
+
+
 @app.command()
 def prepare() -> None:
     """Read the dataset, split it among users, stamp the backdoor key."""
-    from stages import prepare as stage
-
-    stage.main()
+    _stage("prepare")
 
 
 @app.command()
 def pretrain(variant: VariantArg) -> None:
     """Benign federated Reptile pretraining (round 0)."""
-    from stages import pretrain as stage
-
-    stage.main(variant.value)
+    _stage("pretrain", variant.value)
 
 
 @app.command()
 def attack(variant: VariantArg) -> None:
     """The one-shot boosted backdoor attack (round 1)."""
-    from stages import attack as stage
-
-    stage.main(variant.value)
+    _stage("attack", variant.value)
 
 
 @app.command(name="continue")
 def continue_(variant: VariantArg) -> None:
     """Experiment 1: benign federated meta-training after the attack."""
-    from stages import continue_training as stage
-
-    stage.main(variant.value)
+    _stage("continue_training", variant.value)
 
 
 @app.command()
 def finetune(variant: VariantArg) -> None:
     """Experiment 2: long benign fine-tuning by each benign user."""
-    from stages import finetune as stage
-
-    stage.main(variant.value)
+    _stage("finetune", variant.value)
 
 
 @app.command()
 def defend(variant: VariantArg) -> None:
     """Experiment 3: the matching-network defense at each benign user."""
-    from stages import defend as stage
-
-    stage.main(variant.value)
+    _stage("defend", variant.value)
 
 
 @app.command()
 def positions(variant: VariantArg) -> None:
     """Backdoor accuracy with the target at each output of the user's episodes, and at a random one."""
-    from stages import positions as stage
-
-    stage.main(variant.value)
+    _stage("positions", variant.value)
 
 
 @app.command()
 def ablation() -> None:
     """The defense with each element removed in turn."""
-    from stages import ablation as stage
-
-    stage.main()
+    _stage("ablation")
 
 
 @app.command()
@@ -107,9 +100,7 @@ def exp4(
     ],
 ) -> None:
     """Experiment 4: every server-side rule against the one-shot attack on one federation, then benign rounds."""
-    from stages import exp4 as stage
-
-    stage.main(variant.value, federation)
+    _stage("exp4", variant.value, federation)
 
 
 @app.command()
@@ -129,17 +120,13 @@ def node(
 @app.command()
 def report() -> None:
     """Figures 3, 5, 7 and the paper-vs-reproduction tables."""
-    from stages import report as stage
-
-    stage.main()
+    _stage("report")
 
 
 @app.command(name="exp4-report")
 def exp4_report() -> None:
     """Experiment 4's figure and tables, from its stages' files."""
-    from stages import exp4_report as stage
-
-    stage.main()
+    _stage("exp4_report")
 
 
 @app.command()

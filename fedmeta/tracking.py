@@ -1,18 +1,28 @@
-"""MLflow logging into one SQLite store at the repository root.
+"""MLflow logging into one SQLite store at the repository root, by a process of its own.
 
 The store's path comes from DVC_ROOT when DVC runs the stage, so experiments
 queued in temporary copies of the repo still log to the main workspace.
+
+Importing MLflow and opening its SQL store take seconds of Python, more than a small stage's own work; a child
+process (`tracking.serve`) does both while the stage imports torch and computes, and logs what the
+stage sends it over a pipe, in order. The stage waits for it only at the end, so its run is complete when the
+stage's command returns.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
 import logging
 import os
+import signal
+import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fedmeta.errors import FedmetaError, first_line
 
@@ -53,29 +63,32 @@ def _git_commit() -> str:
 
 
 class Run:
-    """The handle a stage logs through."""
+    """The handle a stage logs through: each call is a message to the logging process."""
 
-    def __init__(self, mlflow: Any, stage: str, own_tags: dict[str, str], tags: dict[str, str]) -> None:
-        self._mlflow, self._stage, self._own, self._tags = mlflow, stage, own_tags, tags
+    def __init__(self, logger: _Logger, stage: str, own_tags: dict[str, str], tags: dict[str, str]) -> None:
+        self._logger, self._stage, self._own, self._tags = logger, stage, own_tags, tags
 
     @contextlib.contextmanager
     def child(self, params: dict[str, Any], tags: dict[str, str]) -> Iterator[Run]:
         """A run nested under this one, with this run's tags and its own `tags` and `params`: a stage that runs
         several configurations (Experiment 4's rules) logs each as a run of its own."""
         own, all_tags = {**self._own, **tags}, {**self._tags, **tags}
-        with self._mlflow.start_run(run_name=run_name(self._stage, own, all_tags), tags=all_tags, nested=True):
-            _log_params(self._mlflow, params)
-            yield Run(self._mlflow, self._stage, own, all_tags)
+        with self._logger.run(run_name(self._stage, own, all_tags), all_tags, params, nested=True):
+            yield Run(self._logger, self._stage, own, all_tags)
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
-        self._mlflow.log_metrics(values, step=step)
+        self._logger.send("metrics", values=values, step=step)
+
+    def tag(self, key: str, value: str) -> None:
+        self._logger.send("tag", key=key, value=value)
 
     def artifact(self, path: Path) -> None:
-        self._mlflow.log_artifact(str(path))
+        self._logger.send("artifact", path=str(Path(path).resolve()))
 
 
 def _check_sqlite(uri: str) -> None:
-    """Refuse an SQLite store that cannot be written before any work starts (SQLite itself fails late and verbosely)."""
+    """Refuse an SQLite store that cannot be used before any work starts: the logging process opens it while the
+    stage computes, and SQLite itself fails late and verbosely."""
     if not uri.startswith("sqlite:///"):
         return
     store = Path(uri.removeprefix("sqlite:///"))
@@ -85,6 +98,12 @@ def _check_sqlite(uri: str) -> None:
         raise FedmetaError(f"{store}: MLflow store {what}; {fix}")
     if not os.access(store.parent, os.W_OK) or (store.exists() and not os.access(store, os.W_OK)):
         raise FedmetaError(f"{store}: MLflow store is not writable; {fix}")
+    if store.exists():
+        try:
+            with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as db:
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            raise FedmetaError(_unusable(uri, exc)) from None
 
 
 COMMON_TAGS = ("profile", "dataset", "seed", "stage", "git_commit", "dvc_exp")
@@ -108,38 +127,182 @@ def run_name(stage: str, stage_tags: dict[str, str], tags: dict[str, str]) -> st
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[Run]:
     """One MLflow run per stage execution, tagged with stage, profile, dataset, commit and DVC experiment."""
+    global _current
     uri = tracking_uri()
     _check_sqlite(uri)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logger = early()
+    dvc_exp = os.environ.get("DVC_EXP_NAME", "workspace")
+    all_tags = {"stage": stage, "git_commit": _git_commit(), "dvc_exp": dvc_exp, **PROCESS_TAGS, **tags}
+    if "seed" in params:
+        all_tags.setdefault("seed", str(params["seed"]))
+    try:
+        logger.send("open", uri=uri, location=(repo_root() / "mlartifacts").as_uri())
+        with logger.run(run_name(stage, tags, all_tags), all_tags, params, nested=False):
+            _current = Run(logger, stage, tags, all_tags)
+            yield _current
+    except BaseException:
+        logger.flush(failed=True)
+        raise
+    finally:
+        _current = None
+    logger.flush(failed=False)
+
+
+def current() -> Run | None:
+    """The run of the stage in progress in this process, if any (code far from the stage tags it, e.g. the
+    Flower engine)."""
+    return _current
+
+
+_current: Run | None = None
+_logger: _Logger | None = None
+
+
+def early() -> _Logger:
+    """This process's logging process, started now if it is not running: the CLI starts it before the stage imports
+    torch, so that it imports MLflow meanwhile. It serves every stage run of the process (the tests run many in
+    one) and is stopped when the process exits; each stage waits for its own run to be logged."""
+    global _logger
+    if _logger is None or not _logger.alive():
+        if _logger is None:
+            atexit.register(_stop)
+        _logger = _Logger()
+    return _logger
+
+
+def _stop() -> None:
+    if _logger is not None:
+        _logger.stop()
+
+
+class _Logger:
+    """The stage's side of the pipe to the logging process."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_LOGGING_LEVEL": "WARNING"}
+        # This very fedmeta, whatever the working directory holds (-I: neither it nor PYTHONPATH on the path).
+        root = Path(__file__).resolve().parents[1]
+        argv = [
+            sys.executable,
+            "-I",
+            "-c",
+            f"import sys; sys.path.insert(0, {str(root)!r}); import fedmeta.tracking as t; t.serve()",
+        ]
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._to: IO[str] = self._proc.stdin
+        self._from: IO[str] = self._proc.stdout
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def send(self, op: str, **fields: Any) -> None:
+        try:
+            self._to.write(json.dumps({"op": op, **fields}, default=float) + "\n")
+            self._to.flush()
+        except BrokenPipeError:  # it has stopped; flush() reports it
+            pass
+
+    @contextlib.contextmanager
+    def run(self, name: str, tags: dict[str, str], params: dict[str, Any], nested: bool) -> Iterator[None]:
+        self.send("start", name=name, tags=tags, params=_flatten(params), nested=nested)
+        try:
+            yield
+        except BaseException:
+            self.send("end", status="FAILED")
+            raise
+        self.send("end", status="FINISHED")
+
+    def flush(self, failed: bool) -> None:
+        """Wait until everything sent is logged; its error, if any, is raised (unless the stage failed already)."""
+        self.send("flush")
+        reply = self._from.readline()
+        if not reply:
+            self.stop()
+            if not failed:
+                raise FedmetaError(f"MLflow: the logging process exited with code {self._proc.returncode}")
+            return
+        error = json.loads(reply)["error"]
+        if error and not failed:
+            raise FedmetaError(error)
+
+    def stop(self) -> None:
+        self._proc.kill()
+        self._proc.wait()
+        with contextlib.suppress(BrokenPipeError):  # what it exited without reading
+            self._to.close()
+        self._from.close()
+
+
+def _serve(commands: IO[str], replies: IO[str]) -> None:
+    """The logging process: MLflow's calls for each message, in order, until the stage's process closes the pipe.
+    The first error since the last `flush` is kept and the rest skipped, and the reply to `flush` carries it. A run
+    left open (the stage's process was killed) ends as KILLED."""
     import mlflow
+    from mlflow.store.tracking import sqlalchemy_store  # noqa: F401 -- imported now, while the stage starts up
 
     for name in ("mlflow", "alembic"):  # their INFO lines would bury the stage's own output
         logging.getLogger(name).setLevel(logging.WARNING)
+    error, opened = None, 0
+    for line in commands:
+        msg = json.loads(line)
+        op = msg["op"]
+        if op == "flush":
+            replies.write(json.dumps({"error": error}) + "\n")
+            replies.flush()
+            error = None
+            continue
+        if error is not None:
+            continue
+        try:
+            if op == "open":
+                error = _open(mlflow, msg["uri"], msg["location"])
+            elif op == "start":
+                mlflow.start_run(run_name=msg["name"], tags=msg["tags"], nested=msg["nested"])
+                opened += 1
+                items = list(msg["params"].items())
+                for i in range(0, len(items), 100):
+                    mlflow.log_params(dict(items[i : i + 100]))
+            elif op == "end":
+                mlflow.end_run(status=msg["status"])
+                opened -= 1
+            elif op == "metrics":
+                mlflow.log_metrics(msg["values"], step=msg["step"])
+            elif op == "tag":
+                mlflow.set_tag(msg["key"], msg["value"])
+            elif op == "artifact":
+                mlflow.log_artifact(msg["path"])
+        except Exception as exc:
+            error = f"MLflow: {type(exc).__name__}: {first_line(exc)}"
+    for _ in range(opened):
+        mlflow.end_run(status="KILLED")
 
-    root = repo_root()
+
+def _open(mlflow: Any, uri: str, location: str) -> str | None:
+    """Open the store and its experiment (created with its tags if new); an error message if it cannot be."""
     try:
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.get_experiment_by_name(EXPERIMENT)
         if experiment is None:
-            location = (root / "mlartifacts").as_uri()
             mlflow.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_TAGS)
         elif any(experiment.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):  # a store made before the tag
             for k, v in EXPERIMENT_TAGS.items():
                 mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, k, v)
         mlflow.set_experiment(EXPERIMENT)
     except Exception as exc:  # MLflow raises many types for an unusable store
-        raise FedmetaError(f"{uri}: cannot open the MLflow store ({type(exc).__name__}: {first_line(exc)})") from None
-    dvc_exp = os.environ.get("DVC_EXP_NAME", "workspace")
-    all_tags = {"stage": stage, "git_commit": _git_commit(), "dvc_exp": dvc_exp, **PROCESS_TAGS, **tags}
-    if "seed" in params:
-        all_tags.setdefault("seed", str(params["seed"]))
-    with mlflow.start_run(run_name=run_name(stage, tags, all_tags), tags=all_tags):
-        _log_params(mlflow, params)
-        yield Run(mlflow, stage, tags, all_tags)
+        return _unusable(uri, exc)
+    return None
 
 
-def _log_params(mlflow: Any, params: dict[str, Any]) -> None:
-    items = list(_flatten(params).items())
-    for i in range(0, len(items), 100):
-        mlflow.log_params(dict(items[i : i + 100]))
+def _unusable(uri: str, exc: Exception) -> str:
+    return f"{uri}: cannot open the MLflow store ({type(exc).__name__}: {first_line(exc)})"
+
+
+def serve() -> None:
+    """The logging process's entry point (see `_Logger`)."""
+    # Ctrl-C reaches the whole process group: the stage ends its runs as FAILED and closes the pipe, or dies and
+    # leaves them to end as KILLED here, so this process must outlive the interrupt.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    replies = sys.stdout
+    sys.stdout = sys.stderr  # anything MLflow prints goes to the stage's stderr, not into the replies
+    _serve(sys.stdin, replies)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fedmeta import checkpoint
+from fedmeta import checkpoint, tracking
 from fedmeta.checkpoint import Resume
 from fedmeta.config import Config
 from fedmeta.engine import processes
@@ -124,12 +124,6 @@ def start_supernode(sup: processes.Supervisor, user: int, link: list[str], port:
     sup.start(f"supernode{user}", [*argv, "--node-config", f"user={user} worker='{socket}'"])
 
 
-def _mlflow_run():  # type: ignore[no-untyped-def]
-    """The MLflow module when a stage's run is active (fedmeta.tracking opened it), else None: no import otherwise."""
-    mlflow = sys.modules.get("mlflow")
-    return mlflow if mlflow is not None and mlflow.active_run() is not None else None
-
-
 class FlowerEngine:
     def __init__(self, params: Config, data: FederatedData) -> None:
         self.p, self.data = params, data
@@ -165,9 +159,9 @@ class FlowerEngine:
             APP_TOML.replace("{clientapp}", "secure_client" if self.p.federation.secure_aggregation else "client")
         )
         (exchange / "params.json").write_text(self.p.model_dump_json())
-        run = _mlflow_run()
+        run = tracking.current()
         if run is not None:
-            run.set_tag("engine", "flower")
+            run.tag("engine", "flower")
         self.sup = processes.Supervisor(self.dir / "logs", flower_env(home))
         sockets = self._start_deployment(exchange / "params.json") if fl.superlink is None else []
         self.sup.start(
@@ -266,9 +260,9 @@ class FlowerEngine:
         self.secagg.append({"key": key, **stats} if stats else {})
         if not stats:
             return
-        run = _mlflow_run()
+        run = tracking.current()
         if run is not None:
-            run.log_metric("secagg_clipped_share", stats["clipped_share"], step=rnd)
+            run.metrics({"secagg_clipped_share": stats["clipped_share"]}, step=rnd)
         if stats["clipped_share"] > 0:
             worst = max(stats["per_user"].items(), key=lambda kv: kv[1]["clipped"])
             print(
