@@ -40,7 +40,7 @@ def _stage(module: str, *args: str) -> None:
     """Run stages.<module>. MLflow's logging process starts first, so that it loads beside torch (fedmeta.tracking)."""
     from fedmeta import tracking
 
-    tracking.early()
+    tracking.logging_process()
     importlib.import_module(f"stages.{module}").main(*args)
 
 

@@ -130,7 +130,7 @@ def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str]) -> Itera
     global _current
     uri = tracking_uri()
     _check_sqlite(uri)
-    logger = early()
+    logger = logging_process()
     dvc_exp = os.environ.get("DVC_EXP_NAME", "workspace")
     all_tags = {"stage": stage, "git_commit": _git_commit(), "dvc_exp": dvc_exp, **PROCESS_TAGS, **tags}
     if "seed" in params:
@@ -158,7 +158,7 @@ _current: Run | None = None
 _logger: _Logger | None = None
 
 
-def early() -> _Logger:
+def logging_process() -> _Logger:
     """This process's logging process, started now if it is not running: the CLI starts it before the stage imports
     torch, so that it imports MLflow meanwhile. It serves every stage run of the process (the tests run many in
     one) and is stopped when the process exits; each stage waits for its own run to be logged."""
