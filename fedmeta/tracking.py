@@ -300,8 +300,8 @@ def _unusable(uri: str, exc: Exception) -> str:
 
 def serve() -> None:
     """The logging process's entry point (see `_Logger`)."""
-    # Ctrl-C reaches the whole process group: the stage ends its runs as FAILED and closes the pipe, or dies and
-    # leaves them to end as KILLED here, so this process must outlive the interrupt.
+    # Ctrl-C reaches the whole process group: the stage ends its runs as FAILED and waits for them to be logged, or
+    # dies and leaves them to end as KILLED here, so this process must outlive the interrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     replies = sys.stdout
     sys.stdout = sys.stderr  # anything MLflow prints goes to the stage's stderr, not into the replies
