@@ -49,6 +49,19 @@ class Budget(Strict):
     continuation_eval_every: PosInt = 1  # Experiment 1: benign rounds between measured points (the last is measured)
     outer_step: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]  # Reptile's ε (paper: 0.1)
     inner_lr: LearningRate  # Adam's η in benign meta-training (paper: 0.001); evaluation keeps evaluation.lr
+    # Experiment 1's benign rounds after the attack at another ε and η (null: outer_step and inner_lr), so that the
+    # paper's ε = 0.1, η = 0.001 can follow a model pretrained at quick's ε = 1, η = 0.003 (docs/depth.md)
+    continuation_outer_step: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    continuation_inner_lr: LearningRate | None = None
+
+    def continuation(self) -> Budget:
+        """This budget with Experiment 1's ε and η in place of pretraining's."""
+        return self.model_copy(
+            update={
+                "outer_step": self.continuation_outer_step or self.outer_step,
+                "inner_lr": self.continuation_inner_lr or self.inner_lr,
+            }
+        )
 
 
 class OmniglotData(Strict):
@@ -330,6 +343,11 @@ class Config(Strict):
     @property
     def budget(self) -> Budget:
         return self.profiles[self.profile]
+
+    def continuation(self) -> Config:
+        """These parameters as Experiment 1's benign rounds after the attack use them (`Budget.continuation`)."""
+        profiles = {**self.profiles, self.profile: self.budget.continuation()}
+        return self.model_copy(update={"profiles": profiles})
 
     @property
     def spec(self) -> DatasetSpec:

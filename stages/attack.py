@@ -13,8 +13,10 @@ def main(variant: str) -> None:
         exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
         pretrained = runtime.CHECKPOINTS / f"pretrain_{variant}.pt"
         theta0 = checkpoint.load_theta(pretrained, exp.device, exp.theta_spec())
-        # The attacker's training is the long part: saved every checkpoint_every meta-batches (of B episodes).
+        # The attacker's training is the long part: saved every checkpoint_every meta-batches (of B episodes),
+        # and at most 100 times, since a deep attacker's saves would otherwise cost more than what they protect.
         every = params.budget.checkpoint_every * params.reptile.meta_batch
+        every *= max(1, params.budget.attack_episodes // (100 * every))
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, pretrained)
         resume = checkpoint.Resume(runtime.STATE / f"attack_{variant}.pt", every, fingerprint)
         theta1 = exp.round(theta0, 1, variant == "include", with_attacker=True, resume=resume)

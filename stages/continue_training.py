@@ -12,7 +12,7 @@ from stages.common import record_round
 
 def main(variant: str) -> None:
     with runtime.stage("continue", variant=variant) as (params, run):
-        exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+        exp = Experiment(params.continuation(), FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
         b, include = params.budget, variant == "include"
         attacked = runtime.CHECKPOINTS / f"attacked_{variant}.pt"
         theta = checkpoint.load_theta(attacked, exp.device, exp.theta_spec())
