@@ -45,8 +45,8 @@ flags_of() {  # RUN → the -S overrides that make it, or a one-line error
     fi
     [[ $rest == *-random* ]] && out+=(-S attack.target_output=random)
     [[ $rest =~ -seed([0-9]+) ]] && out+=(-S "seed=${BASH_REMATCH[1]}")
-    [[ $rest == *-paperlr* ]] && out+=(-S profiles.long.continuation_outer_step=0.1
-        -S profiles.long.continuation_inner_lr=0.001)
+    [[ $rest == *-paperlr* ]] && out+=(-S +profiles.long.continuation_outer_step=0.1
+        -S +profiles.long.continuation_inner_lr=0.001)
     printf '%s\n' "${out[@]}"
 }
 for run in "${runs[@]}"; do flags_of "$run" >/dev/null || exit 2; done
