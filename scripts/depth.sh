@@ -55,8 +55,12 @@ for run in "${runs[@]}"; do
     name="depth-$run"
     ((attack_only)) && name+=-attack
     mapfile -t flags < <(flags_of "$run")
+    targets=("${stages[@]}")
+    # The paper's ε and η change only Experiment 1: the other stages are those of the run without -paperlr.
+    [[ $run == *-paperlr* ]] && targets=(continue@exclude continue@include)
     dvc exp remove "$name" >/dev/null 2>&1 || true
-    dvc exp run --queue -n "$name" "${flags[@]}" "${stages[@]}"
+    dvc exp run --queue -n "$name" "${flags[@]}" "${targets[@]}"
 done
-dvc queue start -j 1 >/dev/null
+# One worker: a second would run another experiment beside the first, on the same cores.
+pgrep -f "dvc exp queue-worker" >/dev/null || dvc queue start -j 1 >/dev/null
 echo "depth: queued ${#runs[@]} run(s); follow with 'dvc queue status', collect with 'fedmeta depth'"
