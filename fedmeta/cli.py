@@ -150,6 +150,25 @@ def seeds(
         print(path)
 
 
+@app.command()
+def depth(
+    out: Annotated[Path, typer.Argument(help="Folder of the sweep, e.g. metrics/depth.")],
+    run: Annotated[
+        list[str] | None,
+        typer.Option("--run", help="A run of scripts/depth.sh to collect, e.g. 50000x2 (repeatable; default: all)."),
+    ] = None,
+    collect: Annotated[bool, typer.Option(help="Collect finished DVC experiments first; --no-collect redraws.")] = True,
+) -> None:
+    """The attacker's depth sweep: copy the finished depth-<run> experiments into OUT/<run>/, then write
+    OUT/report.md and its figures (docs/depth.md)."""
+    from fedmeta import depth as stage
+
+    if collect:
+        stage.collect(Path.cwd(), out, [stage.run_label(r) for r in run or []])
+    for path in stage.write(out):
+        print(path)
+
+
 class LearnerName(str, Enum):
     finetune = "finetune"
     defense = "defense"

@@ -200,3 +200,34 @@ def across_seeds(curves: dict[str, list[list[dict[str, Any]]]], x: str, path: Pa
     n = len(next(iter(curves.values())))
     fig.suptitle(f"{paper_title(figure, dataset)}: mean and range over {n} seed{'s' * (n > 1)}", fontsize=10, y=1.04)
     return _save(fig, path)
+
+
+def against_depth(
+    series: dict[str, dict[str, list[tuple[float, float]]]],
+    paper: dict[str, float],
+    ylabel: str,
+    path: Path,
+    chance: float | None = None,
+) -> Path:
+    """One panel per scenario: a quantity against the attacker's episodes (log axis), one line per kind of
+    attacker, with the paper's value marked at its own depth (50,000 episodes × 50 epochs) where it states one,
+    and chance (1/N) where the quantity is an accuracy."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
+    styles = ["-o", "--s", ":^", "-.v", "-D", "--x"]
+    for ax, s in zip(axes, sorted(SCENARIO_TITLES)):
+        for style, (label, by_scenario) in zip(styles, series.items()):
+            points = by_scenario.get(s, [])
+            if points:
+                ax.plot([x for x, _ in points], [100 * y for _, y in points], style, label=label, markersize=4)
+        if chance is not None:
+            ax.axhline(100 * chance, color="grey", linestyle=":", linewidth=1, label="chance (1/N)")
+        if s in paper:
+            ax.plot([50000], [100 * paper[s]], "r*", markersize=12, label="the paper (50,000 × 50)")
+        ax.set_xscale("log")
+        ax.set_title(SCENARIO_TITLES[s], fontsize=8)
+        ax.set_xlabel("attacker's episodes")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{ylabel.split('(')[0].strip()} (%)", fontsize=8)
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Omniglot, profile long (quick's pretraining): {ylabel}", fontsize=9)
+    return _save(fig, path)
