@@ -10,6 +10,7 @@ import hashlib
 import pickle
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,8 +138,11 @@ class Resume:
     A state saved for other parameters or inputs (another fingerprint) is ignored.
     """
 
-    def __init__(self, path: Path, every: int, fingerprint: str) -> None:
-        self.path, self.every, self.fingerprint = path, every, fingerprint
+    def __init__(
+        self, path: Path, every: int, fingerprint: str, on_progress: Callable[[int], None] | None = None
+    ) -> None:
+        """`on_progress(done)` hears of every iteration offered for saving, saved or not (a progress bar)."""
+        self.path, self.every, self.fingerprint, self.on_progress = path, every, fingerprint, on_progress
 
     def restore(self, device: torch.device | str = "cpu") -> dict[str, Any] | None:
         if not self.path.is_file():
@@ -154,6 +158,8 @@ class Resume:
         return state
 
     def save(self, done: int, state: dict[str, Any], force: bool = False) -> None:
+        if self.on_progress is not None:
+            self.on_progress(done)
         if force or done % self.every == 0:
             save(self.path, {"fingerprint": self.fingerprint, "done": done, **state})
 

@@ -6,7 +6,7 @@ import contextlib
 import csv
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,6 +55,15 @@ def configure_device(device: str) -> None:
 
 def progress(items: Iterable[T], description: str, start: int = 0, total: int | None = None) -> Iterator[T]:
     """A rich progress bar over a long loop (resumed loops start part-way)."""
+    with progress_bar(description, total, start) as update:
+        for done, item in enumerate(items, start + 1):
+            yield item
+            update(done)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None, start: int = 0) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar for a loop that reports its own count: the context gives `update(done)`."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -73,9 +82,7 @@ def progress(items: Iterable[T], description: str, start: int = 0, total: int | 
     )
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task(description, total=total, completed=start)
-        for item in items:
-            yield item
-            bar.advance(task)
+        yield lambda done: bar.update(task, completed=done)
 
 
 def json_text(values: dict[str, Any]) -> str:

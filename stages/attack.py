@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from fedmeta import checkpoint, runtime
 from fedmeta.experiment import Experiment
 from fedmeta.splits import FederatedData
@@ -18,8 +20,14 @@ def main(variant: str) -> None:
         every = params.budget.checkpoint_every * params.reptile.meta_batch
         every *= max(1, params.budget.attack_episodes // (100 * every))
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, pretrained)
-        resume = checkpoint.Resume(runtime.STATE / f"attack_{variant}.pt", every, fingerprint)
-        theta1 = exp.round(theta0, 1, variant == "include", with_attacker=True, resume=resume)
+        episodes = params.budget.attack_episodes
+        with runtime.progress_bar(f"attacker {variant} (episodes)", episodes) as update:
+            resume = checkpoint.Resume(runtime.STATE / f"attack_{variant}.pt", every, fingerprint, update)
+            started = time.perf_counter()
+            theta1 = exp.round(theta0, 1, variant == "include", with_attacker=True, resume=resume)
+            seconds = time.perf_counter() - started
+        # What one attacker episode costs here (docs/depth.md); a resumed run counts only the part it ran.
+        run.metrics({"attack_round_seconds": round(seconds, 1)})
         checkpoint.save(runtime.CHECKPOINTS / f"attacked_{variant}.pt", {"theta": theta1, "round": 1})
         learner, rows = exp.finetuner(), {}
         for rnd, theta in ((0, theta0), (1, theta1)):
