@@ -1,6 +1,9 @@
 """Estimate each stage's wall time for one profile from a `fedmeta bench` result, before committing days to it.
 
-    python scripts/cost_estimate.py PROFILE BENCH_JSON [--params params.yaml]
+    python scripts/cost_estimate.py PROFILE BENCH_JSON [--params params.yaml] [--set KEY=VALUE ...] [--stages S,..]
+
+--set overrides a dotted key as `dvc exp run -S` does, so a run of `scripts/depth.sh` is predicted before it
+starts, e.g. --set profiles.long.attack_episodes=50000 (docs/depth.md).
 
 A stage's cost is its Conv4 training steps (batch 10) at the bench's meta-training rate, plus its
 measurements in units of the bench's evaluation episode (50 fine-tuning steps and one prediction); a
@@ -17,6 +20,8 @@ import json
 import math
 import sys
 from pathlib import Path
+
+import yaml
 
 from fedmeta import config
 from fedmeta.errors import FedmetaError
@@ -72,9 +77,20 @@ def main() -> None:
     parser.add_argument("profile")
     parser.add_argument("bench", type=Path)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a dotted key's value")
+    parser.add_argument("--stages", help="comma-separated stage names (e.g. attack,continue); default: all")
     args = parser.parse_args()
     try:
         raw = config.load(args.params).model_dump(mode="json")
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise FedmetaError(f"--set {item}: expected KEY=VALUE, e.g. profiles.long.attack_episodes=50000")
+            *parents, leaf = key.split(".")
+            node = raw
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
         dataset = "miniimagenet" if args.profile == "paper-miniimagenet" else raw["dataset"]
         p = config.parse(raw | {"profile": args.profile, "dataset": dataset})
         bench = json.loads(args.bench.read_text())
@@ -84,7 +100,10 @@ def main() -> None:
     rates = f"{train:.1f} training steps/s and {evaluation:.2f} evaluation episodes/s"
     print(f"{args.profile} ({p.dataset}) at {rates} ({bench['device']})")
     total = 0.0
+    wanted = args.stages.split(",") if args.stages else None
     for stage, (steps, evals) in stage_work(p).items():
+        if wanted is not None and stage.split("@")[0] not in wanted:
+            continue
         seconds = steps / train + evals / evaluation
         total += seconds
         print(f"{stage:<18}{steps / 1e6:>9.2f} M steps{evals:>10.0f} evaluation episodes{hours(seconds):>10}")

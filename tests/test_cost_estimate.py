@@ -49,3 +49,18 @@ def test_command_prints_every_stage(tmp_path: Path) -> None:
     assert lines[2].split()[-2:] == ["34.8", "h"]  # 12.52 M steps at 100/s plus 160 evaluation episodes at 1/s
     bad = estimate("paper", tmp_path / "none.json")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "none.json" in bad.stderr
+
+
+def test_a_depth_run_is_predicted_with_its_overrides_and_stages(tmp_path: Path) -> None:
+    bench = tmp_path / "bench.json"
+    rates = {"meta_train": {"fedmeta_eps_per_s": 10.0}, "evaluation": {"fedmeta_eps_per_s": 1.0}}
+    bench.write_text(json.dumps({"device": "cpu", **rates}))
+    command = [sys.executable, "scripts/cost_estimate.py", "long", str(bench), "--stages", "attack"]
+    deep = command + ["--set", "profiles.long.attack_episodes=50000"]
+    done = subprocess.run(deep, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["attack@exclude", "attack@include", "all"]
+    assert lines[1].split()[1] == "0.50"  # 50,000 episodes × 10 steps, plus two benign users' 1,000 each
+    bad = subprocess.run(command + ["--set", "profiles.long"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1 and "--set profiles.long: expected KEY=VALUE" in bad.stderr
