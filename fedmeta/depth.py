@@ -24,8 +24,8 @@ from fedmeta.atomic import write_text
 from fedmeta.errors import FedmetaError
 from fedmeta.experiment import SCENARIOS
 
-PREFIX = "depth-"  # the DVC experiments scripts/depth.sh queues: depth-<run>, depth-<run>-attack
-ATTACK_ONLY = "-attack"  # an experiment that ran the attack and positions stages only
+PREFIX = "depth-"  # the DVC experiments scripts/depth.sh queues: depth-<run>[-<part>]
+PARTS = ("-attack", "-exp1")  # experiments that ran a run's first stages only, the least complete first
 Rows = list[dict[str, Any]]
 
 
@@ -33,19 +33,21 @@ Rows = list[dict[str, Any]]
 
 
 def experiments(repo: Path) -> dict[str, str]:
-    """Every depth experiment's run label → its git ref; a run's full experiment replaces its attack-only one."""
+    """Every depth experiment's run label → the git ref of its most complete part (each part's stages include
+    the previous part's, which it reuses from DVC's run cache)."""
     refs = seeds._git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").split()
-    found: dict[str, str] = {}
+    best: dict[str, tuple[int, str]] = {}
     for ref in refs:
         name = ref.rsplit("/", 1)[-1]
         if ref.startswith("refs/exps/exec/") or not name.startswith(PREFIX):
             continue
-        label = name.removeprefix(PREFIX)
-        if label.endswith(ATTACK_ONLY):
-            found.setdefault(label.removesuffix(ATTACK_ONLY), ref)
-        else:
-            found[label] = ref
-    return found
+        label, rank = name.removeprefix(PREFIX), len(PARTS)
+        for i, part in enumerate(PARTS):
+            if label.endswith(part):
+                label, rank = label.removesuffix(part), i
+        if rank >= best.get(label, (-1, ""))[0]:
+            best[label] = (rank, ref)
+    return {label: ref for label, (_, ref) in best.items()}
 
 
 def collect(repo: Path, out: Path, names: list[str] | None = None) -> list[str]:
@@ -56,7 +58,7 @@ def collect(repo: Path, out: Path, names: list[str] | None = None) -> list[str]:
     missing = [n for n in wanted if n not in found]
     if missing:
         raise FedmetaError(
-            f"--run {missing[0]}: no DVC experiment depth-{missing[0]}[-attack]; "
+            f"--run {missing[0]}: no DVC experiment depth-{missing[0]}[-attack|-exp1]; "
             f"found: {', '.join(sorted(found)) or 'none'} (see `dvc exp list`)"
         )
     for label in wanted:

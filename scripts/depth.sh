@@ -6,7 +6,9 @@
 #   bash scripts/depth.sh 5000x2 1000x50-random # some runs: EPISODESxEPOCHS, then -random (attack.target_output:
 #                                               # random), -seedN, -paperlr (the continuation at the paper's ε, η)
 #   bash scripts/depth.sh --attack 50000x2      # only the attack and positions stages (the rest reuses them later)
-# Experiments are named depth-<run> (depth-<run>-attack with --attack); an existing one of that name is replaced.
+#   bash scripts/depth.sh --exp1 50000x2        # those and Experiment 1, without Experiments 2 and 3
+# Experiments are named depth-<run> (depth-<run>-attack, depth-<run>-exp1); an existing one of that name is replaced.
+# Parts finish, and are collected, one at a time: a sweep stopped midway keeps what it had finished.
 # Runs use FEDMETA_KERNELS=portable unless it is set, so that their bytes are the same on every CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,11 +18,12 @@ export FEDMETA_KERNELS=${FEDMETA_KERNELS:-portable}
 git rev-parse --git-dir >/dev/null 2>&1 || { echo "depth: run it inside the git clone of fedmeta" >&2; exit 1; }
 
 deepest=50000x2
-attack_only=0
+part=
 runs=()
 for arg in "$@"; do
     case $arg in
-        --attack) attack_only=1 ;;
+        --attack) part=attack ;;
+        --exp1) part=exp1 ;;
         *) runs+=("$arg") ;;
     esac
 done
@@ -30,8 +33,8 @@ if [ ${#runs[@]} -eq 0 ]; then  # the sweep in the order that answers most first
 fi
 
 stages=(positions@exclude positions@include)
-((attack_only)) || stages+=(continue@exclude continue@include finetune@exclude finetune@include
-    defend@exclude defend@include)
+[ "$part" = attack ] || stages+=(continue@exclude continue@include)
+[ -n "$part" ] || stages+=(finetune@exclude finetune@include defend@exclude defend@include)
 flags_of() {  # RUN → the -S overrides that make it, or a one-line error
     local run=$1 rest episodes epochs
     [[ $run =~ ^([0-9]+)x([0-9]+)((-random|-seed[0-9]+|-paperlr)*)$ ]] ||
@@ -52,8 +55,7 @@ flags_of() {  # RUN → the -S overrides that make it, or a one-line error
 for run in "${runs[@]}"; do flags_of "$run" >/dev/null || exit 2; done
 
 for run in "${runs[@]}"; do
-    name="depth-$run"
-    ((attack_only)) && name+=-attack
+    name="depth-$run${part:+-$part}"
     mapfile -t flags < <(flags_of "$run")
     targets=("${stages[@]}")
     # The paper's ε and η change only Experiment 1: the other stages are those of the run without -paperlr.

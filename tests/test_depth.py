@@ -36,8 +36,8 @@ def commit_as_experiment(repo: Path, name: str, seed: int, episodes: int, epochs
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     sh(tmp_path, "git", "init", "-q")
-    commit_as_experiment(tmp_path, "depth-50000x2-attack", 0, 50000, 2, "fixed")
     commit_as_experiment(tmp_path, "depth-50000x2", 0, 50000, 2, "fixed")
+    commit_as_experiment(tmp_path, "depth-50000x2-attack", 0, 50000, 2, "fixed")
     commit_as_experiment(tmp_path, "depth-1000x50-random", 0, 1000, 50, "random")
     commit_as_experiment(tmp_path, "seed-1", 1, 50, 2, "fixed")  # not a depth run
     return tmp_path
@@ -65,6 +65,6 @@ def test_report_states_each_run_and_draws_the_figures(repo: Path) -> None:
 
 def test_an_unknown_run_is_refused_before_anything_is_written(repo: Path) -> None:
     out = repo / "metrics" / "depth"
-    with pytest.raises(FedmetaError, match=r"--run 5x2: no DVC experiment depth-5x2\[-attack\]; found: 1000x50"):
+    with pytest.raises(FedmetaError, match=r"--run 5x2: no DVC experiment depth-5x2\[-attack\|-exp1\]; found: 1000x50"):
         depth.collect(repo, out, ["50000x2", "5x2"])
     assert not out.exists()
