@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from fedmeta import config, tracking
+from fedmeta import atomic, config, tracking
 from fedmeta.atomic import write_text
 from fedmeta.errors import Diverged, FedmetaError
 
@@ -120,11 +120,14 @@ def logged(params: config.Config) -> dict[str, Any]:
 def stage(
     name: str, params_path: Path = Path("params.yaml"), **tags: str
 ) -> Iterator[tuple[config.Config, tracking.Run]]:
+    """The stage's parameters and MLflow run. Its outputs are staged (`atomic.all_or_none`) and put in place together
+    only once the stage's code and its MLflow logging have both succeeded: a failure anywhere changes none."""
     params = config.load(params_path)
     configure(params)
-    with tracking.stage_run(
-        name, logged(params), {"profile": params.profile, "dataset": params.dataset, **tags}
-    ) as run:
+    with (
+        atomic.all_or_none(),
+        tracking.stage_run(name, logged(params), {"profile": params.profile, "dataset": params.dataset, **tags}) as run,
+    ):
         try:
             yield params, run
         except Diverged as err:  # name the stage; nothing was written (outputs come after the loops, atomically)

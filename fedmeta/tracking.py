@@ -16,14 +16,17 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from fedmeta import atomic
 from fedmeta.errors import FedmetaError, first_line
 
 EXPERIMENT = "fedmeta"
@@ -83,7 +86,8 @@ class Run:
         self._logger.send("tag", key=key, value=value)
 
     def artifact(self, path: Path) -> None:
-        self._logger.send("artifact", path=str(Path(path).resolve()))
+        """Log the file at `path`, by that name, as it is now: staged, it is still a temporary file beside it."""
+        self._logger.send("artifact", path=str(atomic.current(path).resolve()), name=Path(path).name)
 
 
 def _check_sqlite(uri: str) -> None:
@@ -271,11 +275,21 @@ def _serve(commands: IO[str], replies: IO[str]) -> None:
             elif op == "tag":
                 mlflow.set_tag(msg["key"], msg["value"])
             elif op == "artifact":
-                mlflow.log_artifact(msg["path"])
+                _log_artifact(mlflow, Path(msg["path"]), msg["name"])
         except Exception as exc:
             error = f"MLflow: {type(exc).__name__}: {first_line(exc)}"
     for _ in range(opened):
         mlflow.end_run(status="KILLED")
+
+
+def _log_artifact(mlflow: Any, path: Path, name: str) -> None:
+    """`path` logged as `name` (a staged output's temporary file under its final name)."""
+    if path.name == name:
+        mlflow.log_artifact(str(path))
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copyfile(path, Path(folder) / name)
+        mlflow.log_artifact(str(Path(folder) / name))
 
 
 def _open(mlflow: Any, uri: str, location: str) -> str | None:
