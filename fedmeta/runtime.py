@@ -99,9 +99,38 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
-    """What write_csv wrote: counters as int, labels as str, accuracies as float."""
-    with path.open() as f:
-        return [{k: _value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+    """What write_csv wrote: counters as int, labels as str, accuracies as float; anything else (a merge
+    conflict, a truncated or hand-edited file) is refused in one line naming the file."""
+    try:
+        with path.open(newline="") as f:
+            rows = [{k: _value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except (ValueError, TypeError, csv.Error) as exc:  # a missing field reads as None, an extra one as a list
+        raise _unreadable(path, f"{type(exc).__name__}: {exc}") from None
+    if not rows:
+        raise _unreadable(path, "no rows")
+    return rows
+
+
+def read_json(path: Path) -> Any:
+    """What write_json wrote; anything else is refused in one line naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _unreadable(path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+
+
+CONFLICT_MARKERS = ("<<<<<<< ", "=======", ">>>>>>> ")
+
+
+def _unreadable(path: Path, why: str) -> FedmetaError:
+    """The one-line refusal of a metrics file; git's conflict markers, when there, are the likely cause."""
+    lines = path.read_text(errors="replace").splitlines()
+    marked = next((i for i, line in enumerate(lines, 1) if line.startswith(CONFLICT_MARKERS)), None)
+    if marked is not None:
+        why = f"git merge-conflict markers from line {marked}; resolve the conflict (or rerun the stage that writes it)"
+    else:
+        why += "; rerun the stage that writes it"
+    return FedmetaError(f"{path}: not a readable metrics file ({why})")
 
 
 def _value(key: str, text: str) -> Any:

@@ -25,7 +25,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedmeta import checkpoint, config, secure, seeding
+from fedmeta import checkpoint, config, federation, secure, seeding
 from fedmeta.atomic import write_text
 from fedmeta.engine import plan
 from fedmeta.model import Theta
@@ -175,6 +175,8 @@ def _serve(grid: Grid, job_path: Path, context: Context, known: dict[int, int]) 
     refused = [u for i, u in zip(ids, sent) if not i]
     applied, replies = _collect(grid, {i: u for i, u in zip(ids, sent) if i}, refused, selection, node_of, deadline)
     deltas = [from_record(replies[u].content["delta"]) for u in applied]
+    for u, d in zip(applied, deltas):  # on receipt, before any rule reads them, as the local engine does
+        federation.check_update(u, d, theta, params.federation.attacker)
     sizes = [int(replies[u].content["meta"]["size"]) for u in applied]
     return {"theta": plan.combine(params, theta, deltas, sizes, job["key"]), "users": applied}
 
