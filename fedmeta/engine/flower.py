@@ -63,6 +63,8 @@ def _users_of_nodes(grid: Grid, known: dict[int, int], expected: int, deadline: 
         if not reply.has_error():
             known[reply.metadata.src_node_id] = int(reply.content["node"]["user"])
     missing = sorted(set(range(expected)) - set(known.values()))
+    if missing and time.monotonic() < deadline:  # their replies were errors: not a timeout, whatever the round's is
+        raise RuntimeError(f"the SuperNodes of users {missing} left the federation before identifying themselves")
     if missing:
         raise TimeoutError(f"the SuperNodes of users {missing} did not identify themselves in time")
     return known
