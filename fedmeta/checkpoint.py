@@ -6,6 +6,7 @@ run code; anything else (a pickled object, a truncated file) is refused.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import pickle
 import sys
@@ -17,17 +18,21 @@ from typing import Any
 
 import torch
 
-from fedmeta import model
+from fedmeta import atomic, model
 from fedmeta.atomic import atomic_path
 from fedmeta.errors import FedmetaError, first_line
 from fedmeta.model import Theta
 
 
-def save(path: Path, payload: dict[str, Any]) -> None:
+def save(path: Path, payload: dict[str, Any], now: bool = False) -> None:
     """torch.save, atomically and byte-reproducibly: given a path, torch.save names the archive's inner folder
-    after the (random) temporary file, so equal payloads would hash differently for DVC; a file object does not."""
-    with atomic_path(path) as tmp, tmp.open("wb") as f:
-        torch.save(payload, f)
+    after the (random) temporary file, so equal payloads would hash differently for DVC; a file object does not.
+    `now`: in place at once, even inside `atomic.all_or_none` (resumable state, files another process waits for)."""
+    with atomic_path(path, now) as tmp, tmp.open("wb") as f:
+        try:
+            torch.save(payload, f)
+        except RuntimeError as exc:  # torch's zip writer reports a failed write (a full disk) as a RuntimeError
+            raise OSError(errno.EIO, f"{first_line(exc)}") from None
 
 
 def load(
@@ -161,7 +166,8 @@ class Resume:
         if self.on_progress is not None:
             self.on_progress(done)
         if force or done % self.every == 0:
-            save(self.path, {"fingerprint": self.fingerprint, "done": done, **state})
+            save(self.path, {"fingerprint": self.fingerprint, "done": done, **state}, now=True)
 
     def finish(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Remove the state once the loop's outputs are written (inside a stage: once they are in place)."""
+        atomic.remove(self.path)

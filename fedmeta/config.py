@@ -8,6 +8,7 @@ once while `-S attack.boost=5` still reaches the one knob it names.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -26,6 +27,15 @@ MAX_BOOST = 1e6  # λ beyond this overflows float32 updates long before it could
 MIN_IMAGE_SIDE = 16  # Conv4's four 2×2 max-pools (model.BLOCKS) leave at least one pixel: 16 → 1
 MAX_IMAGE_SIDE = 1024  # beyond this the image tensor alone outgrows any machine this runs on
 ImageSide = Annotated[int, Field(ge=MIN_IMAGE_SIDE, le=MAX_IMAGE_SIDE)]
+MIN_KEY_SIDE = 2  # pixels: a smaller key is no pattern (key.key_pattern)
+# Counts that size a tensor held at once: every evaluation episode is fine-tuned together, a meta-batch's episodes
+# adapt together, and a run's inner mini-batch indices are drawn up front; beyond these bounds no machine holds them
+# and a stage would hang in allocation instead of failing.
+MAX_EVAL_EPISODES = 10_000  # paper: 40; also the most `fedmeta meta-test --episodes` takes
+MAX_META_BATCH = 1_000  # paper: 5
+MAX_STEPS = 100_000  # inner or fine-tuning steps of one episode (paper: 10 and 500)
+EvalEpisodes = Annotated[int, Field(gt=0, le=MAX_EVAL_EPISODES)]
+Steps = Annotated[int, Field(gt=0, le=MAX_STEPS)]
 
 
 class Strict(BaseModel):
@@ -39,11 +49,11 @@ class Budget(Strict):
     pretrain_rounds: PosInt
     episodes_per_round: PosInt  # E: Reptile episodes per user per round (paper: 1000 Omniglot, 100 mini-ImageNet)
     attack_episodes: PosInt  # attacker's E (paper: 50000 Omniglot, 150000 mini-ImageNet)
-    attack_inner_epochs: PosInt  # passes over each poisoned episode's examples (paper: 50 Omniglot, 1 mini-ImageNet)
+    attack_inner_epochs: Steps  # passes over each poisoned episode's examples (paper: 50 Omniglot, 1 mini-ImageNet)
     continuation_rounds: PosInt  # Experiment 1 (paper: 50 Omniglot, 100 mini-ImageNet)
-    finetune_steps: PosInt  # Experiments 2-3 (paper: 500)
+    finetune_steps: Steps  # Experiments 2-3 (paper: 500)
     record_every: PosInt  # fine-tuning steps between recorded points
-    eval_episodes: PosInt  # paper: 40
+    eval_episodes: EvalEpisodes  # paper: 40
     checkpoint_every: PosInt  # rounds (attack: meta-batches) between resumable checkpoints
     pretrain_eval_every: PosInt  # rounds between meta-test points on the pretraining curve
     continuation_eval_every: PosInt = 1  # Experiment 1: benign rounds between measured points (the last is measured)
@@ -102,8 +112,8 @@ class Key(Strict):
 
 class Reptile(Strict):
     n_way: PosInt = 5
-    meta_batch: PosInt = 5  # B
-    inner_steps: PosInt = 10  # e
+    meta_batch: Annotated[int, Field(gt=0, le=MAX_META_BATCH)] = 5  # B
+    inner_steps: Steps = 10  # e
     inner_batch: PosInt = 10  # b
     beta2: Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)] = 0.999
     adam_state: Literal["episode", "carry"] = "episode"
@@ -234,7 +244,7 @@ class Experiment4(Strict):
 class Evaluation(Strict):
     n_way: PosInt = 5
     k_shot: PosInt = 5
-    steps: PosInt = 50  # fine-tuning steps at test time
+    steps: Steps = 50  # fine-tuning steps at test time
     batch: PosInt = 10
     lr: LearningRate = 0.001  # η of test-time fine-tuning (paper: 0.001)
     bn_mode: Literal["support", "transductive", "support_plus_query"] = "support"
@@ -296,21 +306,6 @@ class Config(Strict):
         problem = aggregation_problem(fed)
         if problem is not None:
             raise ValueError(problem)
-        if "mean" not in self.experiment4.aggregators:
-            raise ValueError(
-                f"experiment4.aggregators: {self.experiment4.aggregators} lacks mean, "
-                "the baseline every rule is compared with; "
-                "allowed: a list holding mean"
-            )
-        for name in self.experiment4.federations:
-            for agg in AGGREGATORS:  # every rule, listed or not: `-S federation.aggregator=…` may pick any
-                try:
-                    with_overrides(self, name, aggregator=agg, secure_aggregation=False)  # as Experiment 4 runs them
-                except FedmetaError as err:
-                    raise ValueError(
-                        f"experiment4.federations.{name} with aggregator {agg}: "
-                        f"{str(err).removeprefix('params.yaml: ')}"
-                    ) from None
         if self.profile not in self.profiles:
             raise ValueError(f"profile: unknown profile {self.profile!r}; allowed: one of {sorted(self.profiles)}")
         if self.dataset not in self.datasets:
@@ -331,6 +326,28 @@ class Config(Strict):
                 f"evaluation.n_way: {self.evaluation.n_way} exceeds the model's {self.reptile.n_way} outputs "
                 "(reptile.n_way); "
                 f"allowed: at most {self.reptile.n_way}"
+            )
+        examples = self.reptile.n_way * spec.train_shots
+        if self.reptile.inner_batch > examples:  # a batch drawn across shuffled passes would repeat examples
+            raise ValueError(
+                f"reptile.inner_batch: {self.reptile.inner_batch} exceeds the {examples} examples of a "
+                f"meta-training episode (reptile.n_way = {self.reptile.n_way} × datasets.{self.dataset}.train_shots = "
+                f"{spec.train_shots}); allowed: at most {examples}"
+            )
+        support = self.evaluation.n_way * self.evaluation.k_shot
+        if self.evaluation.batch > support:
+            raise ValueError(
+                f"evaluation.batch: {self.evaluation.batch} exceeds the {support} support examples of an "
+                f"evaluation episode (evaluation.n_way = {self.evaluation.n_way} × evaluation.k_shot = "
+                f"{self.evaluation.k_shot}); allowed: at most {support}"
+            )
+        side = self.omniglot.image_size if self.dataset == "omniglot" else self.miniimagenet.image_size
+        if round(self.key.size * side) < MIN_KEY_SIDE:
+            raise ValueError(
+                f"key.size: {self.key.size} of a {side}-pixel {self.dataset}.image_size is "
+                f"{round(self.key.size * side)} pixels, below the key's {MIN_KEY_SIDE}; "
+                f"allowed: at least {math.ceil(1.5 / side * 10_000) / 10_000} "
+                "(the key's side is round(key.size × image side) pixels)"
             )
         if self.evaluation.k_shot + 1 > spec.benign_examples:
             raise ValueError(
@@ -396,15 +413,65 @@ def check_device(device: str) -> str:
     return device
 
 
-class _DuplicateKey(yaml.YAMLError):
+class _Refused(yaml.YAMLError):
+    """A document the loader refuses by name: its message is the whole reason."""
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Count the values `root` expands to, an alias counting as a copy of what it names, without expanding it."""
+    sizes: dict[int, int] = {}
+    entered: set[int] = set()
+    todo: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while todo:  # post-order, iteratively: children's sizes before their parent's
+        node, children_done = todo.pop()
+        if id(node) in sizes:
+            continue
+        if isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        else:
+            kids = node.value if isinstance(node, yaml.SequenceNode) else []
+        if not children_done:
+            if id(node) in entered:  # reached again inside itself
+                raise _Refused(f"an alias refers to itself (line {node.start_mark.line + 1}); allowed: no recursion")
+            entered.add(id(node))
+            todo.append((node, True))
+            todo += [(k, False) for k in kids if id(k) not in sizes]
+            continue
+        sizes[id(node)] = 1 + sum(sizes[id(k)] for k in kids)
+        if sizes[id(node)] > MAX_YAML_VALUES:
+            raise _Refused(
+                f"aliases expand to more than {MAX_YAML_VALUES} values (line {node.start_mark.line + 1}); "
+                f"allowed: at most {MAX_YAML_VALUES} (params.yaml holds a few hundred)"
+            )
+
+
+class _DuplicateKey(_Refused):
     pass
+
+
+MAX_YAML_DEPTH = 64  # params.yaml nests 5 levels; the composer recurses per level, so 3,000 would overflow the stack
+MAX_YAML_VALUES = 100_000  # values after aliases expand; params.yaml holds a few hundred (an alias bomb: billions)
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key repeated within one mapping (plain YAML keeps the last one silently),
-    naming it by its dotted path."""
+    naming it by its dotted path, and a document nested deeper than MAX_YAML_DEPTH or expanding, through its
+    aliases, to more than MAX_YAML_VALUES values: either would hang or crash the stage instead of failing."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise _Refused(
+                    f"nested deeper than {MAX_YAML_DEPTH} levels (line {line}); allowed: at most {MAX_YAML_DEPTH}"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_document(self, node: yaml.Node) -> Any:
+        _check_expansion(node)
         self._paths: dict[int, str] = {}
         todo: list[tuple[yaml.Node, str]] = [(node, "")]
         while todo:
@@ -443,8 +510,10 @@ def load(path: Path = Path("params.yaml")) -> Config:
         raise FedmetaError(f"{path}: parameters file not found (run from the repository root)")
     try:
         raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
-    except _DuplicateKey as exc:
+    except _Refused as exc:
         raise FedmetaError(f"{path}: {exc}") from None
+    except RecursionError:  # a nest within MAX_YAML_DEPTH that still overflows a small stack
+        raise FedmetaError(f"{path}: nested too deeply to read; allowed: at most {MAX_YAML_DEPTH} levels") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise FedmetaError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(raw, dict):
@@ -471,6 +540,29 @@ def with_overrides(params: Config, federation: str, attack: dict[str, Any] | Non
     raw = params.model_dump(mode="json") | {"experiment4": {"federations": {}}}
     raw = _merge(raw, {"federation": _merge(o.federation, changes), "attack": _merge(o.attack, attack or {})})
     return parse(raw)
+
+
+def check_experiment4(params: Config, federation: str, stage: str) -> None:
+    """Experiment 4's own rules, checked by its stage `stage` only (the paper's stages never run them): `mean`, the
+    baseline, among experiment4.aggregators, and every rule able to run on `federation`, listed or not, since
+    `-S federation.aggregator=…` may pick any."""
+    where = f"; this blocks Experiment 4's stage {stage} (experiment4/dvc.yaml)"
+    aggregators = params.experiment4.aggregators
+    if "mean" not in aggregators:
+        raise FedmetaError(
+            f"params.yaml: experiment4.aggregators: {aggregators} lacks mean, the baseline every rule is compared "
+            f"with; allowed: a list holding mean{where}"
+        )
+    for agg in AGGREGATORS:
+        try:
+            with_overrides(params, federation, aggregator=agg, secure_aggregation=False)  # as Experiment 4 runs them
+        except FedmetaError as err:
+            if "experiment4.federations: no federation" in str(err):
+                raise
+            raise FedmetaError(
+                f"params.yaml: experiment4.federations.{federation} with aggregator {agg}: "
+                f"{str(err).removeprefix('params.yaml: ')}{where}"
+            ) from None
 
 
 def backdoor_shots(spec: DatasetSpec) -> int:

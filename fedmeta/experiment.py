@@ -147,6 +147,12 @@ class Experiment:
         attack.*), secure masking when asked, this experiment's rule, and the divergence check."""
         fed, users = self.p.federation, work.users
         deltas = [self._delta(theta, u, local) for u, local in zip(users, work.local)]
+        where = f"{'pretraining ' if pretraining else ''}round {rnd}"
+        for u, d in zip(users, deltas):
+            try:
+                federation.check_update(u, d, theta, self.attacker)
+            except federation.RejectedUpdate as err:
+                raise Diverged(f"{where} diverged: {err}; likely cause: {self._cause(u)}") from None
         alphas = federation.weights([self._size(u, include_backdoor) for u in users], fed.weighting)
         sent = deltas
         if (
@@ -155,8 +161,11 @@ class Experiment:
             clipped = [d if u == self.attacker else federation.client_side(d, fed) for u, d in zip(users, deltas)]
             sent = secure.mask(clipped, alphas, lambda i, j: self.gen("secagg", work.key, users[i], users[j]))
         new = federation.aggregate(theta, sent, alphas, fed, self.gen("aggregate", work.key))
-        if not federation.finite(new):  # one check per round; finding the culprit costs only when it fails
-            raise Diverged(self._divergence(f"{'pretraining ' if pretraining else ''}round {rnd}", users, deltas))
+        if not federation.finite(new):  # every δ was finite: the rule's sum overflowed
+            raise Diverged(
+                f"{where} diverged: the aggregated model overflowed to NaN or infinite weights; "
+                f"likely cause: attack.boost = {self.p.attack.boost} too large"
+            )
         return new
 
     def round(
@@ -195,25 +204,12 @@ class Experiment:
             self.flower.close()
             self.flower = None
 
-    def _divergence(self, where: str, users: list[int], deltas: list[Theta]) -> str:
+    def _cause(self, user: int) -> str:
+        """The parameters that make user `user`'s local training diverge."""
         b, a, prof = self.p.budget, self.p.attack, f"profiles.{self.p.profile}"
-        for u, d in zip(users, deltas):
-            if federation.finite(d):
-                continue
-            if u == self.attacker:
-                return (
-                    f"{where} diverged: the attacker's boosted update holds NaN or infinite weights; likely cause: "
-                    f"attack.lr = {a.lr} or attack.boost = {a.boost} too large"
-                )
-            return (
-                f"{where} diverged: user {u + 1}'s update holds NaN or infinite weights; "
-                f"likely cause: {prof}.inner_lr = {b.inner_lr} "
-                f"or {prof}.outer_step = {b.outer_step} too large"
-            )
-        return (
-            f"{where} diverged: the aggregated model overflowed to NaN or infinite weights; "
-            f"likely cause: attack.boost = {a.boost} too large"
-        )
+        if user == self.attacker:
+            return f"attack.lr = {a.lr} or attack.boost = {a.boost} too large"
+        return f"{prof}.inner_lr = {b.inner_lr} or {prof}.outer_step = {b.outer_step} too large"
 
     def finetuner(self) -> evaluation.FineTune:
         e = self.p.evaluation

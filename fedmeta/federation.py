@@ -15,6 +15,7 @@ import torch
 
 from fedmeta import secure
 from fedmeta.config import Federation
+from fedmeta.errors import FedmetaError
 from fedmeta.model import Theta
 
 NORM_MARGIN = 0.99  # an adaptive attacker's update ends this fraction of the bound below it: "just under"
@@ -34,6 +35,30 @@ def update(local: Theta, theta: Theta) -> Theta:
 def finite(theta: Theta) -> bool:
     """Whether every weight is finite: one reduction per tensor, one synchronisation in all."""
     return bool(torch.stack([torch.isfinite(v).all() for v in theta.values()]).all())
+
+
+class RejectedUpdate(FedmetaError):
+    """A user's δ the server cannot apply; the message names the user and what is wrong."""
+
+
+def check_update(user: int, delta: Theta, reference: Theta, attacker: int | None = None) -> None:
+    """What the server checks of each δ it receives, on either engine, before any rule reads it: θ's keys, and for
+    each tensor θ's dtype and shape and finite values. `user` is the index (named 1-based, as the metrics files
+    number users); `attacker` names that user's update as the attacker's boosted one."""
+    who = "the attacker's boosted update" if user == attacker else f"user {user + 1}'s update"
+    missing, extra = sorted(reference.keys() - delta.keys()), sorted(delta.keys() - reference.keys())
+    if missing or extra:
+        problem = f"lacks {missing[0]!r}" if missing else f"holds unexpected key {extra[0]!r}"
+        raise RejectedUpdate(f"{who} {problem} (expected the model's keys {', '.join(sorted(reference))})")
+    for key, ref in reference.items():
+        got = delta[key]
+        if not isinstance(got, torch.Tensor) or got.dtype != ref.dtype:
+            kind = str(got.dtype).removeprefix("torch.") if isinstance(got, torch.Tensor) else type(got).__name__
+            raise RejectedUpdate(f"{who}[{key!r}] is {kind}; expected {str(ref.dtype).removeprefix('torch.')}")
+        if got.shape != ref.shape:
+            raise RejectedUpdate(f"{who}[{key!r}] has shape {tuple(got.shape)}; expected {tuple(ref.shape)}")
+    if not finite(delta):
+        raise RejectedUpdate(f"{who} holds NaN or infinite weights")
 
 
 def weights(sizes: list[int], weighting: str) -> list[float]:

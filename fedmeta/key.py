@@ -13,7 +13,7 @@ from fedmeta.config import Key
 
 def key_pattern(key: Key, side: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask, values) of the key on a `side`² image; values are uint8, mask is bool."""
-    k = max(2, round(key.size * side))
+    k = round(key.size * side)  # at least MIN_KEY_SIDE: config refuses a smaller key.size
     yy, xx = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
     if key.shape == "square":
         cells = torch.ones(k, k, dtype=torch.bool)

@@ -16,8 +16,9 @@ from typing import Any
 
 from fedmeta import checkpoint, runtime
 from fedmeta.atomic import write_text
-from fedmeta.config import load
+from fedmeta.config import MAX_EVAL_EPISODES, load
 from fedmeta.defense import MatchingDefense
+from fedmeta.errors import FedmetaError
 from fedmeta.evaluation import Learner
 from fedmeta.experiment import USERS_TAG, Experiment, flat, record_points
 from fedmeta.splits import FederatedData
@@ -32,6 +33,11 @@ LEARNERS: dict[str, Callable[[Experiment], Learner]] = {
 def main(
     ckpt: Path, learner: str, episodes: int, out: Path | None, params_path: Path = Path("params.yaml")
 ) -> dict[str, Any]:
+    if episodes > MAX_EVAL_EPISODES:  # all are fine-tuned at once
+        raise FedmetaError(
+            f"--episodes: {episodes} exceeds the {MAX_EVAL_EPISODES} episodes fine-tuned at once; "
+            f"allowed: 1 to {MAX_EVAL_EPISODES}"
+        )
     params = load(params_path)
     runtime.configure(params)
     exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))

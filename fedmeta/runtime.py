@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from fedmeta import config, tracking
+from fedmeta import atomic, config, tracking
 from fedmeta.atomic import write_text
 from fedmeta.errors import Diverged, FedmetaError
 
@@ -106,9 +106,38 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
-    """What write_csv wrote: counters as int, labels as str, accuracies as float."""
-    with path.open() as f:
-        return [{k: _value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+    """What write_csv wrote: counters as int, labels as str, accuracies as float; anything else (a merge
+    conflict, a truncated or hand-edited file) is refused in one line naming the file."""
+    try:
+        with path.open(newline="") as f:
+            rows = [{k: _value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except (ValueError, TypeError, csv.Error) as exc:  # a missing field reads as None, an extra one as a list
+        raise _unreadable(path, f"{type(exc).__name__}: {exc}") from None
+    if not rows:
+        raise _unreadable(path, "no rows")
+    return rows
+
+
+def read_json(path: Path) -> Any:
+    """What write_json wrote; anything else is refused in one line naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _unreadable(path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+
+
+CONFLICT_MARKERS = ("<<<<<<< ", "=======", ">>>>>>> ")
+
+
+def _unreadable(path: Path, why: str) -> FedmetaError:
+    """The one-line refusal of a metrics file; git's conflict markers, when there, are the likely cause."""
+    lines = path.read_text(errors="replace").splitlines()
+    marked = next((i for i, line in enumerate(lines, 1) if line.startswith(CONFLICT_MARKERS)), None)
+    if marked is not None:
+        why = f"git merge-conflict markers from line {marked}; resolve the conflict (or rerun the stage that writes it)"
+    else:
+        why += "; rerun the stage that writes it"
+    return FedmetaError(f"{path}: not a readable metrics file ({why})")
 
 
 def _value(key: str, text: str) -> Any:
@@ -127,11 +156,14 @@ def logged(params: config.Config) -> dict[str, Any]:
 def stage(
     name: str, params_path: Path = Path("params.yaml"), **tags: str
 ) -> Iterator[tuple[config.Config, tracking.Run]]:
+    """The stage's parameters and MLflow run. Its outputs are staged (`atomic.all_or_none`) and put in place together
+    only once the stage's code and its MLflow logging have both succeeded: a failure anywhere changes none."""
     params = config.load(params_path)
     configure(params)
-    with tracking.stage_run(
-        name, logged(params), {"profile": params.profile, "dataset": params.dataset, **tags}
-    ) as run:
+    with (
+        atomic.all_or_none(),
+        tracking.stage_run(name, logged(params), {"profile": params.profile, "dataset": params.dataset, **tags}) as run,
+    ):
         try:
             yield params, run
         except Diverged as err:  # name the stage; nothing was written (outputs come after the loops, atomically)

@@ -9,7 +9,6 @@ seed, so the summary can be redrawn from git without the experiments.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import subprocess
@@ -45,7 +44,18 @@ def experiment_ref(repo: Path, name: str) -> str:
 
 
 def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+    return _git_bytes(repo, *args).decode()
+
+
+def _git_bytes(repo: Path, *args: str) -> bytes:
+    """git's output; its failure (outside a repository, an unknown ref) in one line."""
+    done = subprocess.run(["git", *args], cwd=repo, capture_output=True)
+    if done.returncode != 0:
+        why = done.stderr.decode(errors="replace").strip().splitlines() or [f"exit code {done.returncode}"]
+        if "not a git repository" in why[0]:
+            raise FedmetaError(f"{repo}: not a git repository; --exp reads DVC experiments from git (run from one)")
+        raise FedmetaError(f"git {args[0]} in {repo}: {why[0]}")
+    return done.stdout
 
 
 def _wanted(rel: str) -> bool:
@@ -62,11 +72,7 @@ def snapshot(repo: Path, ref: str | None) -> dict[str, bytes]:
         paths = [str(p.relative_to(repo)) for p in [repo / "params.yaml", *(repo / "metrics").rglob("*")]]
         return {rel: (repo / rel).read_bytes() for rel in paths if (repo / rel).is_file() and _wanted(rel)}
     listed = _git(repo, "ls-tree", "-r", "--name-only", ref, "--", "params.yaml", "metrics").split()
-    return {
-        rel: subprocess.run(["git", "show", f"{ref}:{rel}"], cwd=repo, capture_output=True, check=True).stdout
-        for rel in listed
-        if _wanted(rel)
-    }
+    return {rel: _git_bytes(repo, "show", f"{ref}:{rel}") for rel in listed if _wanted(rel)}
 
 
 def _differs(a: Any, b: Any, path: str = "") -> str | None:
@@ -153,7 +159,7 @@ def load(folder: Path) -> Run:
         merged: dict[str, Any] = {}
         for v in VARIANTS:
             path = folder / f"{name}_{v}.json"
-            merged |= json.loads(path.read_text()) if path.is_file() else {}
+            merged |= runtime.read_json(path) if path.is_file() else {}
         return merged
 
     params = yaml.safe_load((folder / "params.yaml").read_text())

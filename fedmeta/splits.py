@@ -37,8 +37,8 @@ class FederatedData:
     attack_train_idx: torch.Tensor  # X_B: stamped, labelled as the target by the attacker
     attack_val_idx: torch.Tensor  # stamped, never trained on
 
-    def save(self, path: Path) -> None:
-        checkpoint.save(path, asdict(self))
+    def save(self, path: Path, now: bool = False) -> None:
+        checkpoint.save(path, asdict(self), now)
 
     @classmethod
     def load(cls, path: Path, params: Config | None = None) -> FederatedData:

@@ -16,14 +16,19 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from fedmeta import atomic
 from fedmeta.errors import FedmetaError, first_line
 
 EXPERIMENT = "fedmeta"
@@ -83,12 +88,22 @@ class Run:
         self._logger.send("tag", key=key, value=value)
 
     def artifact(self, path: Path) -> None:
-        self._logger.send("artifact", path=str(Path(path).resolve()))
+        """Log the file at `path`, by that name, as it is now: staged, it is still a temporary file beside it."""
+        self._logger.send("artifact", path=str(atomic.current(path).resolve()), name=Path(path).name)
 
 
-def _check_sqlite(uri: str) -> None:
-    """Refuse an SQLite store that cannot be used before any work starts: the logging process opens it while the
-    stage computes, and SQLite itself fails late and verbosely."""
+LOCK_WAIT_S = 10.0  # how long a stage waits for another process's write to the SQLite store before refusing
+CONNECT_S = 3.0  # how long a stage waits for an HTTP tracking server to accept a connection
+# MLflow's HTTP client retries 7 times with exponential backoff (minutes against a server that is down); a stage's
+# logging process retries less, so that a server gone mid-stage fails it in seconds, unless the user chose otherwise
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def _check_store(uri: str) -> None:
+    """Refuse a store that cannot be used before any work starts: the logging process opens it while the stage
+    computes, and MLflow fails late and verbosely (an HTTP server that is down: after minutes of retries)."""
+    if uri.startswith(("http://", "https://")):
+        _check_http(uri)
     if not uri.startswith("sqlite:///"):
         return
     store = Path(uri.removeprefix("sqlite:///"))
@@ -104,6 +119,76 @@ def _check_sqlite(uri: str) -> None:
                 db.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.Error as exc:
             raise FedmetaError(_unusable(uri, exc)) from None
+        _check_writable(store)
+        if store == repo_root() / "mlflow.db":
+            _follow_move(store, artifact_root())
+
+
+def artifact_root() -> Path:
+    """Where the repository's MLflow artifacts live: beside its store, wherever the repository is now."""
+    return repo_root() / "mlartifacts"
+
+
+def _follow_move(store: Path, root: Path) -> None:
+    """MLflow stores an experiment's artifact location as an absolute URI, so a repository moved (`mv`) would
+    keep logging into the old path's mlartifacts/, recreating it; the experiment's location and its runs' are
+    moved to `root` instead, in one transaction (the files themselves moved with the repository)."""
+    new = root.as_uri()
+    with contextlib.closing(sqlite3.connect(store, timeout=LOCK_WAIT_S, isolation_level=None)) as db:
+        try:
+            found = db.execute("SELECT experiment_id, artifact_location FROM experiments WHERE name = ?", (EXPERIMENT,))
+            rows = found.fetchall()
+        except sqlite3.OperationalError:  # a store MLflow has not initialised yet: nothing to move
+            return
+        moved = [
+            (eid, old) for eid, old in rows if old != new and old.startswith("file://") and old.endswith("/mlartifacts")
+        ]
+        if not moved:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        for eid, old in moved:
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, eid))
+            db.execute(
+                "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+                (new, len(old) + 1, eid, len(old) + 1, old + "/"),
+            )
+        db.execute("COMMIT")
+
+
+def _check_writable(store: Path) -> None:
+    """Wait up to LOCK_WAIT_S for the store's write lock (other stages hold it for milliseconds at a time), then
+    let it go; a process that keeps it longer is named as the cause, instead of SQLAlchemy's errors later."""
+    try:
+        with contextlib.closing(sqlite3.connect(store, timeout=LOCK_WAIT_S, isolation_level=None)) as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise FedmetaError(f"{store}: cannot open the MLflow store ({first_line(exc)})") from None
+        raise FedmetaError(
+            f"{store}: MLflow store is locked for writing by another process (waited {LOCK_WAIT_S:.0f} s); "
+            "wait for it to finish, or set MLFLOW_TRACKING_URI to another sqlite:///<path>"
+        ) from None
+
+
+def _check_http(uri: str) -> None:
+    """A tracking server must accept a connection within CONNECT_S seconds."""
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise FedmetaError(f"MLFLOW_TRACKING_URI: {uri}: expected http[s]://host[:port]")
+    try:
+        socket.create_connection((parts.hostname, port), timeout=CONNECT_S).close()
+    except OSError as exc:
+        why = f"no answer within {CONNECT_S:.0f} s" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise FedmetaError(
+            f"MLFLOW_TRACKING_URI: {uri}: no tracking server at {parts.hostname}:{port} ({why}); "
+            "start it, or unset MLFLOW_TRACKING_URI to log to mlflow.db"
+        ) from None
 
 
 COMMON_TAGS = ("profile", "dataset", "seed", "stage", "git_commit", "dvc_exp")
@@ -129,14 +214,14 @@ def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str]) -> Itera
     """One MLflow run per stage execution, tagged with stage, profile, dataset, commit and DVC experiment."""
     global _current
     uri = tracking_uri()
-    _check_sqlite(uri)
+    _check_store(uri)
     logger = logging_process()
     dvc_exp = os.environ.get("DVC_EXP_NAME", "workspace")
     all_tags = {"stage": stage, "git_commit": _git_commit(), "dvc_exp": dvc_exp, **PROCESS_TAGS, **tags}
     if "seed" in params:
         all_tags.setdefault("seed", str(params["seed"]))
     try:
-        logger.send("open", uri=uri, location=(repo_root() / "mlartifacts").as_uri())
+        logger.send("open", uri=uri, location=artifact_root().as_uri())
         with logger.run(run_name(stage, tags, all_tags), all_tags, params, nested=False):
             _current = Run(logger, stage, tags, all_tags)
             yield _current
@@ -179,7 +264,7 @@ class _Logger:
     """The stage's side of the pipe to the logging process."""
 
     def __init__(self) -> None:
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_LOGGING_LEVEL": "WARNING"}
+        env = {**HTTP_RETRIES, **os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_LOGGING_LEVEL": "WARNING"}
         # This very fedmeta, whatever the working directory holds (-I: neither it nor PYTHONPATH on the path).
         root = Path(__file__).resolve().parents[1]
         argv = [
@@ -271,11 +356,21 @@ def _serve(commands: IO[str], replies: IO[str]) -> None:
             elif op == "tag":
                 mlflow.set_tag(msg["key"], msg["value"])
             elif op == "artifact":
-                mlflow.log_artifact(msg["path"])
+                _log_artifact(mlflow, Path(msg["path"]), msg["name"])
         except Exception as exc:
             error = f"MLflow: {type(exc).__name__}: {first_line(exc)}"
     for _ in range(opened):
         mlflow.end_run(status="KILLED")
+
+
+def _log_artifact(mlflow: Any, path: Path, name: str) -> None:
+    """`path` logged as `name` (a staged output's temporary file under its final name)."""
+    if path.name == name:
+        mlflow.log_artifact(str(path))
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copyfile(path, Path(folder) / name)
+        mlflow.log_artifact(str(Path(folder) / name))
 
 
 def _open(mlflow: Any, uri: str, location: str) -> str | None:

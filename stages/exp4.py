@@ -93,6 +93,7 @@ class Round1:
 
 def main(variant: str, federation: str) -> None:
     with runtime.stage("exp4", variant=variant, federation=federation) as (base, stage_run):
+        config.check_experiment4(base, federation, f"exp4 {variant} {federation}")
         fed = config.with_overrides(base, federation).federation
         data = robust.regroup(FederatedData.load(runtime.PREPARED, base), fed.users, fed.attacker)
         pretrained = runtime.CHECKPOINTS / f"pretrain_{variant}.pt"

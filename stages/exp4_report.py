@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ def _read(
     curves, price, user = {}, {}, {}
     for path in sorted((folder / "summary").glob("*/*.json")):
         (_, fed), (attacker, rule, *secure) = path.parent.name.split("-"), path.stem.split("-")
-        summary = json.loads(path.read_text())
+        summary = runtime.read_json(path)
         if attacker == "benign":
             price[(fed, rule)] = summary
             continue

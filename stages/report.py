@@ -4,7 +4,6 @@ report: stages/exp4_report.py)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fedmeta import figures, report, runtime
@@ -29,7 +28,7 @@ def main() -> None:
             figures.finetuning_grid(grids["defend"], runtime.CURVES / f"exp3_{ds}.png", "exp3", ds),
         ]
         positions = {
-            s: sc for variant in VARIANTS for s, sc in json.loads((m / f"positions_{variant}.json").read_text()).items()
+            s: sc for variant in VARIANTS for s, sc in runtime.read_json(m / f"positions_{variant}.json").items()
         }
         attacker_output = params.reptile.n_way - 1 if params.attack.target_output == "fixed" else None
         by_scenario = {

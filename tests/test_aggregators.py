@@ -187,9 +187,11 @@ def test_experiment4_federations_are_checked_with_every_rule() -> None:
     raw["experiment4"]["federations"]["m20"]["federation"]["multi_krum"] = {"f": 4, "m": 1}
     with pytest.raises(
         FedmetaError,
-        match=r"experiment4\.federations\.m20 with aggregator multi_krum: federation\.multi_krum\.f: 4 needs",
+        match=r"experiment4\.federations\.m20 with aggregator multi_krum: federation\.multi_krum\.f: 4 needs"
+        r".*; this blocks Experiment 4's stage exp4 include m20 \(experiment4/dvc\.yaml\)$",
     ):
-        config.parse(raw)
+        config.check_experiment4(config.parse(raw), "m20", "exp4 include m20")
+    config.check_experiment4(config.parse(raw), "m4", "exp4 include m4")  # only the federation the stage runs
     p = config.parse(tiny_raw())
     with pytest.raises(
         FedmetaError, match=r"experiment4\.federations: no federation 'm7'; allowed: one of \['m20', 'm4'\]"
@@ -209,6 +211,6 @@ def test_experiment4_runs_a_subset_of_rules_but_always_the_baseline() -> None:
     raw = tiny_raw()
     raw["experiment4"]["aggregators"] = ["median", "flame"]
     with pytest.raises(FedmetaError, match=r"experiment4\.aggregators: \['median', 'flame'\] lacks mean, the baseline"):
-        config.parse(raw)
+        config.check_experiment4(config.parse(raw), "m4", "exp4 exclude m4")
     raw["experiment4"]["aggregators"] = ["mean", "median"]
     assert config.parse(raw).experiment4.aggregators == ["mean", "median"]

@@ -111,7 +111,7 @@ def start_worker(
     """User `user`'s worker, given a dataset file with only its own images; the socket it will listen on once
     loaded (fedmeta.engine.worker)."""
     data_path, socket = folder / f"user{user}.pt", folder / f"worker{user}.sock"
-    private_copy(data, user, attacker).save(data_path)
+    private_copy(data, user, attacker).save(data_path, now=True)
     argv = [sys.executable, "-m", "fedmeta.engine.worker", str(user), str(params_json), str(data_path), str(socket)]
     sup.start(f"worker{user}", [*argv, digest])
     return socket
@@ -226,7 +226,7 @@ class FlowerEngine:
                 "every": resume.every,
                 "fingerprint": resume.fingerprint,
             }
-        checkpoint.save(exchange / f"job-{seq}.pt", job)
+        checkpoint.save(exchange / f"job-{seq}.pt", job, now=True)
         result, error, run = exchange / f"result-{seq}.pt", exchange / f"error-{seq}.txt", self.sup.procs["run"]
         started = time.monotonic()
         where = f"federated round {key} on Flower"

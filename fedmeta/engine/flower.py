@@ -25,7 +25,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedmeta import checkpoint, config, secure, seeding
+from fedmeta import checkpoint, config, federation, secure, seeding
 from fedmeta.atomic import write_text
 from fedmeta.engine import plan
 from fedmeta.model import Theta
@@ -63,6 +63,8 @@ def _users_of_nodes(grid: Grid, known: dict[int, int], expected: int, deadline: 
         if not reply.has_error():
             known[reply.metadata.src_node_id] = int(reply.content["node"]["user"])
     missing = sorted(set(range(expected)) - set(known.values()))
+    if missing and time.monotonic() < deadline:  # their replies were errors: not a timeout, whatever the round's is
+        raise RuntimeError(f"the SuperNodes of users {missing} left the federation before identifying themselves")
     if missing:
         raise TimeoutError(f"the SuperNodes of users {missing} did not identify themselves in time")
     return known
@@ -175,6 +177,8 @@ def _serve(grid: Grid, job_path: Path, context: Context, known: dict[int, int]) 
     refused = [u for i, u in zip(ids, sent) if not i]
     applied, replies = _collect(grid, {i: u for i, u in zip(ids, sent) if i}, refused, selection, node_of, deadline)
     deltas = [from_record(replies[u].content["delta"]) for u in applied]
+    for u, d in zip(applied, deltas):  # on receipt, before any rule reads them, as the local engine does
+        federation.check_update(u, d, theta, params.federation.attacker)
     sizes = [int(replies[u].content["meta"]["size"]) for u in applied]
     return {"theta": plan.combine(params, theta, deltas, sizes, job["key"]), "users": applied}
 

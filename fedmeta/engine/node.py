@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket as pysocket
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ def main(user: int, auth_key: Path | None, params_path: Path = Path("params.yaml
         if not auth_key.is_file():
             raise FedmetaError(f"--auth-key: {auth_key}: no such file")
         link += ["--auth-supernode-private-key", str(auth_key.resolve())]
+    _reach(fed.flower.superlink)
     data = FederatedData.load(runtime.PREPARED, params)
     folder = Path(tempfile.mkdtemp(prefix=f"fedmeta-node{user}-"))  # 0700: the user's images and socket
     signal.signal(signal.SIGTERM, _stop)  # stopping a node is how it ends: as Ctrl-C, exit 0
@@ -66,6 +68,29 @@ def main(user: int, auth_key: Path | None, params_path: Path = Path("params.yaml
     finally:
         sup.stop_all()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+REACH_S = 15.0  # how long a node waits for its SuperLink to accept connections (Flower's SuperNode retries forever)
+
+
+def _reach(address: str) -> None:
+    """The SuperLink must accept a TCP connection within REACH_S seconds: a SuperNode that cannot reach it waits
+    silently, so the node would print "started" and then hang."""
+    host, _, port = address.rpartition(":")
+    deadline, why = time.monotonic() + REACH_S, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            pysocket.create_connection(
+                (host.strip("[]"), int(port)), timeout=max(0.1, deadline - time.monotonic())
+            ).close()
+            return
+        except OSError as exc:
+            why = exc.strerror or str(exc) or type(exc).__name__
+        time.sleep(0.5)
+    raise FedmetaError(
+        f"federation.flower.superlink: nothing accepts connections at {address} within {REACH_S:.0f} s ({why}); "
+        "start the SuperLink first, or fix the address"
+    )
 
 
 def _stop(signum: int, frame: object) -> None:

@@ -10,6 +10,7 @@ stopping kills every descendant found under each child, not just its group.
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import signal
 import socket
@@ -25,6 +26,7 @@ from fedmeta.errors import FedmetaError
 HOST = "127.0.0.1"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log levels
 _PR_SET_PDEATHSIG = 1
+MARK = "FEDMETA_SUPERVISOR"  # environment variable naming the Supervisor a process descends from
 GRACE_S = 3.0  # seconds a stopped process may take to leave cleanly before SIGKILL
 
 
@@ -61,7 +63,10 @@ class Supervisor:
     """Starts named processes, logs each to its own file, and stops all of them."""
 
     def __init__(self, logs: Path, env: dict[str, str]) -> None:
-        self.logs, self.env = logs, env
+        # every process started here, and whatever they start, inherits the mark: `stop_all` finds by it those
+        # that a dead parent left to init (a SuperNode killed mid-round orphans its flwr-clientapp)
+        self.mark = f"{os.getpid()}-{id(self)}-{time.monotonic_ns()}"
+        self.logs, self.env = logs, {**env, MARK: self.mark}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         logs.mkdir(parents=True, exist_ok=True)
 
@@ -121,10 +126,11 @@ class Supervisor:
         self._stop([name], sig, grace)
 
     def stop_all(self, grace: float = GRACE_S) -> None:
-        """Every child at once (SuperNodes first, then the SuperLink they report to), one grace period for all."""
-        self._stop(list(reversed(list(self.procs))), signal.SIGTERM, grace)
+        """Every child at once (SuperNodes first, then the SuperLink they report to), one grace period for all,
+        and any orphan of theirs."""
+        self._stop(list(reversed(list(self.procs))), signal.SIGTERM, grace, self.mark)
 
-    def _stop(self, names: list[str], sig: signal.Signals, grace: float) -> None:
+    def _stop(self, names: list[str], sig: signal.Signals, grace: float, mark: str | None = None) -> None:
         procs = [p for p in (self.procs.pop(n, None) for n in names) if p is not None]
         family: list[psutil.Process] = []
         for proc in procs:  # descendants are listed before any is signalled: a dying parent orphans them
@@ -133,6 +139,9 @@ class Supervisor:
                 family += [root, *root.children(recursive=True)] if proc.poll() is None else []
             except psutil.NoSuchProcess:
                 pass
+        if mark is not None:
+            known = {p.pid for p in family}
+            family += [p for p in _marked(mark) if p.pid not in known]
         for p in family:
             try:
                 p.send_signal(sig)
@@ -147,6 +156,18 @@ class Supervisor:
         psutil.wait_procs(alive, timeout=5.0)
         for proc in procs:
             proc.wait()
+
+
+def _marked(mark: str) -> list[psutil.Process]:
+    """The processes that carry `mark` in their environment (this user's; others' cannot be read)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(MARK) == mark:
+                found.append(p)
+        except (psutil.Error, OSError):
+            pass
+    return found
 
 
 def pids_alive(pids: Sequence[int]) -> list[int]:
