@@ -106,7 +106,16 @@ def train(
 
 def boosted_update(local: Theta, theta: Theta, p: Config) -> Theta:
     """The attacker's δ = λ(θ_local − θ_G) with λ = attack.boost; with attack.norm_bound set (an adaptive
-    attacker) it is then constrained-and-scaled to just under that bound (`federation.constrain`)."""
+    attacker) it is then constrained-and-scaled to just under that bound (`constrain`)."""
     delta = {k: p.attack.boost * (local[k] - theta[k]) for k in theta}
     bound = p.attack.norm_bound
-    return delta if bound is None else federation.constrain(delta, bound)
+    return delta if bound is None else constrain(delta, bound)
+
+
+NORM_MARGIN = 0.99  # an adaptive attacker's update ends this fraction of the bound below it: "just under"
+
+
+def constrain(delta: Theta, bound: float) -> Theta:
+    """Constrain-and-scale (Bagdasaryan et al. 2020): the attacker rescales its update to just under the
+    server's norm bound, the largest update that clipping lets through unchanged, whatever the boost was."""
+    return {k: v * (NORM_MARGIN * bound / federation.norm(delta)) for k, v in delta.items()}

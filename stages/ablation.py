@@ -14,7 +14,8 @@ from dataclasses import replace
 
 from fedmeta import checkpoint, runtime
 from fedmeta.defense import MatchingDefense
-from fedmeta.experiment import SCENARIOS, USERS_TAG, VARIANTS, Experiment, flat
+from fedmeta.experiment import Experiment, flat
+from fedmeta.scenarios import SCENARIOS, USERS_TAG, VARIANTS
 from fedmeta.splits import FederatedData
 
 # cosine attention, noisy re-initialisation, fine-tuning, the attack
