@@ -11,7 +11,9 @@ from typing import Literal
 
 import torch
 
-from fedmeta import attack, episodes, evaluation, federation, reptile, seeding
+from fedmeta import attack, episodes, evaluation, fast, federation, reptile, seeding
+from fedmeta.adam import AdamConfig
+from fedmeta.backend import Backend
 from fedmeta.checkpoint import Resume, ThetaSpec
 from fedmeta.config import Config
 from fedmeta.engine.deployment import FlowerDeployment
@@ -45,7 +47,9 @@ class Experiment:
         fed = params.federation
         self.attacker = fed.attacker
         self.benign = [u for u in range(fed.users) if u != fed.attacker]
-        self.adam = reptile.AdamConfig(lr=params.budget.inner_lr, beta2=params.reptile.beta2)
+        self.adam = AdamConfig(lr=params.budget.inner_lr, beta2=params.reptile.beta2)
+        # how episodes are computed (FEDMETA_ADAPT), chosen once here and passed to every computation
+        self.backend: Backend = fast.backend(device)
         self.flower: FlowerDeployment | None = None  # started at the first round when federation.engine is flower
 
     def theta_spec(self) -> ThetaSpec:
@@ -84,6 +88,7 @@ class Experiment:
             self.params.budget.outer_step,
             self.adam,
             self.gen("local", rnd, user),
+            backend=self.backend,
         )
 
     def local_model(
@@ -92,7 +97,8 @@ class Experiment:
         """User `user`'s model after its local training of round `rnd` (`key`: its seed path) from θ_G = `theta`:
         Reptile on its own episodes, or the attacker's poisoned training (`resume`: resumable)."""
         if user == self.attacker:
-            return attack.train(self.params, self.data, self.images, theta, rnd, self.gen("attack", rnd), resume)
+            g = self.gen("attack", rnd)
+            return attack.train(self.params, self.data, self.images, theta, rnd, g, resume, backend=self.backend)
         return self._benign_local(theta, user, key, include_backdoor)
 
     def upload(self, theta: Theta, user: int, local: Theta) -> Theta:
@@ -155,7 +161,7 @@ class Experiment:
 
     def finetuner(self) -> evaluation.FineTune:
         e = self.params.evaluation
-        return evaluation.FineTune(reptile.AdamConfig(lr=e.lr, beta2=self.params.reptile.beta2), e.bn_mode)
+        return evaluation.FineTune(AdamConfig(lr=e.lr, beta2=self.params.reptile.beta2), e.bn_mode, self.backend)
 
     def meta_test(
         self, theta: Theta, learner: Learner, record_at: list[int], tag: str, count: int | None = None

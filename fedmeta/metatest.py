@@ -26,7 +26,7 @@ from fedmeta.splits import FederatedData
 # Experiment 2's and Experiment 3's learners, as the pipeline builds them, by name
 LEARNERS: dict[str, Callable[[Experiment], Learner]] = {
     "finetune": lambda exp: exp.finetuner(),
-    "defense": lambda exp: MatchingDefense.from_params(exp.params),
+    "defense": lambda exp: MatchingDefense.from_params(exp.params, exp.backend),
 }
 
 

@@ -28,7 +28,7 @@ def main() -> None:
     with runtime.stage("ablation") as (params, run):
         exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
         user, steps = exp.benign[0], params.budget.finetune_steps
-        full = MatchingDefense.from_params(params)
+        full = MatchingDefense.from_params(params, exp.backend)
         learners = {
             "attention": (replace(full, use_attention=False), steps),
             "reinit": (replace(full, reinit=False), steps),

@@ -176,7 +176,10 @@ def _run(
     }
     if run.secure:  # what is left to a user: its own defense against the model the masked round produced
         n = b.finetune_steps
-        for label, user_learner in (("finetune", learner), ("defense", MatchingDefense.from_params(params))):
+        for label, user_learner in (
+            ("finetune", learner),
+            ("defense", MatchingDefense.from_params(params, exp.backend)),
+        ):
             for scenario, point in exp.measure(attacked, variant, user_learner, n, EXP4_USER_TAG).items():
                 summary[scenario][f"user_{label}"] = {"step": n, **point}
                 mlflow_run.metrics({f"{scenario}.user_{label}.{k}": v for k, v in point.items()})

@@ -1209,7 +1209,7 @@ def test_a_diverging_attacker_stops_the_round(tiny_exp, monkeypatch: pytest.Monk
     from fedmeta import attack
     from fedmeta.errors import Diverged
 
-    monkeypatch.setattr(attack, "train", lambda p, d, im, theta, rnd, g, resume=None: _nan_like(theta))
+    monkeypatch.setattr(attack, "train", lambda p, d, im, theta, rnd, g, resume=None, **_: _nan_like(theta))
     with pytest.raises(Diverged) as err:
         tiny_exp.round(tiny_theta(), 1, False, with_attacker=True)
     assert str(err.value).startswith("round 1 diverged: the attacker's boosted update") and "attack.boost = 3.0" in str(
@@ -1286,7 +1286,7 @@ def test_diverging_defense_names_its_learning_rate(tiny_exp, monkeypatch: pytest
     with pytest.raises(
         Diverged, match=r"fine-tuning of 4 evaluation episodes diverged by step 2 .*likely cause: defense\.lr too large"
     ):
-        tiny_exp.meta_test(tiny_theta(), MatchingDefense.from_params(tiny_exp.params), [2], "t")
+        tiny_exp.meta_test(tiny_theta(), MatchingDefense.from_params(tiny_exp.params, tiny_exp.backend), [2], "t")
 
 
 def test_cli_diverging_attack_writes_nothing(tmp_path: Path, store: Path, prepared: bytes) -> None:

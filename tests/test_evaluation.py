@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedmeta import evaluation, model, reptile
+from fedmeta.adam import AdamConfig
 from fedmeta.episodes import Episodes
 from fedmeta.evaluation import Summary
 
@@ -64,7 +65,7 @@ def test_one_joint_prediction_equals_one_call_per_query_set() -> None:
     theta, support, queries = setup_episode()
     stamped_batch = queries.clone()
     stamped_batch[..., 20:, 20:] = 1.0
-    learner = evaluation.FineTune(reptile.AdamConfig(), "support")
+    learner = evaluation.FineTune(AdamConfig(), "support")
     state = learner.start({k: v[0] for k, v in theta.items()}, 1, torch.Generator())
     sets = {"main": queries, "probe": stamped_batch}
     joint = evaluation.set_predictor(learner, support, None, sets)(state)

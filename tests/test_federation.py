@@ -50,7 +50,7 @@ def test_attacker_is_selected_only_in_the_attack_round(tiny_exp: Experiment, mon
         tiny_exp, "_benign_local", lambda theta, u, rnd, inc: calls.append((int(rnd), f"benign{u}")) or theta
     )
     monkeypatch.setattr(
-        attack, "train", lambda p, d, im, theta, rnd, g, resume=None: calls.append((rnd, "attacker")) or theta
+        attack, "train", lambda p, d, im, theta, rnd, g, resume=None, **_: calls.append((rnd, "attacker")) or theta
     )
     theta = {"fc.bias": torch.zeros(5)}
     for rnd in range(6):

@@ -62,7 +62,7 @@ def test_a_secure_round_gives_the_plain_rounds_model_and_the_attacker_skips_clie
     theta = {"w": torch.zeros(4)}
     local = {u: {"w": torch.full((4,), float(u + 1))} for u in range(tiny_exp.params.federation.users)}
     monkeypatch.setattr(tiny_exp, "_benign_local", lambda th, u, rnd, inc: local[u])
-    monkeypatch.setattr(attack, "train", lambda p, d, im, th, rnd, g, resume=None: local[tiny_exp.attacker])
+    monkeypatch.setattr(attack, "train", lambda p, d, im, th, rnd, g, resume=None, **_: local[tiny_exp.attacker])
     plain = tiny_exp.round(theta, 1, True, with_attacker=True)
     fed = tiny_exp.params.federation
     secure = fed.model_copy(update={"secure_aggregation": True})
