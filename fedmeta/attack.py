@@ -20,6 +20,8 @@ from dataclasses import fields
 import torch
 
 from fedmeta import episodes, federation, reptile
+from fedmeta.adam import AdamConfig, AdamState
+from fedmeta.backend import Backend
 from fedmeta.checkpoint import Resume
 from fedmeta.config import Config, backdoor_shots
 from fedmeta.episodes import Episodes
@@ -68,8 +70,10 @@ def train(
     rnd: int,
     g: torch.Generator,
     resume: Resume | None = None,
+    *,
+    backend: Backend,
 ) -> Theta:
-    """The attacker's long local training from the global model `theta`, drawing from `g`.
+    """The attacker's long local training from the global model `theta`, drawing from `g`, computed by `backend`.
 
     `resume` saves it after meta-batches (with the generator's and Adam's state, so a restart replays the
     rest exactly) and restarts it from the last save; a diverged state is never saved over a good one."""
@@ -81,14 +85,14 @@ def train(
         return poisoned_episodes(data, classes, r.n_way, spec.train_shots, n_b, count, g, random_target)
 
     steps = -(-b.attack_inner_epochs * r.n_way * spec.train_shots // r.inner_batch)
-    adam = reptile.AdamConfig(lr=p.attack.lr, beta2=r.beta2)
+    adam = AdamConfig(lr=p.attack.lr, beta2=r.beta2)
     start, state, local = 0, None, theta
     saved = resume.restore(images.device) if resume is not None else None
     if saved is not None:
-        local, start, state = saved["theta"], saved["done"], reptile.AdamState(**saved["adam"])
+        local, start, state = saved["theta"], saved["done"], AdamState(**saved["adam"])
         g.set_state(saved["rng"].cpu())
 
-    def save(done: int, now: Theta, state: reptile.AdamState) -> None:
+    def save(done: int, now: Theta, state: AdamState) -> None:
         if resume is not None:
             if done % resume.every == 0 and not federation.finite(now):
                 raise Diverged(
@@ -100,13 +104,22 @@ def train(
             resume.save(done, {"theta": now, "adam": adam_state, "rng": g.get_state()})
 
     return reptile.meta_train(
-        local, images, sample, b.attack_episodes, r, steps, b.outer_step, adam, g, start, state, save
+        local, images, sample, b.attack_episodes, r, steps, b.outer_step, adam, g, start, state, save, backend=backend
     )
 
 
 def boosted_update(local: Theta, theta: Theta, p: Config) -> Theta:
     """The attacker's δ = λ(θ_local − θ_G) with λ = attack.boost; with attack.norm_bound set (an adaptive
-    attacker) it is then constrained-and-scaled to just under that bound (`federation.constrain`)."""
+    attacker) it is then constrained-and-scaled to just under that bound (`constrain`)."""
     delta = {k: p.attack.boost * (local[k] - theta[k]) for k in theta}
     bound = p.attack.norm_bound
-    return delta if bound is None else federation.constrain(delta, bound)
+    return delta if bound is None else constrain(delta, bound)
+
+
+NORM_MARGIN = 0.99  # an adaptive attacker's update ends this fraction of the bound below it: "just under"
+
+
+def constrain(delta: Theta, bound: float) -> Theta:
+    """Constrain-and-scale (Bagdasaryan et al. 2020): the attacker rescales its update to just under the
+    server's norm bound, the largest update that clipping lets through unchanged, whatever the boost was."""
+    return {k: v * (NORM_MARGIN * bound / federation.norm(delta)) for k, v in delta.items()}

@@ -6,7 +6,7 @@ the embedding f_θ, pulls it towards a fresh random initialisation
 query by attention over the episode's own support set. The user then
 fine-tunes on that support set alone: first only the per-class gates α_l and
 scales β_l (θ' fixed), then θ', α and β jointly. Like `evaluation.FineTune`,
-all E episodes run together (`vmap`, or `fast`'s faster computation of the same function).
+all E episodes run together (`vmap`, or the backend's faster computation of the same function).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from fedmeta import fast, model, reptile
+from fedmeta import model, reptile
+from fedmeta.adam import AdamConfig, AdamState, adam_update
+from fedmeta.backend import REFERENCE, Backend
 from fedmeta.config import Config, Defense
 from fedmeta.errors import FedmetaError
 from fedmeta.evaluation import FineTune
@@ -109,7 +111,7 @@ def matching_log_probs(
     logsumexp over the class's scores minus logsumexp over all. Batch norm uses the support set's
     statistics only, so a query's label never depends on other queries.
     exclude [Q, k] (bool): support examples that may not serve as a query's reference (leave-one-out).
-    embed: f_θ, `model.embed` or the same function computed otherwise (`fast.per_episode`).
+    embed: f_θ, `model.embed` or the same function computed otherwise (`Backend.per_episode`).
     """
     k = support_x.shape[0]
     emb = embed(theta, torch.cat([support_x, query_x]), k)
@@ -140,8 +142,8 @@ class MatchingState:
 
     theta: Theta
     head: Theta
-    theta_adam: reptile.AdamState
-    head_adam: reptile.AdamState
+    theta_adam: AdamState
+    head_adam: AdamState
     step: int = 0
 
 
@@ -157,28 +159,27 @@ class MatchingDefense:
     queries_independent = True  # batch norm and attention use the support set only
 
     cfg: Defense
-    adam: reptile.AdamConfig
+    adam: AdamConfig
     n_way: int
     reinit: bool = True
     use_attention: bool = True
+    backend: Backend = REFERENCE
 
     @classmethod
-    def from_params(cls, p: Config) -> MatchingDefense:
+    def from_params(cls, p: Config, backend: Backend) -> MatchingDefense:
         """Experiment 3's learner as params.yaml sets it: Adam with Reptile's β2 at the defense's rate and
-        ADAM_BETA1."""
-        return cls(p.defense, reptile.AdamConfig(beta2=p.reptile.beta2), p.evaluation.n_way)
+        ADAM_BETA1, computed by `backend` (an Experiment's)."""
+        return cls(p.defense, AdamConfig(beta2=p.reptile.beta2), p.evaluation.n_way, backend=backend)
 
     @property
-    def _adam(self) -> reptile.AdamConfig:
+    def _adam(self) -> AdamConfig:
         return replace(self.adam, lr=self.cfg.lr, beta1=ADAM_BETA1)
 
     @property
     def _softmax(self) -> FineTune:
-        return FineTune(self._adam, "support")
+        return FineTune(self._adam, "support", self.backend)
 
-    def start(
-        self, theta: Theta, n_episodes: int, g: torch.Generator
-    ) -> MatchingState | tuple[Theta, reptile.AdamState]:
+    def start(self, theta: Theta, n_episodes: int, g: torch.Generator) -> MatchingState | tuple[Theta, AdamState]:
         """θ' per episode (its own θ_g each); the whole model is re-initialised in both modes, so the
         ablations share their draws, then the matching network drops the unused classifier."""
         if self.reinit:
@@ -187,19 +188,19 @@ class MatchingDefense:
         else:
             params = reptile.expand(theta, n_episodes)
         if not self.use_attention:
-            return params, reptile.AdamState.zeros_like(params)
+            return params, AdamState.zeros_like(params)
         dim = theta["fc.weight"].shape[1]
         params = {k: p for k, p in params.items() if not k.startswith("fc.")}
         head = init_head(self.n_way, dim, n_episodes, theta["fc.weight"].device, theta["fc.weight"].dtype)
-        return MatchingState(params, head, reptile.AdamState.zeros_like(params), reptile.AdamState.zeros_like(head))
+        return MatchingState(params, head, AdamState.zeros_like(params), AdamState.zeros_like(head))
 
     def train(
         self,
-        state: MatchingState | tuple[Theta, reptile.AdamState],
+        state: MatchingState | tuple[Theta, AdamState],
         x: torch.Tensor,
         y: torch.Tensor,
         batches: torch.Tensor,
-    ) -> MatchingState | tuple[Theta, reptile.AdamState]:
+    ) -> MatchingState | tuple[Theta, AdamState]:
         """Matching-network training on the support set: each inner batch is classified against the
         support set with its own copies masked. Steps 1..head_steps move only α and β."""
         if not isinstance(state, MatchingState):
@@ -210,7 +211,7 @@ class MatchingDefense:
                 "defense: leave-one-out training needs at least 2 support examples per class (k_shot >= 2)"
             )
         adam = self._adam
-        result = fast.matching_steps(
+        result = self.backend.matching_steps(
             state.theta,
             state.head,
             state.theta_adam,
@@ -231,15 +232,15 @@ class MatchingDefense:
             args = (theta, head, x, y, batches[:, s].to(x.device))
             if joint:
                 g_theta, g_head = vmap(_joint_grad)(*args)
-                theta = reptile.adam_update(theta, g_theta, state.theta_adam, adam)
+                theta = adam_update(theta, g_theta, state.theta_adam, adam)
             else:
                 g_head = vmap(_head_grad)(*args)
-            head = reptile.adam_update(head, g_head, state.head_adam, adam)
+            head = adam_update(head, g_head, state.head_adam, adam)
         return MatchingState(theta, head, state.theta_adam, state.head_adam, state.step + batches.shape[1])
 
     def predict(
         self,
-        state: MatchingState | tuple[Theta, reptile.AdamState],
+        state: MatchingState | tuple[Theta, AdamState],
         support_x: torch.Tensor,
         support_y: torch.Tensor,
         x: torch.Tensor,
@@ -248,7 +249,7 @@ class MatchingDefense:
         if not isinstance(state, MatchingState):
             return self._softmax.predict(state, support_x, support_y, x)
         with torch.no_grad():
-            log_probs = fast.per_episode(
+            log_probs = self.backend.per_episode(
                 lambda embed, t, h, sx, sy, q: matching_log_probs(t, h, sx, sy, q, self.n_way, embed=embed),
                 state.theta,
                 state.head,

@@ -16,7 +16,9 @@ from typing import Protocol
 import torch
 from torch.func import vmap
 
-from fedmeta import fast, model, reptile
+from fedmeta import model, reptile
+from fedmeta.adam import AdamConfig, AdamState
+from fedmeta.backend import REFERENCE, Backend
 from fedmeta.config import Evaluation
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.errors import Diverged
@@ -46,7 +48,9 @@ class Learner(Protocol):
         ...
 
 
-def predict_logits(theta: Theta, support_x: torch.Tensor, x: torch.Tensor, bn_mode: str) -> torch.Tensor:
+def predict_logits(
+    theta: Theta, support_x: torch.Tensor, x: torch.Tensor, bn_mode: str, backend: Backend = REFERENCE
+) -> torch.Tensor:
     """Logits [E, Q, N] for queries x [E, Q, ...] under the chosen batch-norm mode.
 
     support: statistics of the support set only, so a query's label never depends on the other queries;
@@ -63,34 +67,35 @@ def predict_logits(theta: Theta, support_x: torch.Tensor, x: torch.Tensor, bn_mo
         batches = torch.cat([s.unsqueeze(0).expand(q.shape[0], *s.shape), q.unsqueeze(1)], dim=1)
         return vmap(lambda b: model.logits(p, b)[-1])(batches)
 
-    return fast.per_episode(one_episode, theta, support_x, x)
+    return backend.per_episode(one_episode, theta, support_x, x)
 
 
 @dataclass
 class FineTune:
     """The paper's test-time learner: Adam on the softmax classifier, from the shared θ."""
 
-    adam: reptile.AdamConfig
+    adam: AdamConfig
     bn_mode: str
+    backend: Backend = REFERENCE
 
     @property
     def queries_independent(self) -> bool:
         return self.bn_mode != "transductive"
 
-    def start(self, theta: Theta, n_episodes: int, g: torch.Generator) -> tuple[Theta, reptile.AdamState]:
+    def start(self, theta: Theta, n_episodes: int, g: torch.Generator) -> tuple[Theta, AdamState]:
         params = reptile.expand(theta, n_episodes)
-        return params, reptile.AdamState.zeros_like(params)
+        return params, AdamState.zeros_like(params)
 
     def train(
-        self, state: tuple[Theta, reptile.AdamState], x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor
-    ) -> tuple[Theta, reptile.AdamState]:
-        return reptile.adapt(state[0], x, y, batches, self.adam, state[1])
+        self, state: tuple[Theta, AdamState], x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor
+    ) -> tuple[Theta, AdamState]:
+        return reptile.adapt(state[0], x, y, batches, self.adam, state[1], self.backend)
 
     def predict(
-        self, state: tuple[Theta, reptile.AdamState], support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor
+        self, state: tuple[Theta, AdamState], support_x: torch.Tensor, support_y: torch.Tensor, x: torch.Tensor
     ) -> torch.Tensor:
         with torch.no_grad():
-            return predict_logits(state[0], support_x, x, self.bn_mode).argmax(-1)
+            return predict_logits(state[0], support_x, x, self.bn_mode, self.backend).argmax(-1)
 
 
 @dataclass
@@ -169,7 +174,7 @@ def _weights_finite(state: object) -> bool:
         if isinstance(obj, torch.Tensor):
             if obj.is_floating_point():
                 found.append(torch.isfinite(obj).all())
-        elif isinstance(obj, reptile.AdamState):
+        elif isinstance(obj, AdamState):
             return
         elif isinstance(obj, dict):
             for v in obj.values():

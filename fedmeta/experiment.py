@@ -11,35 +11,16 @@ from typing import Literal
 
 import torch
 
-from fedmeta import attack, episodes, evaluation, federation, reptile, secure, seeding
+from fedmeta import attack, episodes, evaluation, fast, federation, reptile, seeding
+from fedmeta.adam import AdamConfig
+from fedmeta.backend import Backend
 from fedmeta.checkpoint import Resume, ThetaSpec
 from fedmeta.config import Config
-from fedmeta.engine import plan
-from fedmeta.engine.deployment import FlowerEngine
-from fedmeta.errors import Diverged
+from fedmeta.engine.deployment import FlowerDeployment
 from fedmeta.evaluation import Learner, Summary
 from fedmeta.model import Theta
+from fedmeta.scenarios import USERS_TAG, Scenario, scenarios_of
 from fedmeta.splits import FederatedData
-
-VARIANTS = ("exclude", "include")  # benign pretraining without / with correctly-labelled backdoor classes
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    variant: str  # which pretrained (and attacked) model the scenario starts from
-    backdoor_in_finetuning: bool  # (c): backdoor classes, correctly labelled, in the evaluation's episodes
-
-
-SCENARIOS = {
-    "a": Scenario("a", "exclude", False),
-    "b": Scenario("b", "include", False),
-    "c": Scenario("c", "include", True),
-}
-
-
-def scenarios_of(variant: str) -> list[Scenario]:
-    return [s for s in SCENARIOS.values() if s.variant == variant]
 
 
 @dataclass(frozen=True)
@@ -47,7 +28,7 @@ class LocalWork:
     """A round's local training: the applied users (in `Selection.applied` order) and each one's model after
     it; Experiment 4 lets every server rule aggregate the same work."""
 
-    key: str  # the round's seed path (plan.round_key)
+    key: str  # the round's seed path (federation.round_key)
     users: list[int]
     local: list[Theta]
 
@@ -61,35 +42,38 @@ class Experiment:
     which rounds they run and which learner (`finetuner` or the matching defense) they measure with."""
 
     def __init__(self, params: Config, data: FederatedData, device: torch.device) -> None:
-        self.p, self.data, self.device = params, data, device
+        self.params, self.data, self.device = params, data, device
         self.images = data.images.to(device)
         fed = params.federation
         self.attacker = fed.attacker
         self.benign = [u for u in range(fed.users) if u != fed.attacker]
-        self.adam = reptile.AdamConfig(lr=params.budget.inner_lr, beta2=params.reptile.beta2)
-        self.flower: FlowerEngine | None = None  # started at the first round when federation.engine is flower
+        self.adam = AdamConfig(lr=params.budget.inner_lr, beta2=params.reptile.beta2)
+        # how episodes are computed (FEDMETA_ADAPT), chosen once here and passed to every computation
+        self.backend: Backend = fast.backend(device)
+        self.flower: FlowerDeployment | None = None  # started at the first round when federation.engine is flower
 
     def theta_spec(self) -> ThetaSpec:
         """The model every checkpoint this experiment reads must be: the profile's width, the prepared images,
         reptile.n_way."""
-        p = self.p
+        p = self.params
         source = f"; from profiles.{p.profile}.width, the prepared {p.dataset} images and reptile.n_way"
         return ThetaSpec(p.budget.width, self.images.shape[1], self.images.shape[-1], p.reptile.n_way, source)
 
     def gen(self, *path: object) -> torch.Generator:
-        return seeding.generator(self.p.seed, *path)
+        return seeding.generator(self.params.seed, *path)
 
     def classes(self, user: int, include_backdoor: bool) -> list[int]:
         if user == self.attacker:
             return self.data.user_classes[user]
         return self.data.user_data(user, include_backdoor)
 
-    def _size(self, user: int, include_backdoor: bool) -> int:
+    def dataset_size(self, user: int, include_backdoor: bool) -> int:
+        """|D_i|: how many training images user `user` holds (α_i's weight under federation.weighting: size)."""
         return sum(len(self.data.train_idx[c]) for c in self.classes(user, include_backdoor))
 
     def _benign_local(self, theta: Theta, user: int, rnd: str, include_backdoor: bool) -> Theta:
-        classes, r = self.classes(user, include_backdoor), self.p.reptile
-        shots = self.p.spec.train_shots
+        classes, r = self.classes(user, include_backdoor), self.params.reptile
+        shots = self.params.spec.train_shots
 
         def sample(count: int, g: torch.Generator) -> episodes.Episodes:
             return episodes.training(self.data, classes, r.n_way, shots, count, g)
@@ -98,75 +82,44 @@ class Experiment:
             theta,
             self.images,
             sample,
-            self.p.budget.episodes_per_round,
+            self.params.budget.episodes_per_round,
             r,
             r.inner_steps,
-            self.p.budget.outer_step,
+            self.params.budget.outer_step,
             self.adam,
             self.gen("local", rnd, user),
+            backend=self.backend,
         )
 
-    def _local_model(
-        self, theta: Theta, user: int, rnd: int, key: str, include_backdoor: bool, resume: Resume | None
-    ) -> Theta:
-        if user == self.attacker:
-            return attack.train(self.p, self.data, self.images, theta, rnd, self.gen("attack", rnd), resume)
-        return self._benign_local(theta, user, key, include_backdoor)
-
-    def _delta(self, theta: Theta, user: int, local: Theta) -> Theta:
-        if user == self.attacker:
-            return attack.boosted_update(local, theta, self.p)
-        return federation.update(local, theta)
-
-    def local_update(
+    def local_model(
         self, theta: Theta, user: int, rnd: int, key: str, include_backdoor: bool, resume: Resume | None = None
     ) -> Theta:
-        """User `user`'s δ for round `rnd` (`key`: its seed path): boosted for the attacker. Flower's workers
-        run this too."""
-        return self._delta(theta, user, self._local_model(theta, user, rnd, key, include_backdoor, resume))
+        """User `user`'s model after its local training of round `rnd` (`key`: its seed path) from θ_G = `theta`:
+        Reptile on its own episodes, or the attacker's poisoned training (`resume`: resumable)."""
+        if user == self.attacker:
+            g = self.gen("attack", rnd)
+            return attack.train(self.params, self.data, self.images, theta, rnd, g, resume, backend=self.backend)
+        return self._benign_local(theta, user, key, include_backdoor)
+
+    def upload(self, theta: Theta, user: int, local: Theta) -> Theta:
+        """What user `user` sends the server after training `local` from `theta`: δ = θ_local − θ_G, the attacker's
+        boosted (`attack.boosted_update`). Under secure aggregation the server cannot clip a masked update, so an
+        honest client clips its own when the rule asks; the attacker's client need not."""
+        fed = self.params.federation
+        if user == self.attacker:
+            return attack.boosted_update(local, theta, self.params)
+        delta = federation.update(local, theta)
+        return federation.client_side(delta, fed) if fed.secure_aggregation else delta
 
     def local_work(
-        self,
-        theta: Theta,
-        rnd: int,
-        include_backdoor: bool,
-        with_attacker: bool = False,
-        resume: Resume | None = None,
-        pretraining: bool = False,
+        self, theta: Theta, rnd: int, include_backdoor: bool, with_attacker: bool = False, resume: Resume | None = None
     ) -> LocalWork:
-        """The users' side of a round on the local engine: who is applied and what each trained (the attacker's
-        model before it boosts). It depends on neither the server's rule nor secure aggregation nor the boost."""
-        key = plan.round_key(rnd, pretraining)
-        users = plan.select(self.p, key, with_attacker).applied
-        return LocalWork(key, users, [self._local_model(theta, u, rnd, key, include_backdoor, resume) for u in users])
-
-    def server_step(
-        self, theta: Theta, work: LocalWork, rnd: int, include_backdoor: bool, pretraining: bool = False
-    ) -> Theta:
-        """The server's side of a round over `work`: the users' δ (the attacker's boosted by this experiment's
-        attack.*), secure masking when asked, this experiment's rule, and the divergence check."""
-        fed, users = self.p.federation, work.users
-        deltas = [self._delta(theta, u, local) for u, local in zip(users, work.local)]
-        where = f"{'pretraining ' if pretraining else ''}round {rnd}"
-        for u, d in zip(users, deltas):
-            try:
-                federation.check_update(u, d, theta, self.attacker)
-            except federation.RejectedUpdate as err:
-                raise Diverged(f"{where} diverged: {err}; likely cause: {self._cause(u)}") from None
-        alphas = federation.weights([self._size(u, include_backdoor) for u in users], fed.weighting)
-        sent = deltas
-        if (
-            fed.secure_aggregation
-        ):  # honest clients clip their own update if the rule asks; the attacker's client need not
-            clipped = [d if u == self.attacker else federation.client_side(d, fed) for u, d in zip(users, deltas)]
-            sent = secure.mask(clipped, alphas, lambda i, j: self.gen("secagg", work.key, users[i], users[j]))
-        new = federation.aggregate(theta, sent, alphas, fed, self.gen("aggregate", work.key))
-        if not federation.finite(new):  # every δ was finite: the rule's sum overflowed
-            raise Diverged(
-                f"{where} diverged: the aggregated model overflowed to NaN or infinite weights; "
-                f"likely cause: attack.boost = {self.p.attack.boost} too large"
-            )
-        return new
+        """The users' side of a round: who is applied and what each trained (the attacker's model before it
+        boosts). It depends on neither the server's rule nor secure aggregation nor the boost, so Experiment 4's
+        rules can all aggregate the same work (`round(..., work=)`)."""
+        key = federation.round_key(rnd, False)
+        users = federation.select(self.params, key, with_attacker).applied
+        return LocalWork(key, users, [self.local_model(theta, u, rnd, key, include_backdoor, resume) for u in users])
 
     def round(
         self,
@@ -176,26 +129,28 @@ class Experiment:
         with_attacker: bool = False,
         resume: Resume | None = None,
         pretraining: bool = False,
+        work: LocalWork | None = None,
     ) -> Theta:
-        """One federated round: benign users only, or the attacker plus M_min − 1 benign users
-        (`resume`: the attacker's training is resumable; benign users are cheap and replayed).
-        Pretraining rounds draw from their own seeds, so round r of pretraining and round r after
-        the attack never share episodes."""
-        fed = self.p.federation
-        if fed.engine == "flower":  # the same selection, local training and aggregation, in Flower's processes
-            key = plan.round_key(rnd, pretraining)
+        """One federated round (Section 2): the server selects M_min users (the attacker among them in the attack
+        round), each trains locally from θ_G and uploads its δ, and the server aggregates them into the new θ_G.
+        `resume`: the attacker's training is resumable (benign users are cheap and replayed); `work`: the users'
+        local models, already trained (local engine only)."""
+        key = federation.round_key(rnd, pretraining)
+        if self.params.federation.engine == "flower":  # the same round, the users in their own processes
             if self.flower is None:
-                self.flower = FlowerEngine(self.p, self.data)
-            new = self.flower.round(theta, rnd, key, include_backdoor, with_attacker, resume)
-            if not federation.finite(new):
-                raise Diverged(
-                    f"{'pretraining ' if pretraining else ''}round {rnd} diverged: the aggregated model holds NaN "
-                    "or infinite weights; "
-                    f"likely cause: profiles.{self.p.profile}.inner_lr, attack.lr or attack.boost too large"
-                )
-            return new
-        work = self.local_work(theta, rnd, include_backdoor, with_attacker, resume, pretraining)
-        return self.server_step(theta, work, rnd, include_backdoor, pretraining)
+                self.flower = FlowerDeployment(self.params, self.data)
+            return self.flower.round(theta, rnd, key, include_backdoor, with_attacker, resume)
+
+        def train(user: int) -> Theta:
+            return self.local_model(theta, user, rnd, key, include_backdoor, resume)
+
+        def clients(selection: federation.Selection) -> federation.Uploads:
+            users = work.users if work is not None else selection.applied
+            local = work.local if work is not None else [train(u) for u in users]
+            uploads = [self.upload(theta, u, m) for u, m in zip(users, local)]
+            return federation.Uploads(users, uploads, [self.dataset_size(u, include_backdoor) for u in users])
+
+        return federation.server_round(self.params, theta, key, with_attacker, clients)
 
     def close(self) -> None:
         """Stop this experiment's Flower federation, if it started one (a stage that runs several experiments
@@ -204,24 +159,17 @@ class Experiment:
             self.flower.close()
             self.flower = None
 
-    def _cause(self, user: int) -> str:
-        """The parameters that make user `user`'s local training diverge."""
-        b, a, prof = self.p.budget, self.p.attack, f"profiles.{self.p.profile}"
-        if user == self.attacker:
-            return f"attack.lr = {a.lr} or attack.boost = {a.boost} too large"
-        return f"{prof}.inner_lr = {b.inner_lr} or {prof}.outer_step = {b.outer_step} too large"
-
     def finetuner(self) -> evaluation.FineTune:
-        e = self.p.evaluation
-        return evaluation.FineTune(reptile.AdamConfig(lr=e.lr, beta2=self.p.reptile.beta2), e.bn_mode)
+        e = self.params.evaluation
+        return evaluation.FineTune(AdamConfig(lr=e.lr, beta2=self.params.reptile.beta2), e.bn_mode, self.backend)
 
     def meta_test(
         self, theta: Theta, learner: Learner, record_at: list[int], tag: str, count: int | None = None
     ) -> list[dict[str, Summary]]:
         """Accuracy on `count` (default: the budget's eval_episodes) episodes of unseen classes; the same
         episodes at every call with the same tag, and a larger count draws more after the same first ones."""
-        e = self.p.evaluation
-        count = count or self.p.budget.eval_episodes
+        e = self.params.evaluation
+        count = count or self.params.budget.eval_episodes
         eps = episodes.evaluation(self.data, self.data.meta_test, e.n_way, e.k_shot, count, self.gen("meta-test", tag))
         points = evaluation.run(learner, theta, self.images, eps, e, record_at, self.gen("meta-test-batches", tag))
         return [{"meta_test": pt["main"]} for pt in points]
@@ -248,7 +196,7 @@ class Experiment:
 
     def configured_target(self) -> int | None:
         """The target's output that `evaluation.target_output` asks for: N − 1 (last) or a random one (None)."""
-        e = self.p.evaluation
+        e = self.params.evaluation
         return e.n_way - 1 if e.target_output == "last" else None
 
     def attack_eval(
@@ -266,11 +214,11 @@ class Experiment:
         `user` restricts the episodes to that user's classes (Experiments 2-3); otherwise all benign users' classes.
         `target_at` puts the target at that output in every episode (None: a random one); by default where
         `evaluation.target_output` says."""
-        e, d = self.p.evaluation, self.data
+        e, d = self.params.evaluation, self.data
         pool, must = self.eval_classes(scenario, user)
         g = self.gen("attack-eval", scenario.name, tag, user)
         at = self.configured_target() if target_at == "configured" else target_at
-        eps = episodes.evaluation(d, pool, e.n_way, e.k_shot, self.p.budget.eval_episodes, g, must, at)
+        eps = episodes.evaluation(d, pool, e.n_way, e.k_shot, self.params.budget.eval_episodes, g, must, at)
         probes = {"attack_train": d.attack_train_idx.to(self.device), "attack_val": d.attack_val_idx.to(self.device)}
         return evaluation.run(
             learner,
@@ -297,15 +245,12 @@ def record_points(steps: int, every: int) -> list[int]:
     return sorted({0, steps, *range(every, steps, every)})
 
 
-USERS_TAG = "users"  # Experiments 2, 3 and the ablation draw the same episodes: paired comparisons
-
-
 def user_curves(
     exp: Experiment, theta: Theta, learner: Learner, variant: str
 ) -> dict[tuple[str, int], list[dict[str, float]]]:
     """Experiments 2-3: every benign user fine-tunes the attacked model on its own episodes;
     one curve per (scenario, user) of meta-test, main-task and backdoor accuracy against fine-tuning steps."""
-    b = exp.p.budget
+    b = exp.params.budget
     at = record_points(b.finetune_steps, b.record_every)
     curves: dict[tuple[str, int], list[dict[str, float]]] = {}
     # Meta-test accuracy does not depend on the user (same θ, unseen classes): one set of episodes serves all.

@@ -1,30 +1,132 @@
-"""The server: user selection, boosted updates, and how θ_G ← θ_G + aggregate(δ_1, …, δ_n) combines them.
+"""The server's round: who is selected, how their uploads are weighted and combined, and when a round diverged.
 
+`server_round` is the whole of it, written once for both engines: the local engine hands it the users' uploads
+from the same process, Flower's ServerApp (fedmeta.engine.flower) from the replies of the users' SuperNodes.
 `mean` is the paper's rule, Σ α_i δ_i. The other aggregators are Experiment 4's server-side defenses
 (docs/experiment4.md names each one's source and hyperparameters); Flower's strategy helpers and
 scikit-learn's HDBSCAN do their arithmetic. `aggregate` takes plain δ_i (or, under secure aggregation,
-masked uploads), so any engine that collects updates can call it.
+masked uploads), so any engine that collects updates can call it. What a user uploads, the attacker's boosted
+update included, is the client's side (`Experiment.upload`, `attack.boosted_update`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from fedmeta import secure
-from fedmeta.config import Federation
-from fedmeta.errors import FedmetaError
+from fedmeta import secure, seeding
+from fedmeta.config import Config, Federation
+from fedmeta.errors import Diverged, FedmetaError
 from fedmeta.model import Theta
 
-NORM_MARGIN = 0.99  # an adaptive attacker's update ends this fraction of the bound below it: "just under"
+
+@dataclass(frozen=True)
+class Selection:
+    """The M_r users asked, in the order their replies count (fedmeta's stand-in for arrival order)."""
+
+    order: list[int]  # benign users asked
+    need: int  # how many of them are applied: the first `need` that answer
+    always: list[int]  # the attacker, whose update the paper's attack assumes arrives
+
+    @property
+    def applied(self) -> list[int]:
+        return self.order[: self.need] + self.always
+
+    def applied_given(self, failed: set[int]) -> list[int] | None:
+        """The users applied when `failed` never answer; None when too few are left."""
+        alive = [u for u in self.order if u not in failed]
+        if len(alive) < self.need or failed & set(self.always):
+            return None
+        return alive[: self.need] + self.always
 
 
-def select(candidates: list[int], per_round: int, min_updates: int, g: torch.Generator) -> list[int]:
-    """Pick M_r users at random; the first M_min to answer (a random order) are the ones applied."""
-    order = torch.randperm(len(candidates), generator=g)[:per_round].tolist()
-    return [candidates[i] for i in order[:min_updates]]
+class Uploads(NamedTuple):
+    """What the server received in a round: the applied users, in `Selection.applied` order (or the order of
+    the users that answered in their stead), each one's upload and dataset size."""
+
+    users: list[int]
+    deltas: list[Theta]
+    sizes: list[int]
+
+
+PRETRAINING = "pretrain-"
+
+
+def round_key(rnd: int, pretraining: bool) -> str:
+    """A round's seed path. Pretraining rounds draw from their own seeds: round r of pretraining and round r
+    after the attack never share episodes."""
+    return f"{PRETRAINING}{rnd}" if pretraining else str(rnd)
+
+
+def round_name(key: str) -> str:
+    """How messages name the round of `key`: 'round 3' or 'pretraining round 3'."""
+    return f"pretraining round {key.removeprefix(PRETRAINING)}" if key.startswith(PRETRAINING) else f"round {key}"
+
+
+def select(params: Config, key: str, with_attacker: bool) -> Selection:
+    """M_r benign users in a random order (M_r − 1 and the attacker in the attack round), of whom the first
+    M_min (M_min − 1) that answer count."""
+    fed = params.federation
+    benign = [u for u in range(fed.users) if u != fed.attacker]
+    extra = 1 if with_attacker else 0
+    g = seeding.generator(params.seed, "select", key)
+    order = [benign[i] for i in torch.randperm(len(benign), generator=g)[: fed.per_round - extra].tolist()]
+    return Selection(order, fed.min_updates - extra, [fed.attacker] if with_attacker else [])
+
+
+def server_round(
+    params: Config, theta: Theta, key: str, with_attacker: bool, clients: Callable[[Selection], Uploads]
+) -> Theta:
+    """One round of the server, θ_G ← θ_G + aggregate(δ_1, …, δ_n): select the users, hand the selection to
+    the engine's `clients` (which trains them, here or on their SuperNodes, and returns what was uploaded),
+    weight the uploads α_i, mask them under secure aggregation, apply this round's rule, and check the result."""
+    fed = params.federation
+    got = clients(select(params, key, with_attacker))
+    for u, d in zip(got.users, got.deltas):  # on receipt, before any rule reads them
+        try:
+            check_update(u, d, theta, fed.attacker)
+        except RejectedUpdate as err:
+            if finite(d):  # wrong keys, dtype or shape: a faulty client, not a diverged one
+                raise
+            raise Diverged(f"{round_name(key)} diverged: {err}; likely cause: {_cause(params, u)}") from None
+    alphas = weights(got.sizes, fed.weighting)
+    sent = got.deltas
+    if fed.secure_aggregation:
+        users = got.users
+        sent = secure.mask(sent, alphas, lambda i, j: seeding.generator(params.seed, "secagg", key, users[i], users[j]))
+    new = aggregate(theta, sent, alphas, fed, seeding.generator(params.seed, "aggregate", key))
+    check(params, key, new, masked=False)
+    return new
+
+
+def _cause(params: Config, user: int) -> str:
+    """The parameters that make user `user`'s local training diverge."""
+    a, b, prof = params.attack, params.budget, f"profiles.{params.profile}"
+    if user == params.federation.attacker:
+        return f"attack.lr = {a.lr} or attack.boost = {a.boost} too large"
+    return f"{prof}.inner_lr = {b.inner_lr} or {prof}.outer_step = {b.outer_step} too large"
+
+
+def check(params: Config, key: str, new: Theta, masked: bool) -> None:
+    """Raise Diverged when the round's model `new` holds NaN or infinite weights. Every update the server saw was
+    checked on receipt, so what is left is the rule's sum overflowing, or, when it saw only the masked sum
+    (`masked`), any user's update. One check per round."""
+    if finite(new):
+        return
+    where, a, b, prof = f"{round_name(key)} diverged", params.attack, params.budget, f"profiles.{params.profile}"
+    if masked:
+        raise Diverged(
+            f"{where}: the aggregated model holds NaN or infinite weights; likely cause: {prof}.inner_lr = "
+            f"{b.inner_lr}, attack.lr = {a.lr} or attack.boost = {a.boost} too large"
+        )
+    raise Diverged(
+        f"{where}: the aggregated model overflowed to NaN or infinite weights; "
+        f"likely cause: attack.boost = {a.boost} too large"
+    )
 
 
 def update(local: Theta, theta: Theta) -> Theta:
@@ -80,12 +182,6 @@ def clip(delta: Theta, bound: float) -> Theta:
     if n <= bound:
         return delta
     return {k: v * (bound / n) for k, v in delta.items()}
-
-
-def constrain(delta: Theta, bound: float) -> Theta:
-    """Constrain-and-scale (Bagdasaryan et al. 2020): the attacker rescales its update to just under the
-    server's norm bound, the largest update that clipping lets through unchanged, whatever the boost was."""
-    return {k: v * (NORM_MARGIN * bound / norm(delta)) for k, v in delta.items()}
 
 
 def client_side(delta: Theta, rule: Federation) -> Theta:

@@ -20,13 +20,14 @@ from fedmeta.config import MAX_EVAL_EPISODES, load
 from fedmeta.defense import MatchingDefense
 from fedmeta.errors import FedmetaError
 from fedmeta.evaluation import Learner
-from fedmeta.experiment import USERS_TAG, Experiment, flat, record_points
+from fedmeta.experiment import Experiment, flat, record_points
+from fedmeta.scenarios import USERS_TAG
 from fedmeta.splits import FederatedData
 
 # Experiment 2's and Experiment 3's learners, as the pipeline builds them, by name
 LEARNERS: dict[str, Callable[[Experiment], Learner]] = {
     "finetune": lambda exp: exp.finetuner(),
-    "defense": lambda exp: MatchingDefense.from_params(exp.p),
+    "defense": lambda exp: MatchingDefense.from_params(exp.params, exp.backend),
 }
 
 

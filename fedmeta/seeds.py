@@ -23,7 +23,7 @@ from scipy import stats
 from fedmeta import figures, report, runtime
 from fedmeta.atomic import write_text
 from fedmeta.errors import FedmetaError
-from fedmeta.experiment import SCENARIOS, VARIANTS
+from fedmeta.scenarios import SCENARIOS, VARIANTS
 
 # What a seed's folder holds, relative to metrics/: the paper's stages' results (positions only where it ran).
 PER_VARIANT = ("attack_{v}.json", "positions_{v}.json", "exp1_{v}/", "finetune_{v}/", "defend_{v}/")

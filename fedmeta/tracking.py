@@ -77,7 +77,7 @@ class Run:
     def child(self, params: dict[str, Any], tags: dict[str, str]) -> Iterator[Run]:
         """A run nested under this one, with this run's tags and its own `tags` and `params`: a stage that runs
         several configurations (Experiment 4's rules) logs each as a run of its own."""
-        own, all_tags = {**self._own, **tags}, {**self._tags, **tags}
+        own, all_tags = {**self._own, **tags}, {**self._tags, **PROCESS_TAGS, **tags}  # kernels chosen since
         with self._logger.run(run_name(self._stage, own, all_tags), all_tags, params, nested=True):
             yield Run(self._logger, self._stage, own, all_tags)
 

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from fedmeta import checkpoint, config, runtime
-from fedmeta.experiment import SCENARIOS, Experiment
+from fedmeta.experiment import Experiment
 from fedmeta.metatest import LEARNERS
 from fedmeta.model import Theta
+from fedmeta.scenarios import SCENARIOS
 from fedmeta.splits import FederatedData
 
 

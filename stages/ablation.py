@@ -14,7 +14,8 @@ from dataclasses import replace
 
 from fedmeta import checkpoint, runtime
 from fedmeta.defense import MatchingDefense
-from fedmeta.experiment import SCENARIOS, USERS_TAG, VARIANTS, Experiment, flat
+from fedmeta.experiment import Experiment, flat
+from fedmeta.scenarios import SCENARIOS, USERS_TAG, VARIANTS
 from fedmeta.splits import FederatedData
 
 # cosine attention, noisy re-initialisation, fine-tuning, the attack
@@ -27,7 +28,7 @@ def main() -> None:
     with runtime.stage("ablation") as (params, run):
         exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
         user, steps = exp.benign[0], params.budget.finetune_steps
-        full = MatchingDefense.from_params(params)
+        full = MatchingDefense.from_params(params, exp.backend)
         learners = {
             "attention": (replace(full, use_attention=False), steps),
             "reinit": (replace(full, reinit=False), steps),

@@ -6,6 +6,7 @@ import json
 
 from fedmeta import checkpoint, runtime
 from fedmeta.experiment import Experiment
+from fedmeta.scenarios import EXP1_TAG
 from fedmeta.splits import FederatedData
 from stages.common import record_round
 
@@ -29,7 +30,7 @@ def main(variant: str) -> None:
         for rnd in runtime.progress(range(start, last + 1), f"continue {variant}", start=start - 2, total=last - 1):
             theta = exp.round(theta, rnd, include)
             if (rnd - 1) % b.continuation_eval_every == 0 or rnd == last:
-                record_round(run, rows, rnd, exp.measure(theta, variant, learner, params.evaluation.steps, "exp1"))
+                record_round(run, rows, rnd, exp.measure(theta, variant, learner, params.evaluation.steps, EXP1_TAG))
             resume.save(rnd, {"theta": theta, "rows": rows}, force=rnd == last)
         out = runtime.METRICS / f"exp1_{variant}"
         for name, series in rows.items():

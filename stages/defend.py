@@ -7,4 +7,4 @@ from stages.common import user_curves_stage
 
 
 def main(variant: str) -> None:
-    user_curves_stage("defend", variant, lambda exp: MatchingDefense.from_params(exp.p))
+    user_curves_stage("defend", variant, lambda exp: MatchingDefense.from_params(exp.params, exp.backend))

@@ -18,12 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmeta import checkpoint, config, robust, runtime, tracking
+from fedmeta import checkpoint, config, runtime, tracking
 from fedmeta.atomic import write_text
 from fedmeta.config import Config
 from fedmeta.defense import MatchingDefense
 from fedmeta.experiment import Experiment, LocalWork, flat
 from fedmeta.model import Theta
+from fedmeta.regroup import regroup
+from fedmeta.scenarios import EXP1_TAG, EXP4_USER_TAG
 from fedmeta.splits import FederatedData
 from stages.common import record_round
 
@@ -82,7 +84,7 @@ class Round1:
         kind = "attacked" if with_attacker else "benign"
         if kind not in self.state["work"]:
             path = self.resume.path.with_name(f"{self.resume.path.stem}-attacker.pt")
-            attacker = checkpoint.Resume(path, attacker_every(self.exp.p), self.resume.fingerprint)
+            attacker = checkpoint.Resume(path, attacker_every(self.exp.params), self.resume.fingerprint)
             work = self.exp.local_work(self.theta, 1, self.include, with_attacker, attacker)
             self.state["work"][kind] = {"key": work.key, "users": work.users, "local": work.local}
             self.resume.save(len(self.state["outputs"]), self.state, force=True)
@@ -95,7 +97,7 @@ def main(variant: str, federation: str) -> None:
     with runtime.stage("exp4", variant=variant, federation=federation) as (base, stage_run):
         config.check_experiment4(base, federation, f"exp4 {variant} {federation}")
         fed = config.with_overrides(base, federation).federation
-        data = robust.regroup(FederatedData.load(runtime.PREPARED, base), fed.users, fed.attacker)
+        data = regroup(FederatedData.load(runtime.PREPARED, base), fed.users, fed.attacker)
         pretrained = runtime.CHECKPOINTS / f"pretrain_{variant}.pt"
         plan = runs(variant, federation, list(base.experiment4.aggregators))
         fingerprint = checkpoint.fingerprint(
@@ -141,19 +143,19 @@ def _run(
 ) -> dict[str, str]:
     """One rule's run from the pretrained θ: the attack round (or a benign one), then experiment4.rounds benign
     rounds; the files it writes, by path."""
-    params, b = exp.p, exp.p.budget
+    params, b = exp.params, exp.params.budget
     learner, steps, include = exp.finetuner(), params.evaluation.steps, variant == "include"
     last = (base.experiment4.rounds or b.continuation_rounds) + 1  # `params` holds one federation, not experiment4
     attacking = run.attacker != "benign"
     stem = f"{variant}-{federation}/{run.name}"
     rows: dict[str, list[dict[str, float]]] = {}
     if attacking and run.aggregator == "mean" and not run.secure:  # θ_0, the same for every rule: recorded once
-        record_round(mlflow_run, rows, 0, exp.measure(theta, variant, learner, steps, robust.EXP1_TAG))
+        record_round(mlflow_run, rows, 0, exp.measure(theta, variant, learner, steps, EXP1_TAG))
     attacked = theta
     for rnd in range(1, last + 1):
         with_attacker = rnd == 1 and attacking
         if rnd == 1 and shared is not None:
-            theta = exp.server_step(theta, shared.get(with_attacker), rnd, include)
+            theta = exp.round(theta, rnd, include, with_attacker, work=shared.get(with_attacker))
         else:
             path = runtime.STATE / f"exp4_{variant}-{federation}-{run.name}.pt"  # the attacker's training, on Flower
             resume = (
@@ -164,9 +166,9 @@ def _run(
                 resume.finish()
         attacked = theta if rnd == 1 else attacked
         if attacking:
-            record_round(mlflow_run, rows, rnd, exp.measure(theta, variant, learner, steps, robust.EXP1_TAG))
+            record_round(mlflow_run, rows, rnd, exp.measure(theta, variant, learner, steps, EXP1_TAG))
     if not attacking:  # the price of the rule: the final model's meta-test accuracy, nobody attacking
-        meta = flat(exp.meta_test(theta, learner, [steps], robust.EXP1_TAG)[0])
+        meta = flat(exp.meta_test(theta, learner, [steps], EXP1_TAG)[0])
         mlflow_run.metrics(meta, step=last)
         return {str(SUMMARY / f"{stem}.json"): runtime.json_text({"round": last, **meta})}
     summary = {
@@ -175,8 +177,11 @@ def _run(
     }
     if run.secure:  # what is left to a user: its own defense against the model the masked round produced
         n = b.finetune_steps
-        for label, user_learner in (("finetune", learner), ("defense", MatchingDefense.from_params(params))):
-            for scenario, point in exp.measure(attacked, variant, user_learner, n, robust.USER_TAG).items():
+        for label, user_learner in (
+            ("finetune", learner),
+            ("defense", MatchingDefense.from_params(params, exp.backend)),
+        ):
+            for scenario, point in exp.measure(attacked, variant, user_learner, n, EXP4_USER_TAG).items():
                 summary[scenario][f"user_{label}"] = {"step": n, **point}
                 mlflow_run.metrics({f"{scenario}.user_{label}.{k}": v for k, v in point.items()})
     files = {str(CURVES / stem / f"{s}.csv"): runtime.csv_text(series) for s, series in rows.items()}

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 
 from fedmeta import checkpoint, runtime
-from fedmeta.experiment import Experiment, flat, scenarios_of
+from fedmeta.experiment import Experiment, flat
+from fedmeta.scenarios import EXP1_TAG, scenarios_of
 from fedmeta.splits import FederatedData
 
 MODELS = {"pretrained": "pretrain_{}.pt", "attacked": "attacked_{}.pt"}  # before and after the attack round
@@ -45,6 +46,7 @@ def main(variant: str) -> None:
                         done = attack[scenario.name][ATTACK_POINTS[model]]
                         points[key] = {k: v for k, v in done.items() if not k.startswith(("meta_test", "round"))}
                     else:
-                        points[key] = flat(exp.attack_eval(theta, learner, scenario, [steps], "exp1", target_at=at)[0])
+                        point = exp.attack_eval(theta, learner, scenario, [steps], EXP1_TAG, target_at=at)[0]
+                        points[key] = flat(point)
                     run.metrics({f"{scenario.name}.{model}.{key}.{k}": v for k, v in points[key].items()})
         runtime.write_json(runtime.METRICS / f"positions_{variant}.json", summary)

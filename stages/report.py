@@ -8,7 +8,7 @@ from typing import Any
 
 from fedmeta import figures, report, runtime
 from fedmeta.atomic import write_text
-from fedmeta.experiment import SCENARIOS, VARIANTS
+from fedmeta.scenarios import SCENARIOS, VARIANTS
 
 
 def main() -> None:

@@ -7,8 +7,8 @@ import torch
 
 from fedmeta import attack, episodes
 from fedmeta.config import Key, backdoor_shots
-from fedmeta.experiment import SCENARIOS
 from fedmeta.key import key_pattern, stamp
+from fedmeta.scenarios import SCENARIOS
 
 
 def test_stamp_changes_only_the_key_region_and_writes_the_pattern() -> None:

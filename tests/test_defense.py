@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fedmeta import evaluation, model, reptile
+from fedmeta import evaluation, fast, model
+from fedmeta.adam import AdamConfig
 from fedmeta.config import Defense, Evaluation
 from fedmeta.defense import (
     ADAM_BETA1,
@@ -62,7 +64,7 @@ def episodes_of(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def learner(**kw: object) -> MatchingDefense:
     cfg = Defense(**{"delta": 0.3, "head_steps": 3, "lr": 0.01, **kw})
-    return MatchingDefense(cfg, reptile.AdamConfig(), N_WAY)
+    return MatchingDefense(cfg, AdamConfig(), N_WAY)
 
 
 def first(params: model.Theta) -> model.Theta:
@@ -103,7 +105,7 @@ def test_start_draws_one_glorot_init_per_episode(theta: model.Theta) -> None:
     for k, p in state.theta.items():
         assert torch.equal(p[0], expected[0][k]) and torch.equal(p[1], expected[1][k])
     assert not torch.equal(state.theta["conv0.weight"][0], state.theta["conv0.weight"][1])
-    kept = MatchingDefense(Defense(), reptile.AdamConfig(), N_WAY, reinit=False).start(theta, 2, gen(7))
+    kept = MatchingDefense(Defense(), AdamConfig(), N_WAY, reinit=False).start(theta, 2, gen(7))
     assert all(torch.equal(kept.theta[k][1], theta[k]) for k in kept.theta)
 
 
@@ -204,13 +206,13 @@ def test_softmax_ablation_is_finetune_on_the_reinitialised_model(theta: model.Th
     sx, sy = patterns(3, gen(1))
     x, y, q = episodes_of(sx, 2), episodes_of(sy, 2), episodes_of(patterns(2, gen(2))[0], 2)
     batches = inner_batches(9, 3, 4, 2, gen(3))
-    ablation = MatchingDefense(Defense(lr=0.01), reptile.AdamConfig(), N_WAY, reinit=False, use_attention=False)
-    finetune = evaluation.FineTune(reptile.AdamConfig(lr=0.01, beta1=ADAM_BETA1), "support")  # the defense's Adam
+    ablation = MatchingDefense(Defense(lr=0.01), AdamConfig(), N_WAY, reinit=False, use_attention=False)
+    finetune = evaluation.FineTune(AdamConfig(lr=0.01, beta1=ADAM_BETA1), "support")  # the defense's Adam
     ours = ablation.train(ablation.start(theta, 2, gen(4)), x, y, batches)
     theirs = finetune.train(finetune.start(theta, 2, gen(4)), x, y, batches)
     assert all(torch.equal(ours[0][k], theirs[0][k]) for k in theirs[0])
     assert torch.equal(ablation.predict(ours, x, y, q), finetune.predict(theirs, x, y, q))
-    noisy = MatchingDefense(Defense(), reptile.AdamConfig(), N_WAY, use_attention=False).start(theta, 2, gen(4))
+    noisy = MatchingDefense(Defense(), AdamConfig(), N_WAY, use_attention=False).start(theta, 2, gen(4))
     g = gen(4)
     torch.testing.assert_close(noisy[0]["fc.weight"][0], noisy_reinit(theta, 0.3, g)["fc.weight"])
 
@@ -228,7 +230,7 @@ def test_runs_end_to_end_through_evaluation(theta: model.Theta, use_attention: b
         torch.arange(N_WAY).expand(2, -1).clone(),
     )
     cfg = Evaluation(n_way=N_WAY, k_shot=3, steps=4, batch=4)
-    defense = MatchingDefense(Defense(head_steps=2, lr=0.01), reptile.AdamConfig(), N_WAY, use_attention=use_attention)
+    defense = MatchingDefense(Defense(head_steps=2, lr=0.01), AdamConfig(), N_WAY, use_attention=use_attention)
     points = evaluation.run(defense, theta, images, eps, cfg, [0, 2, 4], gen(3))
     assert len(points) == 3 and all(0.0 <= p["main"].mean <= 1.0 for p in points)
 
@@ -242,11 +244,10 @@ def test_cpu_lanes_with_hand_gradients_equal_the_vmap_autograd_path(
     sx, sy = patterns(3, gen(1))
     x, y = episodes_of(sx.double(), 3), episodes_of(sy, 3)
     batches = inner_batches(9, 6, 4, 3, gen(3))
-    defense = learner(head_steps=2)
     out = {}
     for impl in ("vmap", "lanes"):
-        monkeypatch.setenv("FEDMETA_ADAPT", impl)
         monkeypatch.setenv("FEDMETA_LANES", "2")
+        defense = replace(learner(head_steps=2), backend=fast.backend(x.device, impl))
         state = defense.train(defense.start(theta64, 3, gen(2)), x, y, batches)
         out[impl] = (state, defense.predict(state, x, y, episodes_of(sx.double(), 3)))
     (sv, pv), (sl, pl) = out["vmap"], out["lanes"]
@@ -264,7 +265,7 @@ def test_lane_count_does_not_change_a_bit(theta: model.Theta, monkeypatch: pytes
     sx, sy = patterns(3, gen(1))
     x, y = episodes_of(sx, 4), episodes_of(sy, 4)
     batches = inner_batches(9, 5, 4, 4, gen(3))
-    defense = learner(head_steps=3)
+    defense = replace(learner(head_steps=3), backend=fast.backend(x.device, "lanes"))
     runs = []
     for n in ("1", "2", "3"):
         monkeypatch.setenv("FEDMETA_LANES", n)
@@ -283,5 +284,5 @@ def test_lane_count_does_not_change_a_bit(theta: model.Theta, monkeypatch: pytes
 
 def test_the_defense_trains_with_its_own_adam_settings() -> None:
     """`defense.lr` and ADAM_BETA1 set the defense's Adam whatever Adam it is given; β2 comes from it."""
-    made = MatchingDefense(Defense(lr=0.02), reptile.AdamConfig(lr=0.3, beta1=0.0, beta2=0.99), N_WAY)
+    made = MatchingDefense(Defense(lr=0.02), AdamConfig(lr=0.3, beta1=0.0, beta2=0.99), N_WAY)
     assert (made._adam.lr, made._adam.beta1, made._adam.beta2) == (0.02, ADAM_BETA1, 0.99)

@@ -74,6 +74,4 @@ def test_stage_code_deps_are_its_imports(name: str) -> None:
     needed = {f for f in code_closure(module) if not any(_covered(e, f) for e in exempt)}
     missing = sorted(f for f in needed if not any(_covered(d, f) for d in deps))
     unused = sorted(d for d in deps if not any(_covered(d, f) for f in needed))
-    assert not missing and not unused, (
-        f"stage {name}: missing deps {missing}, deps it does not import {unused}"
-    )
+    assert not missing and not unused, f"stage {name}: missing deps {missing}, deps it does not import {unused}"

@@ -1209,7 +1209,7 @@ def test_a_diverging_attacker_stops_the_round(tiny_exp, monkeypatch: pytest.Monk
     from fedmeta import attack
     from fedmeta.errors import Diverged
 
-    monkeypatch.setattr(attack, "train", lambda p, d, im, theta, rnd, g, resume=None: _nan_like(theta))
+    monkeypatch.setattr(attack, "train", lambda p, d, im, theta, rnd, g, resume=None, **_: _nan_like(theta))
     with pytest.raises(Diverged) as err:
         tiny_exp.round(tiny_theta(), 1, False, with_attacker=True)
     assert str(err.value).startswith("round 1 diverged: the attacker's boosted update") and "attack.boost = 3.0" in str(
@@ -1238,16 +1238,16 @@ def test_a_diverging_attack_keeps_the_last_good_state(
 
     monkeypatch.setattr(reptile, "meta_train", poisoned_after_first)
     path = tmp_path / "attack.pt"
-    every = tiny_exp.p.reptile.meta_batch
-    lab_p = tiny_exp.p.model_copy(
+    every = tiny_exp.params.reptile.meta_batch
+    lab_p = tiny_exp.params.model_copy(
         update={
             "profiles": {
-                **tiny_exp.p.profiles,
-                "tiny": tiny_exp.p.budget.model_copy(update={"attack_episodes": 3 * every}),
+                **tiny_exp.params.profiles,
+                "tiny": tiny_exp.params.budget.model_copy(update={"attack_episodes": 3 * every}),
             }
         }
     )
-    tiny_exp.p = lab_p
+    tiny_exp.params = lab_p
     with pytest.raises(
         Diverged, match=r"round 1: the attacker's local training diverged by episode 10 .*attack\.lr = 0\.001"
     ):
@@ -1286,7 +1286,7 @@ def test_diverging_defense_names_its_learning_rate(tiny_exp, monkeypatch: pytest
     with pytest.raises(
         Diverged, match=r"fine-tuning of 4 evaluation episodes diverged by step 2 .*likely cause: defense\.lr too large"
     ):
-        tiny_exp.meta_test(tiny_theta(), MatchingDefense.from_params(tiny_exp.p), [2], "t")
+        tiny_exp.meta_test(tiny_theta(), MatchingDefense.from_params(tiny_exp.params, tiny_exp.backend), [2], "t")
 
 
 def test_cli_diverging_attack_writes_nothing(tmp_path: Path, store: Path, prepared: bytes) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedmeta import evaluation, model, reptile
+from fedmeta.adam import AdamConfig
 from fedmeta.episodes import Episodes
 from fedmeta.evaluation import Summary
 
@@ -49,7 +50,7 @@ def test_summary_is_mean_and_normal_95_interval() -> None:
 def test_run_records_every_requested_step_and_learns_a_separable_task(tiny_data, tiny_exp) -> None:
     from fedmeta import episodes
 
-    e = tiny_exp.p.evaluation
+    e = tiny_exp.params.evaluation
     eps = episodes.evaluation(tiny_data, tiny_data.meta_test, 5, 5, 4, torch.Generator().manual_seed(0))
     theta = model.init_conv4(1, 8, 28, 5, torch.Generator().manual_seed(0))
     points = evaluation.run(
@@ -64,7 +65,7 @@ def test_one_joint_prediction_equals_one_call_per_query_set() -> None:
     theta, support, queries = setup_episode()
     stamped_batch = queries.clone()
     stamped_batch[..., 20:, 20:] = 1.0
-    learner = evaluation.FineTune(reptile.AdamConfig(), "support")
+    learner = evaluation.FineTune(AdamConfig(), "support")
     state = learner.start({k: v[0] for k, v in theta.items()}, 1, torch.Generator())
     sets = {"main": queries, "probe": stamped_batch}
     joint = evaluation.set_predictor(learner, support, None, sets)(state)
@@ -111,7 +112,8 @@ def test_the_configured_target_position_is_the_explicit_one_on_the_same_episodes
     """The positions stage takes the attack stage's numbers for the position `evaluation.target_output` names
     instead of measuring it again: that is sound only if the configured measurement is the explicit one."""
     from fedmeta import config
-    from fedmeta.experiment import SCENARIOS, Experiment, flat
+    from fedmeta.experiment import Experiment, flat
+    from fedmeta.scenarios import SCENARIOS
 
     theta = model.init_conv4(1, 8, 28, 5, torch.Generator().manual_seed(3))
     for target_output, explicit in (("last", 4), ("random", None)):

@@ -11,8 +11,9 @@ import pytest
 import torch
 import yaml
 
-from fedmeta import config, robust, splits
+from fedmeta import config, splits
 from fedmeta.data.omniglot import fetch_archives, load_omniglot
+from fedmeta.regroup import regroup
 
 from conftest import sh, tiny_raw
 from test_errors import cli_in_process
@@ -26,7 +27,7 @@ def test_regroup_deals_the_classes_as_a_split_with_that_many_users(omniglot_dir:
     four = splits.split(images, config.parse(raw))
     raw["federation"].update(users=8, per_round=5, min_updates=5)
     eight = splits.split(images, config.parse(raw))
-    regrouped = robust.regroup(four, 8, 0)
+    regrouped = regroup(four, 8, 0)
     assert regrouped.user_classes == eight.user_classes and regrouped.attack_owner == eight.attack_owner
     assert regrouped.train_idx is four.train_idx and sorted(sum(regrouped.user_classes, [])) == sorted(
         sum(four.user_classes, [])

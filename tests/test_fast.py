@@ -8,6 +8,7 @@ import torch
 from torch.func import grad
 
 from fedmeta import fast, model, reptile
+from fedmeta.adam import AdamConfig, AdamState
 from fedmeta.fast import conv4
 
 
@@ -57,7 +58,7 @@ def test_embedding_by_hand_equals_embed(size: int, channels: int, n_ref: int | N
 
 
 def test_scripted_forward_and_backward_give_the_eager_bits(one_thread) -> None:
-    """The defense's lanes call `conv4.scripted_features_forward` / `_backward`; the JIT must not change a bit
+    """The defense's lanes call `conv4.compiled()`; the JIT must not change a bit
     (third call: after it has profiled and optimised them)."""
     g = torch.Generator().manual_seed(4)
     params = {k: v for k, v in model.init_conv4(1, 16, 28, 5, g).items() if not k.startswith("fc.")}
@@ -66,8 +67,8 @@ def test_scripted_forward_and_backward_give_the_eager_bits(one_thread) -> None:
     feat, tape = conv4.features_forward(params, x)
     grads = conv4.features_backward(params, tape, dfeat)
     for _ in range(3):
-        feat_s, tape_s = conv4.scripted_features_forward(params, x)
-        grads_s = conv4.scripted_features_backward(params, tape_s, dfeat)
+        feat_s, tape_s = conv4.compiled().features_forward(params, x)
+        grads_s = conv4.compiled().features_backward(params, tape_s, dfeat)
     assert torch.equal(feat, feat_s) and set(grads) == set(grads_s)
     assert all(torch.equal(grads[k], grads_s[k]) for k in grads)
 
@@ -86,12 +87,12 @@ def test_lanes_give_the_same_bits_as_one_lane(monkeypatch: pytest.MonkeyPatch, o
     """Each step is computed on one thread whatever the lane count, also for episodes that 2 or 3 lanes
     cut in two (5 episodes × 5 steps), so the count cannot change a bit."""
     theta, x, y, batches = episodes(5, torch.float32)
-    cfg = reptile.AdamConfig(lr=0.01, beta1=beta1)
+    cfg = AdamConfig(lr=0.01, beta1=beta1)
     runs = []
     for lanes in ("1", "2", "3"):
         monkeypatch.setenv("FEDMETA_LANES", lanes)
         assert fast.implementation(x.device) == "lanes"
-        runs.append(reptile.adapt(reptile.expand(theta, 5), x, y, batches, cfg))
+        runs.append(reptile.adapt(reptile.expand(theta, 5), x, y, batches, cfg, backend=fast.backend(x.device)))
     assert torch.get_num_threads() == 1  # the lanes' own setting did not leak into the caller's thread
     (a, sa), *others = runs
     for b, sb in others:
@@ -108,13 +109,14 @@ def test_implementations_equal_vmap_with_carried_adam_state(
     """The CPU path and the GPU default against the vmap path in float64, continuing from a carried Adam state
     (β1 ≠ 0 too)."""
     theta, x, y, batches = episodes(3, torch.float64, seed=1)
-    cfg = reptile.AdamConfig(lr=0.01, beta1=beta1)
+    cfg = AdamConfig(lr=0.01, beta1=beta1)
     out = {}
     for name in ("vmap", impl):
         monkeypatch.setenv("FEDMETA_ADAPT", name)
         monkeypatch.setenv("FEDMETA_LANES", "2")
-        params, state = reptile.adapt(reptile.expand(theta, 3), x, y, batches[:, :2], cfg)
-        out[name] = reptile.adapt(params, x, y, batches[:, 2:], cfg, state)
+        backend = fast.backend(x.device)
+        params, state = reptile.adapt(reptile.expand(theta, 3), x, y, batches[:, :2], cfg, backend=backend)
+        out[name] = reptile.adapt(params, x, y, batches[:, 2:], cfg, state, backend)
     (pv, sv), (pl, sl) = out["vmap"], out[impl]
     assert sv.step == sl.step == 5
     for k in theta:
@@ -129,11 +131,11 @@ def test_adapt_leaves_its_inputs_alone(monkeypatch: pytest.MonkeyPatch, impl: st
     monkeypatch.setenv("FEDMETA_ADAPT", impl)
     theta, x, y, batches = episodes(2, torch.float64)
     params = reptile.expand(theta, 2)
-    state = reptile.AdamState.zeros_like(params)
+    state = AdamState.zeros_like(params)
     before = {k: v.clone() for k, v in params.items()}
     v_before = {k: v.clone() for k, v in state.v.items()}
     v_tensors = dict(state.v)
-    reptile.adapt(params, x, y, batches, reptile.AdamConfig(), state)
+    reptile.adapt(params, x, y, batches, AdamConfig(), state, fast.backend(x.device))
     for k in params:
         assert torch.equal(params[k], before[k]) and torch.equal(v_tensors[k], v_before[k]), k
 
@@ -146,7 +148,7 @@ def test_compiled_inner_loop_gives_the_eager_bits(one_thread, beta1: float) -> N
     keys = list(theta)
     gram, colsum = conv4.patch_moments(x[0])
     runs = []
-    for steps, calls in ((conv4.episode_steps, 1), (conv4.compiled_episode_steps, 3)):
+    for steps, calls in ((conv4.episode_steps, 1), (conv4.compiled().episode_steps, 3)):
         for _ in range(calls):
             p, v = [theta[k].clone() for k in keys], [torch.zeros_like(theta[k]) for k in keys]
             m = [torch.zeros_like(theta[k]) for k in keys] if beta1 else []

@@ -35,10 +35,13 @@ def test_weights_uniform_and_by_size() -> None:
     assert federation.weights([1, 1, 2], "size") == [0.25, 0.25, 0.5]
 
 
-def test_select_picks_min_updates_distinct_users() -> None:
+def test_select_picks_min_updates_distinct_benign_users(tiny_params) -> None:
+    fed = tiny_params.federation
     for seed in range(20):
-        chosen = federation.select([1, 2, 3], 3, 2, torch.Generator().manual_seed(seed))
-        assert len(chosen) == len(set(chosen)) == 2 and set(chosen) <= {1, 2, 3}
+        chosen = federation.select(tiny_params.model_copy(update={"seed": seed}), "1", False).applied
+        assert len(chosen) == len(set(chosen)) == fed.min_updates and fed.attacker not in chosen
+        attacked = federation.select(tiny_params.model_copy(update={"seed": seed}), "1", True).applied
+        assert len(set(attacked)) == fed.min_updates and attacked[-1] == fed.attacker
 
 
 def test_attacker_is_selected_only_in_the_attack_round(tiny_exp: Experiment, monkeypatch) -> None:
@@ -47,11 +50,11 @@ def test_attacker_is_selected_only_in_the_attack_round(tiny_exp: Experiment, mon
         tiny_exp, "_benign_local", lambda theta, u, rnd, inc: calls.append((int(rnd), f"benign{u}")) or theta
     )
     monkeypatch.setattr(
-        attack, "train", lambda p, d, im, theta, rnd, g, resume=None: calls.append((rnd, "attacker")) or theta
+        attack, "train", lambda p, d, im, theta, rnd, g, resume=None, **_: calls.append((rnd, "attacker")) or theta
     )
     theta = {"fc.bias": torch.zeros(5)}
     for rnd in range(6):
         theta = tiny_exp.round(theta, rnd, include_backdoor=True, with_attacker=rnd == 1)
     assert [c for c in calls if c[1] == "attacker"] == [(1, "attacker")]
-    assert sum(1 for r, _ in calls if r == 1) == tiny_exp.p.federation.min_updates
-    assert all(sum(1 for r, _ in calls if r == k) == tiny_exp.p.federation.min_updates for k in range(6))
+    assert sum(1 for r, _ in calls if r == 1) == tiny_exp.params.federation.min_updates
+    assert all(sum(1 for r, _ in calls if r == k) == tiny_exp.params.federation.min_updates for k in range(6))

@@ -21,11 +21,12 @@ import pytest
 import torch
 
 from fedmeta import config, model, runtime
-from fedmeta.engine import plan, processes
-from fedmeta.engine.deployment import FlowerEngine, private_copy
+from fedmeta.engine import processes
+from fedmeta.engine.deployment import FlowerDeployment, private_copy
 from fedmeta.engine.worker import Trainer
 from fedmeta.errors import FedmetaError
-from fedmeta.experiment import Experiment
+from fedmeta.experiment import Experiment, LocalWork
+from fedmeta.federation import select
 from fedmeta.splits import FederatedData
 
 from conftest import load_tiny, tiny_raw
@@ -88,23 +89,23 @@ def local_twin(params: config.Config, **federation) -> config.Config:
 
 
 @contextmanager
-def flower_settings(engine: FlowerEngine, **flower: object) -> Iterator[None]:
+def flower_settings(engine: FlowerDeployment, **flower: object) -> Iterator[None]:
     """Rounds of the running federation under other federation.flower settings (the ServerApp reads each job's
     configuration: round_timeout, clipping_range), without starting another federation."""
-    fed = engine.p.federation
-    saved = engine.p
-    engine.p = saved.model_copy(
+    fed = engine.params.federation
+    saved = engine.params
+    engine.params = saved.model_copy(
         update={"federation": fed.model_copy(update={"flower": fed.flower.model_copy(update=flower)})}
     )
     try:
         yield
     finally:
-        engine.p = saved
+        engine.params = saved
 
 
 def init(exp: Experiment) -> dict[str, torch.Tensor]:
     channels, side = exp.images.shape[1], exp.images.shape[-1]
-    return model.init_conv4(channels, exp.p.budget.width, side, exp.p.reptile.n_way, exp.gen("init"))
+    return model.init_conv4(channels, exp.params.budget.width, side, exp.params.reptile.n_way, exp.gen("init"))
 
 
 @contextmanager
@@ -144,7 +145,7 @@ def secagg(omniglot_dir) -> Iterator[Experiment]:
 
 def test_rounds_equal_local_bit_for_bit_on_one_running_federation(plain) -> None:
     exp, theta0, took0 = plain
-    local_exp = Experiment(local_twin(exp.p), exp.data, torch.device("cpu"))
+    local_exp = Experiment(local_twin(exp.params), exp.data, torch.device("cpu"))
     start = time.perf_counter()
     local0 = local_exp.round(init(local_exp), 0, False, pretraining=True)
     timings = [(time.perf_counter() - start, took0)]
@@ -161,7 +162,7 @@ def test_rounds_equal_local_bit_for_bit_on_one_running_federation(plain) -> None
         "round 1 restarted processes of the federation"
     )
     assert (
-        len(children) == 2 + 2 * exp.p.federation.users
+        len(children) == 2 + 2 * exp.params.federation.users
     )  # SuperLink, `flwr run`, and per user a SuperNode and its worker
     print("seconds per round (local, flower):", timings)
 
@@ -230,7 +231,7 @@ def test_a_supernode_killed_mid_round_leaves_the_next_users_in_order(plain) -> N
     """M_r = 3 > M_min = 2: the first user in fedmeta's order loses its SuperNode while it trains; the round
     completes, within a bounded time, with the next two, exactly as the local engine computes them without it."""
     exp, theta, _ = plain  # every SuperNode has joined and is known since round 0
-    selection = plan.select(exp.p, "1", False)
+    selection = select(exp.params, "1", False)
     victim = selection.order[0]
     assert exp.flower is not None and exp.flower.sup is not None
     killer = threading.Thread(target=kill_when_training, args=(exp.flower.sup, f"supernode{victim}", 60.0))
@@ -243,8 +244,9 @@ def test_a_supernode_killed_mid_round_leaves_the_next_users_in_order(plain) -> N
     assert took < 60.0
     applied = selection.applied_given({victim})
     assert applied is not None and victim not in applied
-    deltas = [exp.local_update(theta, u, 1, "1", False) for u in applied]
-    want = plan.combine(exp.p, theta, deltas, [exp._size(u, False) for u in applied], "1")
+    local = Experiment(local_twin(exp.params), exp.data, torch.device("cpu"))
+    work = LocalWork("1", applied, [local.local_model(theta, u, 1, "1", False) for u in applied])
+    want = local.round(theta, 1, False, work=work)
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
@@ -252,14 +254,14 @@ def test_secagg_plus_equals_the_plain_mean_within_quantization_and_lets_the_boos
     """Flower's SecAgg+ on the attack round (the attacker's boosted δ and M_min − 1 benign ones): θ' equals the
     local engine's plain mean within SecAgg+'s quantization error, and with the default range nothing is clipped."""
     exp = secagg
-    plain_exp = Experiment(local_twin(exp.p, secure_aggregation=False), exp.data, torch.device("cpu"))
+    plain_exp = Experiment(local_twin(exp.params, secure_aggregation=False), exp.data, torch.device("cpu"))
     theta = init(exp)
     got = exp.round(theta, 0, False, with_attacker=True)
     assert exp.flower is not None
     stats = exp.flower.secagg[-1]
     want = plain_exp.round(theta, 0, False, with_attacker=True)
     c = stats["clipping_range"]
-    assert c == 8.0 * exp.p.attack.boost
+    assert c == 8.0 * exp.params.attack.boost
     step = 2 * c / 2**22  # one quantization step of SecAgg+'s default 2^22 levels; stochastic rounding errs by less
     err = max(float((got[k].double() - want[k].double()).abs().max()) for k in want)
     moved = max(float((want[k].double() - theta[k].double()).abs().max()) for k in want)
@@ -270,14 +272,14 @@ def test_secagg_plus_equals_the_plain_mean_within_quantization_and_lets_the_boos
     )
     assert err <= step + 1e-6
     assert stats["clipped_share"] == 0.0
-    assert exp.p.federation.attacker in stats["per_user"]
+    assert exp.params.federation.attacker in stats["per_user"]
 
 
 def test_secagg_plus_reports_the_coordinates_its_range_clips(secagg) -> None:
     """A range below the boosted update's scale silently weakens it: the engine reports the share clipped."""
     exp = secagg
     if exp.flower is None:  # run alone: start the federation as the first test would
-        exp.flower = FlowerEngine(exp.p, exp.data)
+        exp.flower = FlowerDeployment(exp.params, exp.data)
     with flower_settings(exp.flower, clipping_range=1e-3):
         exp.round(init(exp), 0, False, pretraining=True)
     stats = exp.flower.secagg[-1]

@@ -216,8 +216,16 @@ def test_a_failed_build_falls_back_to_the_reference_with_one_warning(tmp_path: P
     assert len(warned) == 1, out.stderr
 
 
+FIRST_USE = "import torch, fedmeta.fast; fedmeta.fast.backend(torch.device('cpu'))"  # kernels are chosen on first use
+
+
+def test_importing_the_fast_code_chooses_no_kernels() -> None:
+    out = _run("import fedmeta.fast, fedmeta.experiment; from fedmeta.fast import kernels; print(kernels._selection)")
+    assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr
+
+
 def test_an_unknown_kernel_choice_is_refused() -> None:
-    out = _run("import fedmeta.fast", FEDMETA_KERNELS="fast")
+    out = _run(FIRST_USE, FEDMETA_KERNELS="fast")
     assert out.returncode != 0
     assert "FEDMETA_KERNELS: expected one of auto, compiled, reference, portable, got 'fast'" in out.stderr
 
@@ -255,7 +263,7 @@ def test_the_portable_build_computes_the_same_function() -> None:
 
 
 def test_portable_mode_is_refused_once_torch_has_chosen_its_isa() -> None:
-    code = "import os, torch; torch.ones(3).sum(); os.environ['FEDMETA_KERNELS'] = 'portable'; import fedmeta.fast"
+    code = "import os, torch; torch.ones(3).sum(); os.environ['FEDMETA_KERNELS'] = 'portable'; " + FIRST_USE
     out = _run(code, ATEN_CPU_CAPABILITY="default")
     assert out.returncode != 0
     assert "FEDMETA_KERNELS=portable:" in out.stderr and "not in force" in out.stderr

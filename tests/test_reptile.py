@@ -10,6 +10,7 @@ import torch
 from torch.func import grad, vmap
 
 from fedmeta import fast, model, reptile
+from fedmeta.adam import AdamConfig, AdamState, adam_update
 from fedmeta.errors import FedmetaError
 from fedmeta.fast import stacked
 
@@ -35,12 +36,12 @@ def test_adam_update_matches_torch_adam_with_beta1_zero() -> None:
     grads = [torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(4)]
     ref = p0.clone().requires_grad_()
     opt = torch.optim.Adam([ref], lr=0.01, betas=(0.0, 0.999))
-    cfg = reptile.AdamConfig(lr=0.01)
-    params, state = {"p": p0.clone()}, reptile.AdamState.zeros_like({"p": p0})
+    cfg = AdamConfig(lr=0.01)
+    params, state = {"p": p0.clone()}, AdamState.zeros_like({"p": p0})
     for gr in grads:
         ref.grad = gr.clone()
         opt.step()
-        params = reptile.adam_update(params, {"p": gr}, state, cfg)
+        params = adam_update(params, {"p": gr}, state, cfg)
     assert torch.allclose(params["p"], ref.detach(), atol=1e-12)
 
 
@@ -56,19 +57,19 @@ def test_portable_sqrt_is_the_correctly_rounded_root() -> None:
 
 
 def test_portable_adam_on_lanes_is_reptiles_portable_adam(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The lanes' in-place Adam and `reptile.adam_update` take the same portable root, so they stay bit for bit."""
+    """The lanes' in-place Adam and `adam_update` take the same portable root, so they stay bit for bit."""
     from fedmeta.fast import conv4
 
     monkeypatch.setattr(model, "sqrt", functools.partial(model.sqrt, portable=True))
     g = torch.Generator().manual_seed(3)
     p0, v0 = torch.randn(64, 9, generator=g), torch.rand(64, 9, generator=g) * 1e-4
     grads = [torch.randn(64, 9, generator=g) for _ in range(3)]
-    cfg = reptile.AdamConfig(lr=0.003)
-    params, state = {"p": p0.clone()}, reptile.AdamState.zeros_like({"p": p0})
+    cfg = AdamConfig(lr=0.003)
+    params, state = {"p": p0.clone()}, AdamState.zeros_like({"p": p0})
     state.v["p"] = v0.clone()
     p, v = [p0.clone()], [v0.clone()]
     for step, gr in enumerate(grads, 1):
-        params = reptile.adam_update(params, {"p": gr}, state, cfg)
+        params = adam_update(params, {"p": gr}, state, cfg)
         conv4.adam_(p, [gr], [torch.zeros_like(gr)], v, step, cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, True)
     assert torch.equal(p[0], params["p"]) and torch.equal(v[0], state.v["p"])
 
@@ -80,7 +81,7 @@ def test_one_inner_step_reptile_equals_closed_form() -> None:
     x = torch.rand(2, 6, 1, 28, 28, generator=gen, dtype=torch.float64)
     y = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 1, 0, 2, 1, 0]])
     batches = torch.arange(6).view(1, 1, 6).expand(2, 1, 6)
-    cfg = reptile.AdamConfig(lr=0.001)
+    cfg = AdamConfig(lr=0.001)
     adapted, _ = reptile.adapt(reptile.expand(theta, 2), x, y, batches, cfg)
     new = reptile.outer_step(theta, adapted, 0.5)
     for k in theta:
@@ -116,7 +117,9 @@ def test_batched_adapt_equals_per_episode_loop(monkeypatch: pytest.MonkeyPatch, 
     x = torch.rand(3, 9, 1, 28, 28, generator=gen, dtype=torch.float64)
     y = torch.arange(3).repeat(3).expand(3, 9).clone()
     batches = torch.stack([torch.stack([torch.randperm(9, generator=gen)[:4] for _ in range(5)]) for _ in range(3)])
-    adapted, _ = reptile.adapt(reptile.expand(theta, 3), x, y, batches, reptile.AdamConfig(lr=0.01))
+    adapted, _ = reptile.adapt(
+        reptile.expand(theta, 3), x, y, batches, AdamConfig(lr=0.01), backend=fast.backend(x.device)
+    )
     for j in range(3):
         ref = naive_episode(theta, x[j], y[j], batches[j], 0.01)
         for k in theta:
@@ -131,10 +134,11 @@ def test_adapt_in_segments_equals_one_call(monkeypatch: pytest.MonkeyPatch, impl
     x = torch.rand(2, 6, 1, 28, 28, generator=gen, dtype=torch.float64)
     y = torch.arange(3).repeat(2).expand(2, 6).clone()
     batches = torch.randint(6, (2, 6, 3), generator=gen)
-    cfg = reptile.AdamConfig()
-    whole, _ = reptile.adapt(reptile.expand(theta, 2), x, y, batches, cfg)
-    part, state = reptile.adapt(reptile.expand(theta, 2), x, y, batches[:, :2], cfg)
-    part, _ = reptile.adapt(part, x, y, batches[:, 2:], cfg, state)
+    cfg = AdamConfig()
+    backend = fast.backend(x.device)
+    whole, _ = reptile.adapt(reptile.expand(theta, 2), x, y, batches, cfg, backend=backend)
+    part, state = reptile.adapt(reptile.expand(theta, 2), x, y, batches[:, :2], cfg, backend=backend)
+    part, _ = reptile.adapt(part, x, y, batches[:, 2:], cfg, state, backend)
     for k in theta:
         assert torch.equal(whole[k], part[k])
 
@@ -184,6 +188,7 @@ def test_a_bad_implementation_switch_is_an_error_not_the_default(
     gen = torch.Generator().manual_seed(6)
     x = torch.rand(2, 6, 1, 28, 28, generator=gen, dtype=torch.float64)
     y = torch.arange(3).repeat(2).expand(2, 6).clone()
+    batches = torch.randint(6, (2, 2, 3), generator=gen)
     with pytest.raises(FedmetaError) as err:
-        reptile.adapt(reptile.expand(theta, 2), x, y, torch.randint(6, (2, 2, 3), generator=gen), reptile.AdamConfig())
+        reptile.adapt(reptile.expand(theta, 2), x, y, batches, AdamConfig(), backend=fast.backend(x.device))
     assert str(err.value) == expected

@@ -60,14 +60,13 @@ def test_a_secure_round_gives_the_plain_rounds_model_and_the_attacker_skips_clie
 ) -> None:
     """The masked round applies the same Σ α_i δ_i; under norm_clip honest clients clip, the attacker does not."""
     theta = {"w": torch.zeros(4)}
-    local = {u: {"w": torch.full((4,), float(u + 1))} for u in range(tiny_exp.p.federation.users)}
+    local = {u: {"w": torch.full((4,), float(u + 1))} for u in range(tiny_exp.params.federation.users)}
     monkeypatch.setattr(tiny_exp, "_benign_local", lambda th, u, rnd, inc: local[u])
-    monkeypatch.setattr(attack, "train", lambda p, d, im, th, rnd, g, resume=None: local[tiny_exp.attacker])
+    monkeypatch.setattr(attack, "train", lambda p, d, im, th, rnd, g, resume=None, **_: local[tiny_exp.attacker])
     plain = tiny_exp.round(theta, 1, True, with_attacker=True)
-    fed = tiny_exp.p.federation
-    monkeypatch.setattr(
-        tiny_exp, "p", tiny_exp.p.model_copy(update={"federation": fed.model_copy(update={"secure_aggregation": True})})
-    )
+    fed = tiny_exp.params.federation
+    secure = fed.model_copy(update={"secure_aggregation": True})
+    monkeypatch.setattr(tiny_exp, "params", tiny_exp.params.model_copy(update={"federation": secure}))
     assert torch.allclose(tiny_exp.round(theta, 1, True, with_attacker=True)["w"], plain["w"], atol=1e-6)
     clip = fed.model_copy(
         update={
@@ -76,9 +75,9 @@ def test_a_secure_round_gives_the_plain_rounds_model_and_the_attacker_skips_clie
             "norm_clip": fed.norm_clip.model_copy(update={"clip_norm": 1.0}),
         }
     )
-    monkeypatch.setattr(tiny_exp, "p", tiny_exp.p.model_copy(update={"federation": clip}))
+    monkeypatch.setattr(tiny_exp, "params", tiny_exp.params.model_copy(update={"federation": clip}))
     out = tiny_exp.round(theta, 1, True, with_attacker=True)["w"]
-    boost, n = tiny_exp.p.attack.boost, fed.min_updates
+    boost, n = tiny_exp.params.attack.boost, fed.min_updates
     # each honest client's (u + 1, …, u + 1) clipped to norm 1 is (0.5, 0.5, 0.5, 0.5);
     # the attacker's boosted update stays whole
     expected = boost * (tiny_exp.attacker + 1) / n + (n - 1) * 0.5 / n

@@ -62,7 +62,7 @@ def train_secure(msg: Message, context: Context) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     cfg = dict(fitins.config)
     theta = dict(zip(json.loads(str(cfg.pop("keys"))), parameters_to_ndarrays(fitins.parameters)))
-    out = _on_worker(context, theta, {**cfg, "secure": True})
+    out = _on_worker(context, theta, cfg)
     # what the mod will apply: ±c on (weight / max_weight)·δ, quantized
     sa = context.state.config_records[RECORD_KEY_STATE]
     q = int(sa["target_range"])

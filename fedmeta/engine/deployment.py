@@ -23,7 +23,7 @@ from fedmeta import checkpoint, tracking
 from fedmeta.checkpoint import Resume
 from fedmeta.config import Config
 from fedmeta.engine import processes
-from fedmeta.errors import FedmetaError
+from fedmeta.errors import Diverged, FedmetaError
 from fedmeta.model import Theta
 from fedmeta.splits import FederatedData
 
@@ -124,9 +124,15 @@ def start_supernode(sup: processes.Supervisor, user: int, link: list[str], port:
     sup.start(f"supernode{user}", [*argv, "--node-config", f"user={user} worker='{socket}'"])
 
 
-class FlowerEngine:
+DIVERGED = f"{Diverged.__name__}: "  # how the ServerApp's error file starts when the round diverged
+
+
+class FlowerDeployment:
+    """One stage's Flower federation: the SuperLink, each user's SuperNode and worker (or a running SuperLink's),
+    and `flwr run` serving the stage's rounds."""
+
     def __init__(self, params: Config, data: FederatedData) -> None:
-        self.p, self.data = params, data
+        self.params, self.data = params, data
         self.sup: processes.Supervisor | None = None
         self.dir: Path | None = None
         self.secagg: list[dict] = []  # per round under SecAgg+: clipping range, share clipped, per user
@@ -135,11 +141,11 @@ class FlowerEngine:
 
     @property
     def ports(self) -> list[int]:
-        base = self.p.federation.flower.port
-        return [base, *(base + 1 + u for u in range(self.p.federation.users))]
+        base = self.params.federation.flower.port
+        return [base, *(base + 1 + u for u in range(self.params.federation.users))]
 
     def start(self) -> None:
-        fl = self.p.federation.flower
+        fl = self.params.federation.flower
         if fl.superlink is None:
             for i, port in enumerate(self.ports):
                 processes.check_port(port, "SuperLink" if i == 0 else f"SuperNode {i - 1}")
@@ -156,9 +162,9 @@ class FlowerEngine:
             f'address = "{address}"\n' + (f'root-certificates = "{ca}"\n' if ca is not None else "insecure = true\n")
         )
         (app / "pyproject.toml").write_text(
-            APP_TOML.replace("{clientapp}", "secure_client" if self.p.federation.secure_aggregation else "client")
+            APP_TOML.replace("{clientapp}", "secure_client" if self.params.federation.secure_aggregation else "client")
         )
-        (exchange / "params.json").write_text(self.p.model_dump_json())
+        (exchange / "params.json").write_text(self.params.model_dump_json())
         run = tracking.current()
         if run is not None:
             run.tag("engine", "flower")
@@ -176,7 +182,7 @@ class FlowerEngine:
         """The SuperLink, then each user's worker and SuperNode, on 127.0.0.1; the workers' sockets (a user is
         ready when its SuperNode listens and its socket exists)."""
         assert self.dir is not None and self.sup is not None
-        port, fed = self.ports[0], self.p.federation
+        port, fed = self.ports[0], self.params.federation
         self.sup.start(
             "superlink",
             [
@@ -207,7 +213,7 @@ class FlowerEngine:
         if self.sup is None:
             self.start()
         assert self.dir is not None and self.sup is not None
-        exchange, timeout, seq = self.dir / "exchange", self.p.federation.flower.round_timeout, self.jobs
+        exchange, timeout, seq = self.dir / "exchange", self.params.federation.flower.round_timeout, self.jobs
         self.jobs += 1
         device = next(iter(theta.values())).device
         job = {
@@ -216,7 +222,7 @@ class FlowerEngine:
             "key": key,
             "include_backdoor": include_backdoor,
             "with_attacker": with_attacker,
-            "params": self.p.model_dump_json(),
+            "params": self.params.model_dump_json(),
             "max_weight": float(len(self.data.images)),
             "data": self.digest,
         }
@@ -233,6 +239,8 @@ class FlowerEngine:
         while not result.is_file():
             if error.is_file():
                 reason = error.read_text().splitlines()[0]
+                if reason.startswith(DIVERGED):  # the server round's own message, as on the local engine
+                    raise Diverged(reason.removeprefix(DIVERGED))
                 hint = (
                     " (federation.flower.round_timeout); resumable state is kept: rerun to resume"
                     if reason.startswith("TimeoutError")

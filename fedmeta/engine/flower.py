@@ -1,10 +1,11 @@
-"""fedmeta's round as a Flower ServerApp: it selects, waits and aggregates; ClientApps (fedmeta.engine.client) train.
+"""fedmeta's round as a Flower ServerApp: `federation.server_round` with Flower as its transport; ClientApps
+(fedmeta.engine.client) train.
 
 One `flwr run` per stage: the ServerApp stays up and serves the rounds the
 engine writes to the exchange folder as job-<n>.pt (θ, round, the Config),
 one after the other, answering with result-<n>.pt (θ') or error-<n>.txt, so
 neither `flwr run` nor torch's import is paid per round. It asks the selected
-users' SuperNodes and combines the δ_i they send with fedmeta's aggregator.
+users' SuperNodes and hands the δ_i they send to the same server round as the local engine's.
 Tensors travel as float32 numpy arrays (exact), so θ stays bit-identical.
 With federation.secure_aggregation the round runs Flower's SecAggPlusWorkflow
 (`_serve_secure`) against `secure_client`: the server sees only the mean.
@@ -27,7 +28,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmeta import checkpoint, config, federation, secure, seeding
 from fedmeta.atomic import write_text
-from fedmeta.engine import plan
 from fedmeta.model import Theta
 
 server = ServerApp()
@@ -74,7 +74,7 @@ def _collect(
     grid: Grid,
     sent: dict[str, int],
     refused: list[int],
-    selection: plan.Selection,
+    selection: federation.Selection,
     node_of: dict[int, int],
     deadline: float,
 ) -> tuple[list[int], dict[int, Message]]:
@@ -139,12 +139,12 @@ def _serve(grid: Grid, job_path: Path, context: Context, known: dict[int, int]) 
     deadline = time.monotonic() + float(params.federation.flower.round_timeout)
     users = _users_of_nodes(grid, known, params.federation.users, deadline)
     node_of = {u: n for n, u in users.items()}
-    selection = plan.select(params, job["key"], job["with_attacker"])
     theta: Theta = job["theta"]
     resume = job.get("resume") or {"path": "", "every": 1, "fingerprint": ""}
+    attacker = params.federation.attacker
 
     def cfg_of(user: int) -> dict:
-        mine = user in selection.always
+        mine = user == attacker
         return {
             "round": int(job["round"]),
             "key": job["key"],
@@ -157,6 +157,7 @@ def _serve(grid: Grid, job_path: Path, context: Context, known: dict[int, int]) 
         }
 
     if params.federation.secure_aggregation:
+        selection = federation.select(params, job["key"], job["with_attacker"])
         return _serve_secure(
             grid,
             context,
@@ -168,19 +169,25 @@ def _serve(grid: Grid, job_path: Path, context: Context, known: dict[int, int]) 
             cfg_of,
             deadline,
         )
-    messages, sent = [], []
-    for user in selection.order + selection.always:
-        content = RecordDict({"theta": to_record(theta), "round": ConfigRecord(cfg_of(user))})
-        messages.append(Message(content, node_of[user], "train", group_id=job["key"]))
-        sent.append(user)
-    ids = list(grid.push_messages(messages))
-    refused = [u for i, u in zip(ids, sent) if not i]
-    applied, replies = _collect(grid, {i: u for i, u in zip(ids, sent) if i}, refused, selection, node_of, deadline)
-    deltas = [from_record(replies[u].content["delta"]) for u in applied]
-    for u, d in zip(applied, deltas):  # on receipt, before any rule reads them, as the local engine does
-        federation.check_update(u, d, theta, params.federation.attacker)
-    sizes = [int(replies[u].content["meta"]["size"]) for u in applied]
-    return {"theta": plan.combine(params, theta, deltas, sizes, job["key"]), "users": applied}
+
+    applied: list[int] = []  # who answered in the end, for the engine's record
+
+    def clients(selection: federation.Selection) -> federation.Uploads:
+        """Ask every selected user's SuperNode; the first M_min in fedmeta's order that answer count."""
+        messages, sent = [], []
+        for user in selection.order + selection.always:
+            content = RecordDict({"theta": to_record(theta), "round": ConfigRecord(cfg_of(user))})
+            messages.append(Message(content, node_of[user], "train", group_id=job["key"]))
+            sent.append(user)
+        ids = list(grid.push_messages(messages))
+        refused = [u for i, u in zip(ids, sent) if not i]
+        users, replies = _collect(grid, {i: u for i, u in zip(ids, sent) if i}, refused, selection, node_of, deadline)
+        applied.extend(users)
+        deltas = [from_record(replies[u].content["delta"]) for u in users]
+        return federation.Uploads(users, deltas, [int(replies[u].content["meta"]["size"]) for u in users])
+
+    new = federation.server_round(params, theta, job["key"], bool(job["with_attacker"]), clients)
+    return {"theta": new, "users": applied}
 
 
 def _serve_secure(
@@ -210,8 +217,6 @@ def _serve_secure(
         MAIN_PARAMS_RECORD,
         Key,
     )
-
-    from fedmeta import federation
 
     keys = list(theta)
     arrays = [v.detach().cpu().contiguous().numpy() for v in theta.values()]
@@ -262,6 +267,7 @@ def _serve_secure(
         fed,
         seeding.generator(params.seed, "aggregate", job["key"]),
     )
+    federation.check(params, job["key"], new, masked=True)  # the server saw only the masked sum: no culprit to name
     metrics = outcome["metrics"]
     clipped, coords = sum(int(m["clipped"]) for m in metrics), sum(int(m["coordinates"]) for m in metrics)
     stats = {

@@ -4,7 +4,7 @@ Flower 1.42 runs every message in a fresh `flwr-clientapp` process. Loading
 torch, fedmeta and the user's dataset there would be paid per message; the
 worker loads them once and the ClientApp (fedmeta.engine.client) only hands
 it θ and gets δ back over a Unix socket in the federation's private (0700)
-folder. It runs `Experiment.local_update`, the local engine's own code, on
+folder. It runs `Experiment.local_model` and `Experiment.upload`, the local engine's own code, on
 the same float32 arrays, so θ stays bit-identical. Each round brings the
 stage's configuration (a worker of `fedmeta node` serves many stages) and
 the digest of the stage's prepared dataset, which must be the one this
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fedmeta import config, federation, runtime
+from fedmeta import config, runtime
 from fedmeta.checkpoint import Resume
 from fedmeta.errors import FedmetaError
 from fedmeta.experiment import Experiment
@@ -31,19 +31,18 @@ from fedmeta.splits import FederatedData
 
 
 def update(exp: Experiment, user: int, request: dict) -> dict:
-    """δ of `user` for the request's round (the attacker's boosted one, resumable); under SecAgg+ an honest
-    client first clips its own δ when the rule asks, as in `local`, and the weight SecAgg+ multiplies it by."""
+    """What `user` uploads for the request's round (`Experiment.upload`: the attacker's boosted δ, resumable;
+    under SecAgg+ an honest client's own clipping), its dataset size, and the weight SecAgg+ multiplies it by."""
     theta = {k: torch.from_numpy(a).to(exp.device) for k, a in request["theta"].items()}
     resume = None
     if request["resume_path"]:  # only the attacker's training is resumable
         resume = Resume(Path(request["resume_path"]), int(request["resume_every"]), str(request["resume_fingerprint"]))
     include = bool(request["include_backdoor"])
-    delta = exp.local_update(theta, user, int(request["round"]), str(request["key"]), include, resume)
-    fed, size = exp.p.federation, exp._size(user, include)
-    if request.get("secure") and user != fed.attacker:
-        delta = federation.client_side(delta, fed)
+    local = exp.local_model(theta, user, int(request["round"]), str(request["key"]), include, resume)
+    delta, size = exp.upload(theta, user, local), exp.dataset_size(user, include)
     arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in delta.items()}
-    return {"delta": arrays, "user": user, "size": size, "weight": 1 if fed.weighting == "uniform" else size}
+    weight = 1 if exp.params.federation.weighting == "uniform" else size
+    return {"delta": arrays, "user": user, "size": size, "weight": weight}
 
 
 class Trainer:

@@ -1,12 +1,8 @@
 """Everything that exists only for speed, behind one choice: how a Conv4's episodes are computed.
 
 The research code (`reptile`, `evaluation`, `defense`) states each computation once, in plain torch with autograd
-and `vmap`, and asks here whether a faster computation of the same function applies. Three entry points, one per
-kind of work, all following `implementation` (FEDMETA_ADAPT):
-- `adapt`: Adam's inner loop on the softmax loss (Reptile, fine-tuning);
-- `per_episode`: a function of each episode's weights (predictions), given the embedding to use;
-- `matching_steps`: the defense's two-phase fine-tuning of the embedding and the matching head.
-`adapt` and `matching_steps` return None where the reference runs.
+and `vmap`, and is handed a `fedmeta.backend.Backend`. `backend` gives the one `implementation` (FEDMETA_ADAPT)
+chooses: the reference itself (vmap), or a `Fast` one computing the same functions faster.
 
 The parts, each tested to compute the reference's function (up to round-off; bit for bit across lane counts):
 - `lanes`: episodes on CPU threads, one intra-op thread each;
@@ -19,18 +15,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch.func import vmap
 
 from fedmeta import model
+from fedmeta.adam import AdamConfig, AdamState
+from fedmeta.backend import REFERENCE, Backend, HeadLoss
 from fedmeta.errors import FedmetaError
 from fedmeta.fast import conv4, cpu, lanes, stacked
 from fedmeta.model import Theta
-
-if TYPE_CHECKING:
-    from fedmeta.reptile import AdamConfig, AdamState
 
 CHOICES = ("lanes", "stacked", "vmap")
 
@@ -52,43 +46,52 @@ def _is_conv4(theta: Theta, x: torch.Tensor) -> bool:
     return set(theta) == model.CONV4_KEYS and x.dim() == 5 and x.dtype in (torch.float32, torch.float64)
 
 
-def adapt(
-    theta: Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState
-) -> tuple[Theta, AdamState] | None:
-    """`reptile.adapt`'s steps by the chosen implementation, or None where the reference (vmap) runs."""
-    impl = implementation(x.device, _is_conv4(theta, x))
-    if impl == "lanes":
-        return cpu.adapt(theta, x, y, batches, cfg, state)
-    if impl == "stacked":
-        return stacked.adapt(theta, x, y, batches, cfg, state)
-    return None
+class Fast:
+    """The reference's functions computed faster for a Conv4 (`name`: lanes or stacked); for any other model the
+    reference runs."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def adapt(
+        self, theta: Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState
+    ) -> tuple[Theta, AdamState] | None:
+        """`reptile.adapt`'s steps on the lanes (`cpu.adapt`) or stacked (`stacked.adapt`)."""
+        if not _is_conv4(theta, x):
+            return None
+        return (cpu if self.name == "lanes" else stacked).adapt(theta, x, y, batches, cfg, state)
+
+    def per_episode(self, fn: Callable[..., Any], theta: Theta, *args: Any) -> Any:
+        """Under "lanes" the episodes run one by one on the lanes, never under vmap, with `embed` the hand-written
+        forward pass (`conv4.embed`): no autograd through it. Otherwise the reference's vmap."""
+        if self.name != "lanes":
+            return REFERENCE.per_episode(fn, theta, *args)
+        return lanes.per_episode(lambda *a: fn(conv4.embed, *a), next(iter(theta.values())).shape[0], theta, *args)
+
+    def matching_steps(
+        self,
+        theta: Theta,
+        head: Theta,
+        theta_adam: AdamState,
+        head_adam: AdamState,
+        done: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batches: torch.Tensor,
+        head_steps: int,
+        adam: AdamConfig,
+        nll: HeadLoss,
+    ) -> tuple[Theta, Theta, AdamState, AdamState] | None:
+        """The defense's fine-tuning steps on lanes (`cpu.matching_steps`) for a Conv4 embedding under "lanes"."""
+        if self.name == "lanes" and set(theta) == model.EMBEDDING_KEYS:
+            return cpu.matching_steps(theta, head, theta_adam, head_adam, done, x, y, batches, head_steps, adam, nll)
+        return None
 
 
-def per_episode(fn: Callable[..., Any], theta: Theta, *args: Any) -> Any:
-    """`vmap(fn)` over episodes, called as fn(embed, theta_e, *args_e): theta and args carry a leading episode axis
-    (tensors, or dicts/tuples of them), and so does the result. `embed` is `model.embed`, or under "lanes" (the
-    episodes then run one by one on the lanes, never under vmap) the same function by the hand-written forward
-    pass (`conv4.embed`): no autograd through it."""
-    if implementation(next(iter(theta.values())).device) != "lanes":
-        return vmap(lambda *a: fn(model.embed, *a))(theta, *args)
-    return lanes.per_episode(lambda *a: fn(conv4.embed, *a), next(iter(theta.values())).shape[0], theta, *args)
-
-
-def matching_steps(
-    theta: Theta,
-    head: Theta,
-    theta_adam: AdamState,
-    head_adam: AdamState,
-    done: int,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batches: torch.Tensor,
-    head_steps: int,
-    adam: AdamConfig,
-    nll: cpu.HeadLoss,
-) -> tuple[Theta, Theta, AdamState, AdamState] | None:
-    """The defense's fine-tuning steps on lanes (`cpu.matching_steps`) for a Conv4 embedding under "lanes", else
-    None."""
-    if implementation(x.device) == "lanes" and set(theta) == model.EMBEDDING_KEYS:
-        return cpu.matching_steps(theta, head, theta_adam, head_adam, done, x, y, batches, head_steps, adam, nll)
-    return None
+def backend(device: torch.device, name: str | None = None) -> Backend:
+    """The backend `name` (default: `implementation`'s choice for `device`, FEDMETA_ADAPT): the reference for
+    vmap, else the faster computation."""
+    name = name or implementation(device)
+    if device.type == "cpu":  # FEDMETA_KERNELS' choice (portable mode also pins torch's own kernels) before any work
+        conv4.bind()
+    return REFERENCE if name == "vmap" else Fast(name)

@@ -207,7 +207,7 @@ def adam_(
     eps: float,
     portable: bool = PORTABLE,
 ) -> list[torch.Tensor]:
-    """`reptile.adam_update`'s arithmetic, op for op (so bit for bit), in place on lists of tensors with `_foreach`
+    """`adam.adam_update`'s arithmetic, op for op (so bit for bit), in place on lists of tensors with `_foreach`
     kernels (one call per operation for all tensors, not one per tensor); returns the new first moments."""
     bc1 = 1 - beta1**step
     bc2_sqrt = (1 - beta2**step) ** 0.5
@@ -266,14 +266,56 @@ def script(fn: Callable[..., T]) -> Callable[..., T]:
         return torch.jit.script(fn)
 
 
-# the operations `kernels.select` chose for this CPU, compiled into the scripted functions with them
-_block0_forward, _block0_backward, _conv3x3_forward, _conv3x3_backward = kernels.ops()
-# as TorchScript, for callers on lanes: predictions (`embed`), the defense, and a lane's run of Reptile steps
-scripted_features_forward = script(features_forward)
-scripted_features_backward = script(features_backward)
-compiled_episode_steps = script(episode_steps)
+# The four operations `kernels.select` chose for this CPU. Choosing may build and time the C++ kernels, so they are
+# bound on first use (`bind`), never on import: each name below stands for its operation until then.
+OPS = ("_block0_forward", "_block0_backward", "_conv3x3_forward", "_conv3x3_backward")
+
+
+def bind() -> None:
+    """Bind the operations `kernels.select` chooses (once per process) in place of the placeholders below."""
+    globals().update(zip(OPS, kernels.ops()))
+
+
+def _block0_forward(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    bind()
+    return _block0_forward(*args)
+
+
+def _block0_backward(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    bind()
+    return _block0_backward(*args)
+
+
+def _conv3x3_forward(*args: torch.Tensor) -> torch.Tensor:
+    bind()
+    return _conv3x3_forward(*args)
+
+
+def _conv3x3_backward(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    bind()
+    return _conv3x3_backward(*args)
+
+
+class Compiled(NamedTuple):
+    """The TorchScript forms, for callers on lanes: predictions (`embed`), the defense, and a lane's run of Reptile
+    steps; the chosen operations are compiled into them."""
+
+    features_forward: Callable[..., tuple[torch.Tensor, Optional[Tape]]]
+    features_backward: Callable[..., Theta]
+    episode_steps: Callable[..., list[torch.Tensor]]
+
+
+_compiled: list[Compiled] = []
+
+
+def compiled() -> Compiled:
+    """The scripted functions, compiled on first use (after `bind`)."""
+    if not _compiled:
+        bind()
+        _compiled.append(Compiled(script(features_forward), script(features_backward), script(episode_steps)))
+    return _compiled[0]
 
 
 def embed(theta: Theta, x: torch.Tensor, n_ref: Optional[int] = None) -> torch.Tensor:
     """`model.embed` through the scripted hand-written forward pass: no autograd through it, and not under vmap."""
-    return scripted_features_forward(theta, x, None, n_ref, False)[0]
+    return compiled().features_forward(theta, x, None, n_ref, False)[0]

@@ -9,26 +9,19 @@ a bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 import torch
 
+from fedmeta.adam import AdamConfig, AdamState
+from fedmeta.backend import HeadLoss
 from fedmeta.fast import conv4, lanes
 from fedmeta.model import Theta
-
-if TYPE_CHECKING:
-    from fedmeta.reptile import AdamConfig, AdamState
-
-# the defense's loss of the head given the support embeddings: nll(features, head, support_y, idx)
-HeadLoss = Callable[[torch.Tensor, Theta, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def adapt(
     theta: Theta, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor, cfg: AdamConfig, state: AdamState
 ) -> tuple[Theta, AdamState]:
     """Each episode's steps with `conv4.loss_grad` and an in-place `_foreach` Adam on its rows of the
-    stacked tensors, as one TorchScript call per lane's run of steps (`conv4.compiled_episode_steps`)."""
+    stacked tensors, as one TorchScript call per lane's run of steps (`conv4.compiled().episode_steps`)."""
     keys = list(theta)
     n_ep, steps = x.shape[0], batches.shape[1]
     if steps == 0:
@@ -40,6 +33,7 @@ def adapt(
         # with β1 = 0 the first moment is the gradient: each episode's last one is written here at its end
         m = {k: state.m[k].clone() if cfg.beta1 != 0 else torch.empty_like(state.m[k]) for k in keys}
     moments: dict[int, conv4.Moments] = {}  # per episode, computed by the lane that runs its first steps
+    episode_steps = conv4.compiled().episode_steps  # compiled here, before the lanes start
 
     def do(j: int, first: int, end: int) -> None:
         p_j, v_j = [out[k][j] for k in keys], [v[k][j] for k in keys]
@@ -48,7 +42,7 @@ def adapt(
             if j not in moments:  # a cut episode's last steps run after its first (lanes.run_chains)
                 moments[j] = conv4.patch_moments(x[j])
             gram, colsum = moments[j]
-            m_j = conv4.compiled_episode_steps(
+            m_j = episode_steps(
                 keys,
                 p_j,
                 m_j,
@@ -106,7 +100,7 @@ def matching_steps(
     nll: HeadLoss,
 ) -> tuple[Theta, Theta, AdamState, AdamState]:
     """The defense's fine-tuning: each episode's steps on one lane, the embedding's gradient by hand
-    (`conv4.scripted_features_forward` / `_backward`), autograd only through the head (`nll`), Adam in place on
+    (`conv4.compiled()`), autograd only through the head (`nll`), Adam in place on
     the episode's rows. While θ' is fixed (steps before `head_steps`, counting the `done` ones) an episode's support
     embeddings are computed once per run of steps, not once per step."""
     steps = batches.shape[1]
@@ -116,6 +110,7 @@ def matching_steps(
         theta_adam, head_adam = theta_adam.clone(), head_adam.clone()
     first_joint = min(steps, max(0, head_steps - done))  # this call's first step that trains θ'
     moments: dict[int, conv4.Moments] = {}  # per episode, computed by the lane that runs its first steps
+    scripted = conv4.compiled()  # compiled here, before the lanes start
 
     def step_(params: Theta, grads: Theta, m: Theta, v: Theta, j: int, step: int) -> None:
         """Adam in place on episode j's rows of params, m and v."""
@@ -141,10 +136,10 @@ def matching_steps(
             for s in range(first, end):
                 joint = s >= first_joint
                 if joint or feat is None:
-                    feat, tape = conv4.scripted_features_forward(th, x[j], moments[j])
+                    feat, tape = scripted.features_forward(th, x[j], moments[j])
                 g_head, g_feat = _head_grads(nll, feat, {k: v[j] for k, v in head.items()}, y[j], batches[j, s], joint)
                 if g_feat is not None:
-                    g_theta = conv4.scripted_features_backward(th, tape, g_feat)
+                    g_theta = scripted.features_backward(th, tape, g_feat)
                     step_(theta, g_theta, theta_adam.m, theta_adam.v, j, theta_adam.step + s - first_joint + 1)
                 step_(head, g_head, head_adam.m, head_adam.v, j, head_adam.step + s + 1)
 

@@ -9,16 +9,12 @@ the backward pass.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
+from fedmeta.adam import AdamConfig, AdamState
 from fedmeta.fast.conv4 import adam_
 from fedmeta.model import BLOCKS, BN_EPS, Theta
-
-if TYPE_CHECKING:
-    from fedmeta.reptile import AdamConfig, AdamState
 
 
 def _episode_conv(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -257,6 +257,10 @@ def select() -> Selection:
     if _selection is None:
         _selection = _decide()
         tracking.PROCESS_TAGS.update(_selection.tags())
+        run = tracking.current()  # a run started before the first use of the kernels gets the tags too
+        if run is not None:
+            for key, value in _selection.tags().items():
+                run.tag(key, value)
     return _selection
 
 

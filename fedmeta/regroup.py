@@ -1,4 +1,4 @@
-"""Experiment 4: the one-shot attack against server-side rules, on the paper's federation and a larger one.
+"""Experiment 4's larger federation: the prepared data dealt among more users.
 
 A larger federation deals the same benign classes among more users, exactly as `splits.split` would
 have dealt them with that many users, so only who holds what changes, never the images or the attack
@@ -11,10 +11,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 from fedmeta.splits import FederatedData
-
-EXP1_TAG = "exp1"  # Experiment 1's episodes: the mean rule on M = 4 repeats Experiment 1 exactly
-# the user-side comparison under secure aggregation: the same episodes with and without the defense
-USER_TAG = "exp4-user"
 
 
 def regroup(data: FederatedData, users: int, attacker: int) -> FederatedData:
