@@ -46,5 +46,10 @@ def main(variant: str) -> None:
                         points[key] = {k: v for k, v in done.items() if not k.startswith(("meta_test", "round"))}
                     else:
                         points[key] = flat(exp.attack_eval(theta, learner, scenario, [steps], "exp1", target_at=at)[0])
-                    run.metrics({f"{scenario.name}.{model}.{key}.{k}": v for k, v in points[key].items()})
         runtime.write_json(runtime.METRICS / f"positions_{variant}.json", summary)
+        for scenario_name, models in summary.items():
+            for model, points in models.items():
+                for key, point in points.items():
+                    tags = {"experiment": "positions", "scenario": scenario_name, "model": model, "position": key}
+                    run.series(tags, [point])
+        run.artifact(runtime.METRICS / f"positions_{variant}.json")
