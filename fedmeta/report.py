@@ -21,6 +21,10 @@ class PaperNumbers:
     exp2_quote: str  # the paper's own words for Experiment 2 in (c), which the table's cell condenses
     exp3: dict[str, str]  # scenario: backdoor accuracy under the defense
     exp3_meta_test: str
+    finetune_steps: int  # Experiments 2 and 3's fine-tuning
+    # the backdoor levels (attack training, %) the figures mark, read off exp2 and exp3; None where the text gives none
+    exp2_level: dict[str, float | None]
+    exp3_level: dict[str, float | None]
 
 
 PAPER = {
@@ -35,6 +39,9 @@ PAPER = {
         "is gradually reduced during fine-tuning (≈ 10% after 500 iterations)",
         exp3={"a": "≈ 20 %", "b": "≈ 20 %", "c": "≈ 0 %"},
         exp3_meta_test="> 96",
+        finetune_steps=500,
+        exp2_level={"a": 80, "b": 80, "c": None},
+        exp3_level={"a": 20, "b": 20, "c": 0},
     ),
     "miniimagenet": PaperNumbers(
         dataset="mini-ImageNet",
@@ -47,6 +54,9 @@ PAPER = {
         "by 5% and attack accuracy is reduced by 20% for all users",
         exp3={"a": "≈ 20 %", "b": "≈ 20 %", "c": "≈ 10 %"},
         exp3_meta_test="≈ 35",
+        finetune_steps=500,
+        exp2_level={"a": 75, "b": 75, "c": None},
+        exp3_level={"a": 20, "b": 20, "c": 10},
     ),
 }
 

@@ -22,11 +22,33 @@ def main() -> None:
             for s, sc in SCENARIOS.items():
                 for path in sorted((m / f"{stage}_{sc.variant}").glob(f"{s}_user*.csv")):
                     grids[stage][(s, int(path.stem.split("user")[1]) - 1)] = runtime.read_csv(path)
-        ds, paper = params.dataset, report.PAPER[params.dataset]
+        ds, paper, b = params.dataset, report.PAPER[params.dataset], params.budget
+        rounds = f"profile {params.profile}: {b.continuation_rounds} benign rounds after the attack"
+        steps = f"profile {params.profile}: {b.finetune_steps} fine-tuning iterations"
         paths = [
-            figures.meta_training_after_attack(exp1, runtime.CURVES / f"exp1_{ds}.png", ds),
-            figures.finetuning_grid(grids["finetune"], runtime.CURVES / f"exp2_{ds}.png", "exp2", ds),
-            figures.finetuning_grid(grids["defend"], runtime.CURVES / f"exp3_{ds}.png", "exp3", ds),
+            figures.meta_training_after_attack(
+                exp1,
+                runtime.CURVES / f"exp1_{ds}.png",
+                ds,
+                paper.exp1,
+                paper.continuation_rounds,
+                f"{rounds} (paper: {paper.continuation_rounds})",
+            ),
+            *(
+                figures.finetuning_grid(
+                    grids[stage],
+                    runtime.CURVES / f"{figure}_{ds}.png",
+                    figure,
+                    ds,
+                    level,
+                    paper.finetune_steps,
+                    f"{steps} (paper: {paper.finetune_steps})",
+                )
+                for stage, figure, level in (
+                    ("finetune", "exp2", paper.exp2_level),
+                    ("defend", "exp3", paper.exp3_level),
+                )
+            ),
         ]
         positions = {
             s: sc for variant in VARIANTS for s, sc in json.loads((m / f"positions_{variant}.json").read_text()).items()
