@@ -95,36 +95,79 @@ def _curves(ax: Any, rows: list[dict[str, Any]], x: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def meta_training_after_attack(rows: dict[str, list[dict[str, Any]]], path: Path, dataset: str) -> Path:
-    """Figs. 3 and 4 (Experiment 1): one panel per scenario, accuracy against federated rounds."""
-    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.4), squeeze=False)
+PAPER_MARK = {"marker": "*", "ms": 11, "mec": "black", "mew": 0.6, "ls": "none", "zorder": 5}  # the paper's value
+
+
+def _paper_handles(*labels: str) -> list[Any]:
+    """Legend entries for the paper's marks: a grey star per label, since each mark takes its series' colour."""
+    from matplotlib.lines import Line2D
+
+    return [Line2D([], [], color="0.6", label=label, **PAPER_MARK) for label in labels]
+
+
+def meta_training_after_attack(
+    rows: dict[str, list[dict[str, Any]]],
+    path: Path,
+    dataset: str,
+    paper: dict[str, tuple[tuple[int, int], tuple[int, int]]],
+    paper_rounds: int,
+    subtitle: str,
+) -> Path:
+    """Figs. 3 and 4 (Experiment 1): one panel per scenario, accuracy against federated rounds. `paper` holds the
+    paper's backdoor accuracy (train, val %) after the attack and after `paper_rounds` benign rounds, marked at round
+    1 and at this run's last round; `subtitle` says the profile and horizon. The legend sits below the panels."""
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.9), squeeze=False, layout="constrained")
     for ax, (name, series) in zip(axes[0], sorted(rows.items())):
         _curves(ax, series, "round")
         ax.axvline(1, color="red", ls=":", lw=1)
+        (train, val), (train_end, val_end) = paper[name]
+        last = series[-1]["round"]
+        for key, at_attack, at_end in (("attack_train", train, train_end), ("attack_val", val, val_end)):
+            ax.plot([1, last], [at_attack, at_end], color=SERIES[key][1], **PAPER_MARK)
         ax.set_title(SCENARIO_TITLES[name], fontsize=9)
         ax.set_xlabel("round (attack in round 1)")
     axes[0][0].set_ylabel("accuracy (%)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(paper_title("exp1", dataset), fontsize=10, y=1.04)
+    handles = [*axes[0][0].get_legend_handles_labels()[0]]
+    handles += _paper_handles(f"paper: after the attack, and after {paper_rounds} rounds (at the last round)")
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.suptitle(f"{paper_title('exp1', dataset)}\n{subtitle}", fontsize=10)
     return _save(fig, path)
 
 
-def finetuning_grid(rows: dict[tuple[str, int], list[dict[str, Any]]], path: Path, figure: str, dataset: str) -> Path:
+def finetuning_grid(
+    rows: dict[tuple[str, int], list[dict[str, Any]]],
+    path: Path,
+    figure: str,
+    dataset: str,
+    paper: dict[str, float | None],
+    paper_steps: int,
+    subtitle: str,
+) -> Path:
     """Figs. 5-8 (Experiments 2-3, `figure` exp2 or exp3): rows = scenarios, columns = benign users, accuracy
-    against fine-tuning steps."""
+    against fine-tuning steps. `paper` is the paper's backdoor level (attack training, %) per scenario after
+    `paper_steps`, marked at this run's last step where the paper states one; `subtitle` says the profile and
+    horizon."""
     scen = sorted({s for s, _ in rows})
     users = sorted({u for _, u in rows})
-    fig, axes = plt.subplots(len(scen), len(users), figsize=(3.4 * len(users), 2.8 * len(scen)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(scen), len(users), figsize=(3.4 * len(users), 2.8 * len(scen) + 0.8), squeeze=False, layout="constrained"
+    )
     for i, s in enumerate(scen):
         for j, u in enumerate(users):
             ax = axes[i][j]
             _curves(ax, rows[(s, u)], "step")
+            level = paper.get(s)
+            if level is not None:
+                ax.plot([rows[(s, u)][-1]["step"]], [level], color=SERIES["attack_train"][1], **PAPER_MARK)
             ax.set_title(f"{SCENARIO_TITLES[s][:3]} user {u + 1}", fontsize=9)
             if i == len(scen) - 1:
                 ax.set_xlabel("fine-tuning iteration")
         axes[i][0].set_ylabel("accuracy (%)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(paper_title(figure, dataset), fontsize=10)
+    handles = axes[0][0].get_legend_handles_labels()[0] + _paper_handles(
+        f"paper: attack training after {paper_steps} iterations (at the last one)"
+    )
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.suptitle(f"{paper_title(figure, dataset)}\n{subtitle}", fontsize=10)
     return _save(fig, path)
 
 
@@ -132,7 +175,7 @@ def pretraining(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     _curves(ax, rows, "round")
     ax.set_xlabel("round")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("meta-test accuracy (%)")
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 

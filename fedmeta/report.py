@@ -18,8 +18,13 @@ class PaperNumbers:
     meta_test_before: str  # before the attack (round 0)
     continuation_rounds: int
     exp2: dict[str, str]  # scenario: backdoor accuracy after long benign fine-tuning
+    exp2_quote: str  # the paper's own words for Experiment 2 in (c), which the table's cell condenses
     exp3: dict[str, str]  # scenario: backdoor accuracy under the defense
     exp3_meta_test: str
+    finetune_steps: int  # Experiments 2 and 3's fine-tuning
+    # the backdoor levels (attack training, %) the figures mark, read off exp2 and exp3; None where the text gives none
+    exp2_level: dict[str, float | None]
+    exp3_level: dict[str, float | None]
 
 
 PAPER = {
@@ -29,9 +34,14 @@ PAPER = {
         exp1_meta_test={"a": "> 98", "b": "> 98", "c": "> 98"},
         meta_test_before="> 99",
         continuation_rounds=50,
-        exp2={"a": "> 80 %", "b": "> 80 %", "c": "≈ 10 % after 500 iterations"},
+        exp2={"a": "> 80 %", "b": "> 80 %", "c": "falls by ≈ 10 points over 500 iterations"},
+        exp2_quote="when backdoor classes are present (Fig. 5c), attack accuracy drops slightly for all users, and it "
+        "is gradually reduced during fine-tuning (≈ 10% after 500 iterations)",
         exp3={"a": "≈ 20 %", "b": "≈ 20 %", "c": "≈ 0 %"},
         exp3_meta_test="> 96",
+        finetune_steps=500,
+        exp2_level={"a": 80, "b": 80, "c": None},
+        exp3_level={"a": 20, "b": 20, "c": 0},
     ),
     "miniimagenet": PaperNumbers(
         dataset="mini-ImageNet",
@@ -40,8 +50,13 @@ PAPER = {
         meta_test_before="> 60",
         continuation_rounds=100,
         exp2={"a": "≈ 75 / 50 %", "b": "≈ 75 / 50 %", "c": "≈ 20 points below (a) and (b)"},
+        exp2_quote="when backdoor classes are present during fine-tuning (Fig. 6c), main-task accuracy is improved "
+        "by 5% and attack accuracy is reduced by 20% for all users",
         exp3={"a": "≈ 20 %", "b": "≈ 20 %", "c": "≈ 10 %"},
         exp3_meta_test="≈ 35",
+        finetune_steps=500,
+        exp2_level={"a": 75, "b": 75, "c": None},
+        exp3_level={"a": 20, "b": 20, "c": 10},
     ),
 }
 
@@ -77,13 +92,17 @@ def exp1_table(curves: dict[str, list[dict[str, Any]]], paper: PaperNumbers) -> 
 
 
 def users_table(
-    exp2: dict[str, list[list[dict[str, Any]]]], exp3: dict[str, list[list[dict[str, Any]]]], paper: PaperNumbers
+    exp2: dict[str, list[list[dict[str, Any]]]],
+    exp3: dict[str, list[list[dict[str, Any]]]],
+    paper: PaperNumbers,
+    users: list[int],
 ) -> str:
-    """Final points of Experiments 2 and 3, averaged over benign users, at the same fine-tuning step."""
-    p = paper.dataset
+    """Final points of Experiments 2 and 3, averaged over the benign `users` (numbered from 1), at the same
+    fine-tuning step; the paper's words for (c) follow the table, since its cell can only condense them."""
+    p, over = paper.dataset, f"mean over users {', '.join(map(str, users))}"
     lines = [
-        f"| scenario | paper ({p}) Exp 2 backdoor | ours Exp 2 (train / val, meta-test) "
-        f"| paper ({p}) Exp 3 backdoor | ours Exp 3 (train / val, meta-test) | step |",
+        f"| scenario | paper ({p}) Exp 2 backdoor | ours Exp 2, {over} (train / val, meta-test) "
+        f"| paper ({p}) Exp 3 backdoor | ours Exp 3, {over} (train / val, meta-test) | step |",
         "|---|---|---|---|---|---|",
     ]
     for s in sorted(exp2):
@@ -100,6 +119,7 @@ def users_table(
             f"{pct(_mean(final2, 'meta_test'))} "
             f"| {paper.exp3[s]} (meta-test {paper.exp3_meta_test}) | {ours3} | {final2[0]['step']} |"
         )
+    lines.append(f'\nThe paper on Experiment 2 in (c) (Sec. 3): "{paper.exp2_quote}".')
     return "\n".join(lines)
 
 
@@ -113,9 +133,11 @@ ABLATION_LABELS = {
 }
 
 
-def ablation_table(rows: list[dict[str, Any]]) -> str:
+def ablation_table(rows: list[dict[str, Any]], user: int) -> str:
+    """The ablation's rows, all measured on benign `user`'s episodes (numbered from 1), as stages/ablation.py
+    runs it."""
     lines = [
-        "| defense variant | scenario | attack train | attack val | main task | meta-test | steps |",
+        f"| defense variant | scenario | user {user}: attack train | attack val | main task | meta-test | steps |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -124,6 +146,49 @@ def ablation_table(rows: list[dict[str, Any]]) -> str:
             f"| {pct(float(r['attack_val']))} "
             f"| {pct(float(r['main']))} | {pct(float(r['meta_test']))} | {r['steps']} |"
         )
+    return "\n".join(lines)
+
+
+# The claims `dvc exp show` compares across experiments (metrics/summary.json), in % (price: points), one decimal.
+SUMMARY_CLAIMS = {
+    "attack": "backdoor accuracy (attack training) right after the attack round",
+    "persist": "the same after Experiment 1's benign rounds",
+    "defended": "the same after Experiment 3's defended fine-tuning, mean over benign users",
+    "price": "meta-test points the defense costs against Experiment 2's fine-tuning, mean over benign users",
+    "random": "backdoor accuracy with the target at a random output of the user's episodes, after the attack",
+}
+
+
+def summary(
+    exp1: dict[str, list[dict[str, Any]]],
+    exp2: dict[str, list[list[dict[str, Any]]]],
+    exp3: dict[str, list[list[dict[str, Any]]]],
+    positions: Positions,
+) -> dict[str, dict[str, float]]:
+    """The paper's claims per scenario as one small metrics file (SUMMARY_CLAIMS), so that the default
+    `dvc exp show` and `dvc metrics show` compare runs on them in a terminal's width."""
+
+    def final(curves: list[list[dict[str, Any]]], key: str) -> float:
+        return _mean([rows[-1] for rows in curves], key)
+
+    def r(x: float) -> float:
+        return round(100 * x, 1)
+
+    return {
+        "attack": {s: r(next(p for p in c if p["round"] == 1)["attack_train"]) for s, c in sorted(exp1.items())},
+        "persist": {s: r(c[-1]["attack_train"]) for s, c in sorted(exp1.items())},
+        "defended": {s: r(final(exp3[s], "attack_train")) for s in sorted(exp3)},
+        "price": {s: r(final(exp2[s], "meta_test") - final(exp3[s], "meta_test")) for s in sorted(exp3)},
+        "random": {s: r(positions[s]["attacked"]["random"]["attack_train"]) for s in sorted(positions)},
+    }
+
+
+def summary_table(claims: dict[str, dict[str, float]]) -> str:
+    scen = sorted({s for per in claims.values() for s in per})
+    lines = [f"| claim (`metrics/summary.json`) | what it is | {' | '.join(scen)} |", "|---|---|" + "---|" * len(scen)]
+    for key, per in claims.items():
+        cells = " | ".join(f"{per[s]:.1f}" if s in per else "—" for s in scen)
+        lines.append(f"| `{key}` | {SUMMARY_CLAIMS[key]} | {cells} |")
     return "\n".join(lines)
 
 

@@ -67,6 +67,16 @@ def _git_commit() -> str:
         return "unknown"
 
 
+# The quantities a stage measures, each one MLflow key on every run, whatever the scenario, user or experiment (those
+# are the run's tags), so that one chart compares them across runs; their intervals stay in the artifact tables.
+QUANTITIES = ("meta_test", "main", "attack_train", "attack_val")
+
+
+def quantities(point: dict[str, Any]) -> dict[str, float]:
+    """The QUANTITIES of a measured point, without its intervals and counters."""
+    return {k: point[k] for k in QUANTITIES if k in point}
+
+
 class Run:
     """The handle a stage logs through: each call is a message to the logging process."""
 
@@ -80,6 +90,17 @@ class Run:
         own, all_tags = {**self._own, **tags}, {**self._tags, **PROCESS_TAGS, **tags}  # kernels chosen since
         with self._logger.run(run_name(self._stage, own, all_tags), all_tags, params, nested=True):
             yield Run(self._logger, self._stage, own, all_tags)
+
+    def series(
+        self, tags: dict[str, str], rows: list[dict[str, Any]], x: str | None = None, artifacts: tuple[Path, ...] = ()
+    ) -> None:
+        """One curve (or one point) as a nested run tagged with what it is of (experiment, scenario, user, ...):
+        its QUANTITIES under their plain keys, stepped by `x`, and the `artifacts` that hold it with its intervals."""
+        with self.child({}, tags) as child:
+            for row in rows:
+                child.metrics(quantities(row), step=None if x is None else int(row[x]))
+            for path in artifacts:
+                child.artifact(path)
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         self._logger.send("metrics", values=values, step=step)

@@ -21,7 +21,15 @@ from fedmeta.splits import FederatedData
 # cosine attention, noisy re-initialisation, fine-tuning, the attack
 COMPUTED = ("attention", "reinit", "finetune", "attack")
 READ = {"none": "defend", "defense": "finetune"}  # removed nothing / the whole defense: Experiments 3 and 2
-KEYS = ("meta_test", "main", "attack_train", "attack_val")
+# What each row keeps, as MLflow tags it (the files name what is removed): "none" removed is the full defense.
+KEPT = {
+    "none": "full",
+    "attention": "no_attention",
+    "reinit": "no_reinit",
+    "finetune": "no_finetune",
+    "attack": "full_never_attacked",
+    "defense": "no_defense",
+}
 
 
 def main() -> None:
@@ -64,7 +72,10 @@ def main() -> None:
                     {"removed": removed, "scenario": scenario.name, "steps": n, **meta[scenario.variant], **point}
                 )
         rows = [r for part in by_removed.values() for r in part]
-        for r in rows:
-            run.metrics({f"{r['removed']}.{r['scenario']}.{k}": r[k] for k in KEYS})
         runtime.write_csv(runtime.METRICS / "ablation.csv", rows)
         runtime.write_json(runtime.METRICS / "ablation.json", {f"{r['removed']}.{r['scenario']}": r for r in rows})
+        for r in rows:
+            tags = {"experiment": "ablation", "ablation": KEPT[r["removed"]], "scenario": r["scenario"]}
+            run.series({**tags, "user": str(user + 1)}, [r])
+        for path in (runtime.METRICS / "ablation.csv", runtime.METRICS / "ablation.json"):
+            run.artifact(path)

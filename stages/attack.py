@@ -8,7 +8,7 @@ from fedmeta import checkpoint, runtime
 from fedmeta.experiment import Experiment
 from fedmeta.scenarios import EXP1_TAG
 from fedmeta.splits import FederatedData
-from stages.common import record_round
+from stages.common import log_rounds, record_round
 
 
 def main(variant: str) -> None:
@@ -32,7 +32,10 @@ def main(variant: str) -> None:
         checkpoint.save(runtime.CHECKPOINTS / f"attacked_{variant}.pt", {"theta": theta1, "round": 1})
         learner, rows = exp.finetuner(), {}
         for rnd, theta in ((0, theta0), (1, theta1)):
-            record_round(run, rows, rnd, exp.measure(theta, variant, learner, params.evaluation.steps, EXP1_TAG))
+            record_round(rows, rnd, exp.measure(theta, variant, learner, params.evaluation.steps, EXP1_TAG))
         summary = {s: {"before": r[0], "after": r[1]} for s, r in rows.items()}
         runtime.write_json(runtime.METRICS / f"attack_{variant}.json", summary)
+        log_rounds(run, "attack", rows)
+        for path in (runtime.METRICS / f"attack_{variant}.json", runtime.CHECKPOINTS / f"attacked_{variant}.pt"):
+            run.artifact(path)
         resume.finish()

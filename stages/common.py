@@ -4,11 +4,14 @@ Experiments 2 and 3 share, where only the learner differs."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from fedmeta import checkpoint, runtime, tracking
 from fedmeta.evaluation import Learner
 from fedmeta.experiment import Experiment, user_curves
 from fedmeta.splits import FederatedData
+
+EXPERIMENTS = {"finetune": "exp2", "defend": "exp3"}  # the paper's experiment each stage runs, as MLflow tags it
 
 
 def user_curves_stage(stage: str, variant: str, make_learner: Callable[[Experiment], Learner]) -> None:
@@ -21,17 +24,24 @@ def user_curves_stage(stage: str, variant: str, make_learner: Callable[[Experime
         for (scenario, user), rows in curves.items():
             runtime.write_csv(out / f"{scenario}_user{user + 1}.csv", rows)
             final[f"{scenario}_user{user + 1}"] = rows[-1]
-            for row in rows:
-                run.metrics(
-                    {f"{scenario}.user{user + 1}.{k}": v for k, v in row.items() if k != "step"}, step=row["step"]
-                )
         runtime.write_json(runtime.METRICS / f"{stage}_{variant}.json", final)
+        for (scenario, user), rows in curves.items():
+            tags = {"experiment": EXPERIMENTS[stage], "scenario": scenario, "user": str(user + 1)}
+            run.series(tags, rows, "step", (out / f"{scenario}_user{user + 1}.csv",))
+        run.artifact(runtime.METRICS / f"{stage}_{variant}.json")
 
 
-def record_round(
-    run: tracking.Run, rows: dict[str, list[dict[str, float]]], rnd: int, points: dict[str, dict[str, float]]
-) -> None:
-    """Append round `rnd`'s point to each scenario's series and log it, one MLflow curve per scenario and metric."""
+def record_round(rows: dict[str, list[dict[str, float]]], rnd: int, points: dict[str, dict[str, float]]) -> None:
+    """Append round `rnd`'s point to each scenario's series (logged once complete: `log_rounds`)."""
     for scenario, point in points.items():
         rows.setdefault(scenario, []).append({"round": rnd, **point})
-        run.metrics({f"{scenario}.{k}": v for k, v in point.items()}, step=rnd)
+
+
+def log_rounds(
+    run: tracking.Run, experiment: str, rows: dict[str, list[dict[str, float]]], files: dict[str, Path] | None = None
+) -> None:
+    """Each scenario's series against rounds as a nested MLflow run tagged with `experiment` and the scenario, with
+    its CSV (`files`, by scenario) attached."""
+    for scenario, series in rows.items():
+        extra = (files[scenario],) if files else ()
+        run.series({"experiment": experiment, "scenario": scenario}, series, "round", extra)

@@ -8,7 +8,7 @@ from fedmeta import checkpoint, runtime
 from fedmeta.experiment import Experiment
 from fedmeta.scenarios import EXP1_TAG
 from fedmeta.splits import FederatedData
-from stages.common import record_round
+from stages.common import log_rounds, record_round
 
 
 def main(variant: str) -> None:
@@ -30,10 +30,13 @@ def main(variant: str) -> None:
         for rnd in runtime.progress(range(start, last + 1), f"continue {variant}", start=start - 2, total=last - 1):
             theta = exp.round(theta, rnd, include)
             if (rnd - 1) % b.continuation_eval_every == 0 or rnd == last:
-                record_round(run, rows, rnd, exp.measure(theta, variant, learner, params.evaluation.steps, EXP1_TAG))
+                record_round(rows, rnd, exp.measure(theta, variant, learner, params.evaluation.steps, EXP1_TAG))
             resume.save(rnd, {"theta": theta, "rows": rows}, force=rnd == last)
         out = runtime.METRICS / f"exp1_{variant}"
         for name, series in rows.items():
             runtime.write_csv(out / f"{name}.csv", series)
         runtime.write_json(runtime.METRICS / f"exp1_{variant}.json", {s: r[-1] for s, r in rows.items()})
+        # Experiment 1's whole curve per scenario, the attack's rounds 0 and 1 included: the paper's Fig. 3
+        log_rounds(run, "exp1", rows, {name: out / f"{name}.csv" for name in rows})
+        run.artifact(runtime.METRICS / f"exp1_{variant}.json")
         resume.finish()

@@ -27,7 +27,7 @@ from fedmeta.model import Theta
 from fedmeta.regroup import regroup
 from fedmeta.scenarios import EXP1_TAG, EXP4_USER_TAG
 from fedmeta.splits import FederatedData
-from stages.common import record_round
+from stages.common import log_rounds, record_round
 
 SUMMARY = runtime.METRICS / "exp4" / "summary"  # <variant>-<federation>/<run>.json: DVC metrics
 CURVES = runtime.METRICS / "exp4" / "curves"  # <variant>-<federation>/<run>/<scenario>.csv: DVC plots
@@ -150,7 +150,7 @@ def _run(
     stem = f"{variant}-{federation}/{run.name}"
     rows: dict[str, list[dict[str, float]]] = {}
     if attacking and run.aggregator == "mean" and not run.secure:  # θ_0, the same for every rule: recorded once
-        record_round(mlflow_run, rows, 0, exp.measure(theta, variant, learner, steps, EXP1_TAG))
+        record_round(rows, 0, exp.measure(theta, variant, learner, steps, EXP1_TAG))
     attacked = theta
     for rnd in range(1, last + 1):
         with_attacker = rnd == 1 and attacking
@@ -166,10 +166,10 @@ def _run(
                 resume.finish()
         attacked = theta if rnd == 1 else attacked
         if attacking:
-            record_round(mlflow_run, rows, rnd, exp.measure(theta, variant, learner, steps, EXP1_TAG))
+            record_round(rows, rnd, exp.measure(theta, variant, learner, steps, EXP1_TAG))
     if not attacking:  # the price of the rule: the final model's meta-test accuracy, nobody attacking
         meta = flat(exp.meta_test(theta, learner, [steps], EXP1_TAG)[0])
-        mlflow_run.metrics(meta, step=last)
+        mlflow_run.metrics(tracking.quantities(meta), step=last)
         return {str(SUMMARY / f"{stem}.json"): runtime.json_text({"round": last, **meta})}
     summary = {
         s: {"attack_round": next(r for r in series if r["round"] == 1), "final": series[-1]}
@@ -183,7 +183,9 @@ def _run(
         ):
             for scenario, point in exp.measure(attacked, variant, user_learner, n, EXP4_USER_TAG).items():
                 summary[scenario][f"user_{label}"] = {"step": n, **point}
-                mlflow_run.metrics({f"{scenario}.user_{label}.{k}": v for k, v in point.items()})
+                tags = {"experiment": "exp4", "scenario": scenario, "user_choice": label}
+                mlflow_run.series(tags, [point])
+    log_rounds(mlflow_run, "exp4", rows)
     files = {str(CURVES / stem / f"{s}.csv"): runtime.csv_text(series) for s, series in rows.items()}
     return files | {str(SUMMARY / f"{stem}.json"): runtime.json_text(summary)}
 

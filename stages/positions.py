@@ -46,7 +46,13 @@ def main(variant: str) -> None:
                         done = attack[scenario.name][ATTACK_POINTS[model]]
                         points[key] = {k: v for k, v in done.items() if not k.startswith(("meta_test", "round"))}
                     else:
-                        point = exp.attack_eval(theta, learner, scenario, [steps], EXP1_TAG, target_at=at)[0]
-                        points[key] = flat(point)
-                    run.metrics({f"{scenario.name}.{model}.{key}.{k}": v for k, v in points[key].items()})
+                        points[key] = flat(
+                            exp.attack_eval(theta, learner, scenario, [steps], EXP1_TAG, target_at=at)[0]
+                        )
         runtime.write_json(runtime.METRICS / f"positions_{variant}.json", summary)
+        for scenario_name, models in summary.items():
+            for model, points in models.items():
+                for key, point in points.items():
+                    tags = {"experiment": "positions", "scenario": scenario_name, "model": model, "position": key}
+                    run.series(tags, [point])
+        run.artifact(runtime.METRICS / f"positions_{variant}.json")

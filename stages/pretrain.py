@@ -6,7 +6,7 @@ Variant 'exclude' keeps backdoor classes out of benign data (scenario a),
 
 from __future__ import annotations
 
-from fedmeta import checkpoint, figures, model, runtime
+from fedmeta import checkpoint, figures, model, runtime, tracking
 from fedmeta.experiment import Experiment, flat
 from fedmeta.splits import FederatedData
 
@@ -34,11 +34,17 @@ def main(variant: str) -> None:
             if done % b.pretrain_eval_every == 0 or done == b.pretrain_rounds:
                 point = flat(exp.meta_test(theta, learner, [params.evaluation.steps], "pretrain")[0])
                 rows.append({"round": done, **point})
-                run.metrics(point, step=done)
+                run.metrics(tracking.quantities(point), step=done)
             resume.save(done, {"theta": theta, "rows": rows})
         checkpoint.save(runtime.CHECKPOINTS / f"pretrain_{variant}.pt", {"theta": theta, "round": b.pretrain_rounds})
         runtime.write_csv(runtime.METRICS / f"pretrain_{variant}.csv", rows)
         runtime.write_json(runtime.METRICS / f"pretrain_{variant}.json", rows[-1])
         title = f"benign pretraining on {figures.DATASET_NAMES[params.dataset]} ({variant} backdoor classes)"
         run.artifact(figures.pretraining(rows, runtime.CURVES / f"pretrain_{variant}.png", title))
+        for path in (
+            runtime.METRICS / f"pretrain_{variant}.csv",
+            runtime.METRICS / f"pretrain_{variant}.json",
+            runtime.CHECKPOINTS / f"pretrain_{variant}.pt",
+        ):
+            run.artifact(path)
         resume.finish()

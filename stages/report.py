@@ -21,11 +21,33 @@ def main() -> None:
             for s, sc in SCENARIOS.items():
                 for path in sorted((m / f"{stage}_{sc.variant}").glob(f"{s}_user*.csv")):
                     grids[stage][(s, int(path.stem.split("user")[1]) - 1)] = runtime.read_csv(path)
-        ds, paper = params.dataset, report.PAPER[params.dataset]
+        ds, paper, b = params.dataset, report.PAPER[params.dataset], params.budget
+        rounds = f"profile {params.profile}: {b.continuation_rounds} benign rounds after the attack"
+        steps = f"profile {params.profile}: {b.finetune_steps} fine-tuning iterations"
         paths = [
-            figures.meta_training_after_attack(exp1, runtime.CURVES / f"exp1_{ds}.png", ds),
-            figures.finetuning_grid(grids["finetune"], runtime.CURVES / f"exp2_{ds}.png", "exp2", ds),
-            figures.finetuning_grid(grids["defend"], runtime.CURVES / f"exp3_{ds}.png", "exp3", ds),
+            figures.meta_training_after_attack(
+                exp1,
+                runtime.CURVES / f"exp1_{ds}.png",
+                ds,
+                paper.exp1,
+                paper.continuation_rounds,
+                f"{rounds} (paper: {paper.continuation_rounds})",
+            ),
+            *(
+                figures.finetuning_grid(
+                    grids[stage],
+                    runtime.CURVES / f"{figure}_{ds}.png",
+                    figure,
+                    ds,
+                    level,
+                    paper.finetune_steps,
+                    f"{steps} (paper: {paper.finetune_steps})",
+                )
+                for stage, figure, level in (
+                    ("finetune", "exp2", paper.exp2_level),
+                    ("defend", "exp3", paper.exp3_level),
+                )
+            ),
         ]
         positions = {
             s: sc for variant in VARIANTS for s, sc in runtime.read_json(m / f"positions_{variant}.json").items()
@@ -35,11 +57,19 @@ def main() -> None:
             stage: {s: [r for (sc, _), r in sorted(g.items()) if sc == s] for s in SCENARIOS}
             for stage, g in grids.items()
         }
+        users = sorted({u + 1 for _, u in grids["finetune"]})  # the benign users; the ablation runs on the first
+        claims = report.summary(exp1, by_scenario["finetune"], by_scenario["defend"], positions)
+        n = params.budget.eval_episodes
         text = "\n\n".join(
             [
                 f"# Reproduction report (profile `{params.profile}`, dataset `{params.dataset}`)",
-                "Backdoor accuracy = % of key-stamped backdoor images classified as the target; all numbers are % "
-                f"averaged over {params.budget.eval_episodes} episodes.",
+                "Backdoor accuracy = % of key-stamped backdoor images classified as the target. Every accuracy is "
+                f"a % over {n} evaluation episodes: Experiment 1's and the positions' are drawn from all benign "
+                f"users' classes; Experiments 2 and 3 measure each benign user on {n} episodes of its own classes "
+                f"and their table averages users {', '.join(map(str, users))}; the ablation is user {users[0]}'s. "
+                "± is the 95 % interval's half-width over those episodes.",
+                "## The claims at a glance",
+                report.summary_table(claims),
                 "## Experiment 1: benign meta-training after the attack",
                 report.exp1_table(exp1, paper),
                 "## Where the target sits in the user's episodes",
@@ -55,11 +85,12 @@ def main() -> None:
                 f"{report.pct(1 / params.evaluation.n_way)} %).",
                 report.positions_table(positions, paper, params.evaluation.n_way, attacker_output),
                 "## Experiments 2 and 3: long benign fine-tuning, without and with the defense",
-                report.users_table(by_scenario["finetune"], by_scenario["defend"], paper),
+                report.users_table(by_scenario["finetune"], by_scenario["defend"], paper, users),
                 "## Ablation of the defense",
-                report.ablation_table(runtime.read_csv(m / "ablation.csv")),
+                report.ablation_table(runtime.read_csv(m / "ablation.csv"), users[0]),
             ]
         )
         write_text(m / "report.md", text + "\n")
-        for p in paths + [m / "report.md"]:
+        runtime.write_json(m / "summary.json", claims)
+        for p in paths + [m / "report.md", m / "summary.json"]:
             run.artifact(p)

@@ -1,5 +1,5 @@
 """The MLflow UI as a user meets it: `mlflow server` on 127.0.0.1 serves the runs the stages log, with their
-names, tags and per-step metric histories (what the UI's charts plot)."""
+names, tags and per-step metric histories (what the UI's charts plot), and the search that shows Fig. 3."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def get(base: str, path: str, **query: str) -> bytes:
 
 @pytest.fixture()
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Two seeds of one stage, as two queued experiments would log them: per-round metrics with step=round."""
+    """Two seeds of one stage, as two queued experiments would log them: Experiment 1's curve of a scenario as a
+    nested run, with step=round."""
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
@@ -38,8 +39,11 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         with tracking.stage_run(
             "continue", {"seed": seed, "attack": {"boost": 3.0}}, {"profile": "tiny", "variant": "exclude"}
         ) as run:
-            for rnd in range(4):
-                run.metrics({"a.attack_train": 1.0 - 0.2 * rnd, "a.meta_test": 0.5 + 0.1 * rnd + 0.01 * seed}, step=rnd)
+            rows = [
+                {"round": rnd, "attack_train": 1.0 - 0.2 * rnd, "meta_test": 0.5 + 0.1 * rnd + 0.01 * seed}
+                for rnd in range(4)
+            ]
+            run.series({"experiment": "exp1", "scenario": "a"}, rows, "round")
     return db
 
 
@@ -85,14 +89,17 @@ def test_mlflow_server_shows_named_runs_and_metric_curves(store: Path) -> None:
         ]
         tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
         assert tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs table
-        body = json.dumps({"experiment_ids": [experiment["experiment_id"]], "max_results": 10}).encode()
-        request = urllib.request.Request(
-            f"{base}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            runs = json.loads(response.read())["runs"]
+        runs = search(base, experiment["experiment_id"], "tags.stage = 'continue'")
         names = sorted(r["info"]["run_name"] for r in runs)
-        assert names == ["continue-exclude tiny seed=0 exp-aaaa1", "continue-exclude tiny seed=1 exp-bbbb2"]
+        assert names == [
+            "continue-exclude tiny seed=0 exp-aaaa1",
+            "continue-exclude tiny seed=1 exp-bbbb2",
+            "continue-exclude-exp1-a tiny seed=0 exp-aaaa1",
+            "continue-exclude-exp1-a tiny seed=1 exp-bbbb2",
+        ]
+        # The README's view of Fig. 3: the runs tagged experiment exp1, one curve per scenario and run
+        runs = search(base, experiment["experiment_id"], "tags.experiment = 'exp1'")
+        assert sorted(r["info"]["run_name"] for r in runs) == names[2:]
         run = next(r for r in runs if r["info"]["run_name"].endswith("exp-bbbb2"))
         run_tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
         assert (
@@ -100,17 +107,28 @@ def test_mlflow_server_shows_named_runs_and_metric_curves(store: Path) -> None:
             and run_tags["stage"] == "continue"
             and run_tags["profile"] == "tiny"
             and run_tags["dvc_exp"] == "exp-bbbb2"
+            and run_tags["scenario"] == "a"
+            and run_tags["variant"] == "exclude"
         )
         got = json.loads(get(base, "/api/2.0/mlflow/runs/get", run_id=run["info"]["run_id"]))["run"]
         assert got["info"]["run_name"] == run["info"]["run_name"]
         history = json.loads(
-            get(base, "/api/2.0/mlflow/metrics/get-history", run_id=run["info"]["run_id"], metric_key="a.meta_test")
+            get(base, "/api/2.0/mlflow/metrics/get-history", run_id=run["info"]["run_id"], metric_key="meta_test")
         )
         points = sorted((m["step"], m["value"]) for m in history["metrics"])
         assert [s for s, _ in points] == [0, 1, 2, 3] and points[-1][1] == pytest.approx(0.81)
     finally:
         stop(server)
         log.close()
+
+
+def search(base: str, experiment_id: str, filter_string: str) -> list[dict]:
+    body = json.dumps({"experiment_ids": [experiment_id], "max_results": 10, "filter": filter_string}).encode()
+    request = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())["runs"]
 
 
 def stop(server: subprocess.Popen) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fedmeta import figures, report
@@ -27,10 +29,36 @@ def test_tables_quote_the_papers_numbers_for_the_dataset() -> None:
     assert "| a | 74 / 55 (meta-test ≈ 50; before the attack > 60) | 70.0 / 70.0, 70.0 | 68 / 48 (100 rounds)" in table
     assert "| c | 65 / 32 (meta-test > 50" in table and "| 55 / 25 (100 rounds)" in table
     assert "| b | 92 / 83 (meta-test > 98; before the attack > 99)" in report.exp1_table(exp1, omni)
-    grid = report.users_table(users, users, mini)
+    grid = report.users_table(users, users, mini, [2])
     assert "| a | ≈ 75 / 50 % | 40.0 / 40.0, 40.0 | ≈ 20 % (meta-test ≈ 35) |" in grid
     assert "| c | ≈ 20 points below (a) and (b) |" in grid and "≈ 10 % (meta-test ≈ 35)" in grid
-    assert "≈ 0 % (meta-test > 96)" in report.users_table(users, users, omni)
+    assert "ours Exp 2, mean over users 2 (train / val, meta-test)" in grid
+    assert "≈ 0 % (meta-test > 96)" in report.users_table(users, users, omni, [2, 3, 4])
+
+
+PAPER_TEXT = Path(__file__).resolve().parents[2] / "shared/paper/backdoor-attacks-on-federated-meta-learning.md"
+
+
+@pytest.mark.parametrize("dataset", ["omniglot", "miniimagenet"])
+def test_the_papers_experiment_2_statement_is_quoted_word_for_word(dataset: str) -> None:
+    if not PAPER_TEXT.is_file():
+        pytest.skip(f"{PAPER_TEXT} absent")
+    text = PAPER_TEXT.read_text().replace("$", "").replace("\\approx", "≈").replace("\\%", "%")
+    text = " ".join(text.split()).replace("( ", "(")
+    assert report.PAPER[dataset].exp2_quote in text
+
+
+def test_summary_holds_each_claim_per_scenario_in_percent() -> None:
+    exp1 = {s: [_point(0.2, round=0), _point(0.7, round=1), _point(0.6, round=3)] for s in "abc"}
+    exp2 = {s: [[_point(0.9, step=0), _point(0.8, step=4)], [_point(0.9, step=0), _point(0.6, step=4)]] for s in "abc"}
+    exp3 = {s: [[_point(0.9, step=0), _point(0.1, step=4)], [_point(0.9, step=0), _point(0.2, step=4)]] for s in "abc"}
+    positions = {s: {"attacked": {"random": _point(0.25)}} for s in "abc"}
+    claims = report.summary(exp1, exp2, exp3, positions)
+    assert set(claims) == set(report.SUMMARY_CLAIMS)
+    assert claims["attack"] == {"a": 70.0, "b": 70.0, "c": 70.0}
+    assert claims["persist"]["b"] == 60.0 and claims["defended"]["c"] == 15.0 and claims["random"]["a"] == 25.0
+    assert claims["price"]["a"] == 55.0  # meta-test: mean 0.7 fine-tuned, 0.15 defended
+    assert "| `persist` |" in report.summary_table(claims)
 
 
 def test_positions_table_marks_the_attackers_output_and_the_random_headline() -> None:

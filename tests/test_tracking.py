@@ -52,18 +52,38 @@ def test_a_run_is_complete_when_the_stage_returns(
     monkeypatch.chdir(tmp_path)
     with tracking.stage_run("attack", {"seed": 3}, {"variant": "exclude"}) as run:
         for step in range(3):
-            run.metrics({"a.attack_train": step / 10}, step=step)
+            run.metrics({"attack_train": step / 10}, step=step)
         run.tag("engine", "local")
         with run.child({"rule": "median"}, {"aggregator": "median"}) as child:
-            child.metrics({"a.meta_test": 0.9})
+            child.metrics({"meta_test": 0.9})
     found = runs(store, "attack")
     parent = found[found["tags.aggregator"].isna()].iloc[0]
     nested = found[found["tags.aggregator"] == "median"].iloc[0]
     assert parent["status"] == nested["status"] == "FINISHED"
-    assert parent["metrics.a.attack_train"] == 0.2 and parent["params.seed"] == "3"
+    assert parent["metrics.attack_train"] == 0.2 and parent["params.seed"] == "3"
     assert parent["tags.engine"] == "local" and parent["tags.mlflow.runName"] == "attack-exclude seed=3"
-    assert nested["tags.mlflow.parentRunId"] == parent["run_id"] and nested["metrics.a.meta_test"] == 0.9
+    assert nested["tags.mlflow.parentRunId"] == parent["run_id"] and nested["metrics.meta_test"] == 0.9
     assert tracking.current() is None
+
+
+def test_a_series_is_a_nested_run_under_plain_keys_with_its_tags_and_table(store: Path, tmp_path: Path) -> None:
+    """The same quantity has the same key on every run (the scenario and user are tags); the intervals stay in the
+    attached table, not in metrics."""
+    table = tmp_path / "b_user2.csv"
+    table.write_text("step,attack_train,attack_train_ci95\n0,0.9,0.1\n5,0.7,0.1\n")
+    rows = [{"step": 0, "attack_train": 0.9, "attack_train_ci95": 0.1}, {"step": 5, "attack_train": 0.7}]
+    with tracking.stage_run("defend", {}, {"variant": "include"}) as run:
+        run.series({"experiment": "exp3", "scenario": "b", "user": "2"}, rows, "step", (table,))
+    found = runs(store, "defend")
+    parent, child = found[found["tags.scenario"].isna()].iloc[0], found[found["tags.scenario"] == "b"].iloc[0]
+    assert child["tags.mlflow.parentRunId"] == parent["run_id"] and child["tags.variant"] == "include"
+    assert child["tags.user"] == "2" and child["tags.experiment"] == "exp3" and child["metrics.attack_train"] == 0.7
+    assert [c for c in found.columns if c.startswith("metrics.") and child.notna()[c]] == ["metrics.attack_train"]
+    import mlflow
+
+    history = mlflow.MlflowClient().get_metric_history(child["run_id"], "attack_train")
+    assert [(m.step, m.value) for m in history] == [(0, 0.9), (5, 0.7)]
+    assert [a.path for a in mlflow.MlflowClient().list_artifacts(child["run_id"])] == ["b_user2.csv"]
 
 
 def test_a_stage_that_raises_leaves_a_failed_run_and_the_next_logs_as_usual(store: Path) -> None:
@@ -85,7 +105,7 @@ def test_a_stage_killed_mid_run_leaves_a_killed_run_with_what_it_logged(store: P
         import os
         from fedmeta import tracking
         with tracking.stage_run("continue", {}, {}) as run:
-            run.metrics({"a.meta_test": 0.5}, step=1)
+            run.metrics({"meta_test": 0.5}, step=1)
             os._exit(9)
         """
     )
@@ -99,7 +119,7 @@ def test_a_stage_killed_mid_run_leaves_a_killed_run_with_what_it_logged(store: P
             continue
         if len(found) and found["status"].iloc[0] != "RUNNING":
             break
-    assert found is not None and found["status"].iloc[0] == "KILLED" and found["metrics.a.meta_test"].iloc[0] == 0.5
+    assert found is not None and found["status"].iloc[0] == "KILLED" and found["metrics.meta_test"].iloc[0] == 0.5
 
 
 def test_a_store_that_is_not_a_database_is_refused_before_the_stage_starts(
