@@ -22,7 +22,7 @@ from torch.func import grad, vmap
 from fedmeta import fast, model, reptile
 from fedmeta.config import Config, Defense
 from fedmeta.errors import FedmetaError
-from fedmeta.evaluation import FineTune
+from fedmeta.evaluation import FineTune, Support
 from fedmeta.model import Theta
 
 INIT_SCALE = 10.0  # β at the start: cosines in [−1, 1] alone give a nearly uniform softmax
@@ -177,10 +177,11 @@ class MatchingDefense:
         return FineTune(self._adam, "support")
 
     def start(
-        self, theta: Theta, n_episodes: int, g: torch.Generator
+        self, theta: Theta, n_episodes: int, g: torch.Generator, support: Support | None = None
     ) -> MatchingState | tuple[Theta, reptile.AdamState]:
         """θ' per episode (its own θ_g each); the whole model is re-initialised in both modes, so the
-        ablations share their draws, then the matching network drops the unused classifier."""
+        ablations share their draws, then the matching network drops the unused classifier. The head starts the
+        same for every episode: `support` is not needed."""
         if self.reinit:
             drawn = [noisy_reinit(theta, self.cfg.delta, g) for _ in range(n_episodes)]
             params = {k: torch.stack([d[k] for d in drawn]) for k in theta}

@@ -216,8 +216,9 @@ class Experiment:
         )
 
     def finetuner(self) -> evaluation.FineTune:
+        """The paper's benign user: Adam from the shared θ, its classifier as `evaluation.head` sets it."""
         e = self.p.evaluation
-        return evaluation.FineTune(reptile.AdamConfig(lr=e.lr, beta2=self.p.reptile.beta2), e.bn_mode)
+        return evaluation.FineTune(reptile.AdamConfig(lr=e.lr, beta2=self.p.reptile.beta2), e.bn_mode, e.head)
 
     def meta_test(
         self, theta: Theta, learner: Learner, record_at: list[int], tag: str, count: int | None = None

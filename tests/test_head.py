@@ -1,0 +1,114 @@
+"""evaluation.head: where a benign user's classifier starts before fine-tuning (fedmeta.head)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmeta import config, evaluation, head, model, reptile
+from fedmeta.errors import FedmetaError
+
+N_WAY, K_SHOT, QUERIES = 5, 3, 7
+
+
+def episodes(n_ep: int = 2) -> tuple[model.Theta, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random Conv4 and n_ep episodes whose queries are noisy copies of support images (labels of every class)."""
+    g = torch.Generator().manual_seed(0)
+    theta = model.init_conv4(1, 8, 28, N_WAY, g)
+    sx = torch.rand(n_ep, N_WAY * K_SHOT, 1, 28, 28, generator=g)
+    sy = torch.arange(N_WAY).repeat_interleave(K_SHOT).expand(n_ep, -1).clone()
+    pick = torch.randint(0, N_WAY * K_SHOT, (n_ep, QUERIES), generator=g)
+    qx = sx[torch.arange(n_ep)[:, None], pick] + 0.3 * torch.rand(n_ep, QUERIES, 1, 28, 28, generator=g)
+    return theta, sx, sy, qx
+
+
+def learner(rule: config.Head) -> evaluation.FineTune:
+    return evaluation.FineTune(reptile.AdamConfig(), "support", rule)
+
+
+@pytest.mark.parametrize("impl", ["lanes", "vmap"])
+def test_zero_head_gives_every_output_the_same_logit_before_the_first_step(monkeypatch, impl: str) -> None:
+    monkeypatch.setenv("FEDMETA_ADAPT", impl)
+    theta, sx, sy, qx = episodes()
+    params, _ = learner("zero").start(theta, 2, torch.Generator(), (sx, sy))
+    logits = evaluation.predict_logits(params, sx, qx, "support")
+    assert logits.shape == (2, QUERIES, N_WAY)
+    assert torch.equal(logits, torch.zeros_like(logits))
+    assert torch.equal(params["conv0.weight"][0], theta["conv0.weight"])  # the embedding is kept
+
+
+@pytest.mark.parametrize("impl", ["lanes", "vmap"])
+def test_prototype_head_is_the_nearest_prototype_classifier_before_the_first_step(monkeypatch, impl: str) -> None:
+    """Each implementation's embedding (the hand-written one on lanes, autograd's under vmap) sets the head."""
+    monkeypatch.setenv("FEDMETA_ADAPT", impl)
+    theta, sx, sy, qx = episodes()
+    params, _ = learner("prototype").start(theta, 2, torch.Generator(), (sx, sy))
+    with torch.no_grad():
+        logits = evaluation.predict_logits(params, sx, qx, "support")
+    for e in range(2):
+        with torch.no_grad():  # batch norm with the support set's statistics, as under bn_mode support
+            f = model.embed(theta, torch.cat([sx[e], qx[e]]), N_WAY * K_SHOT)
+        f_s, f_q = f[: N_WAY * K_SHOT], f[N_WAY * K_SHOT :]
+        prototypes = torch.stack([f_s[sy[e] == k].mean(0) for k in range(N_WAY)])
+        distances = torch.cdist(f_q, prototypes).square()
+        assert torch.equal(logits[e].argmax(-1), distances.argmin(-1))
+        # W·f + b = ‖f‖² − ‖f − c_k‖²: the negative squared distance up to a per-query constant
+        expected = f_q.square().sum(-1, keepdim=True) - distances
+        assert torch.allclose(logits[e], expected, rtol=1e-4, atol=1e-3 * float(expected.abs().max()))
+    assert len(set(logits.argmax(-1).flatten().tolist())) > 1  # the fixture does not make it trivially constant
+
+
+def test_prototype_and_zero_heads_need_the_support_set_and_shared_does_not() -> None:
+    theta, sx, sy, _ = episodes()
+    assert learner("shared").start(theta, 2, torch.Generator())[0]["fc.weight"].shape == (2, N_WAY, 8)
+    for rule in ("zero", "prototype"):
+        with pytest.raises(ValueError, match=rule):
+            learner(rule).start(theta, 2, torch.Generator())
+
+
+class Unchanged(evaluation.FineTune):
+    """FineTune as it was before the head rule existed: every episode starts from θ as sent."""
+
+    def start(self, theta, n_episodes, g, support=None):  # type: ignore[no-untyped-def]
+        params = reptile.expand(theta, n_episodes)
+        return params, reptile.AdamState.zeros_like(params)
+
+
+def test_shared_head_is_byte_identical_to_fine_tuning_without_the_head_rule(tiny_data, tiny_exp) -> None:
+    """The measurements every stage makes (meta-test; main task and backdoor) with the default head, against the
+    same with FineTune's start as it was before the head rule."""
+    from fedmeta.experiment import SCENARIOS
+
+    assert tiny_exp.p.evaluation.head == "shared" and tiny_exp.finetuner().head == "shared"
+    theta = model.init_conv4(1, 8, 28, 5, torch.Generator().manual_seed(0))
+    before = Unchanged(tiny_exp.finetuner().adam, tiny_exp.p.evaluation.bn_mode)
+    for scenario in SCENARIOS.values():
+        ours, theirs = (
+            tiny_exp.attack_eval(theta, u, scenario, [0, 3, 6], "t") for u in (tiny_exp.finetuner(), before)
+        )
+        assert ours == theirs
+    ours, theirs = (tiny_exp.meta_test(theta, u, [0, 4], "t") for u in (tiny_exp.finetuner(), before))
+    assert ours == theirs
+    sx = torch.rand(4, 5, 1, 28, 28)
+    ours = learner("shared").start(theta, 4, torch.Generator(), (sx, torch.arange(5).expand(4, -1)))[0]
+    assert all(torch.equal(ours[k], p.expand_as(ours[k])) for k, p in theta.items())
+
+
+def test_head_rules_move_only_the_classifier() -> None:
+    theta, sx, sy, _ = episodes()
+    params = reptile.expand(theta, 2)
+    for rule in ("zero", "prototype"):
+        out = head.initial(params, rule, sx, sy)
+        assert all(torch.equal(out[k], params[k]) for k in model.EMBEDDING_KEYS)
+        assert not torch.equal(out["fc.weight"], params["fc.weight"])
+
+
+def test_a_bad_head_is_refused_in_one_line_naming_evaluation_head() -> None:
+    from conftest import tiny_raw
+
+    raw = tiny_raw()
+    raw["evaluation"]["head"] = "proto"
+    with pytest.raises(FedmetaError) as err:
+        config.parse(raw)
+    message = str(err.value)
+    assert "evaluation.head" in message and "'proto'" in message and "\n" not in message
