@@ -32,6 +32,10 @@ def main() -> None:
             s: sc for variant in VARIANTS for s, sc in json.loads((m / f"positions_{variant}.json").read_text()).items()
         }
         attacker_output = params.reptile.n_way - 1 if params.attack.target_output == "fixed" else None
+        heads = {s: h for variant in VARIANTS for s, h in json.loads((m / f"heads_{variant}.json").read_text()).items()}
+        ablation = runtime.read_csv(m / "ablation.csv")
+        at_attackers = attacker_output is not None and params.evaluation.target_output == "last"
+        ablation_at = "attacker_output" if at_attackers else "random_output"  # where the ablation put the target
         by_scenario = {
             stage: {s: [r for (sc, _), r in sorted(g.items()) if sc == s] for s in SCENARIOS}
             for stage, g in grids.items()
@@ -58,7 +62,16 @@ def main() -> None:
                 "## Experiments 2 and 3: long benign fine-tuning, without and with the defense",
                 report.users_table(by_scenario["finetune"], by_scenario["defend"], paper),
                 "## Ablation of the defense",
-                report.ablation_table(runtime.read_csv(m / "ablation.csv")),
+                report.ablation_table(ablation),
+                "## User-side defenses: the user's own head beside the matching network",
+                "Benign user 2's episodes of Experiments 2-3 after the same fine-tuning, the shared model attacked: "
+                "the user fine-tunes from the shared head, a zeroed head or its support set's prototypes "
+                "(`evaluation.head`, stage `heads`), or runs the matching network (Experiment 3) and its ablation "
+                "(%; chance at a random output: "
+                f"{report.pct(1 / params.evaluation.n_way)} %). Price: meta-test change against the shared head, in "
+                "points. The matching head has no weights of its own per output, so its rows stand for both "
+                "positions.",
+                report.defenses_table(heads, ablation, ablation_at),
             ]
         )
         write_text(m / "report.md", text + "\n")

@@ -112,3 +112,35 @@ def test_a_bad_head_is_refused_in_one_line_naming_evaluation_head() -> None:
         config.parse(raw)
     message = str(err.value)
     assert "evaluation.head" in message and "'proto'" in message and "\n" not in message
+
+
+def test_the_defenses_table_sets_each_defense_beside_the_shared_head() -> None:
+    from fedmeta import report
+
+    def point(backdoor: float) -> dict[str, float]:
+        return {"main": 0.9, "attack_train": backdoor, "attack_val": backdoor}
+
+    heads = {
+        "a": {
+            rule: {
+                "steps": 50,
+                "meta_test": meta,
+                "meta_test_ci95": 0.02,
+                "attacker_output": point(b),
+                "random_output": point(0.1),
+            }
+            for rule, meta, b in (("shared", 0.95, 0.97), ("zero", 0.93, 0.2), ("prototype", 0.96, 0.3))
+        }
+    }
+    ablation = [
+        {"removed": removed, "scenario": "a", "steps": 50, "meta_test": 0.90, "meta_test_ci95": 0.03, **point(0.35)}
+        for removed in ("none", "attention", "defense")
+    ]
+    lines = report.defenses_table(heads, ablation, "attacker_output").splitlines()
+    assert len(lines) == 2 + 5  # header; three heads, the matching network and one ablation row ("defense" is shared)
+    zero = next(line for line in lines if line.startswith("| zero head"))
+    assert "| 20.0 / 20.0 | 10.0 / 10.0 | 90.0 | 93.0 ± 2.0 | -2.0 | 50 |" in zero
+    full = next(line for line in lines if "full defense" in line)
+    assert "| 35.0 / 35.0 | 35.0 / 35.0 |" in full and "| -5.0 |" in full  # the matching head is position-free
+    softmax = next(line for line in lines if "softmax head" in line)
+    assert "| 35.0 / 35.0 | — |" in softmax  # part of the shared head: measured only at the attacker's output
