@@ -302,6 +302,8 @@ def record_points(steps: int, every: int) -> list[int]:
     return sorted({0, steps, *range(every, steps, every)})
 
 
+# the target at the attacker's output or at a random one: the keys of a measurement at both (stage heads, the report)
+ATTACKER_OUTPUT, RANDOM_OUTPUT = "attacker_output", "random_output"
 USERS_TAG = "users"  # Experiments 2, 3 and the ablation draw the same episodes: paired comparisons
 
 

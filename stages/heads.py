@@ -16,17 +16,15 @@ from typing import get_args
 
 from fedmeta import checkpoint, runtime
 from fedmeta.config import Config, Head
-from fedmeta.experiment import USERS_TAG, Experiment, flat, scenarios_of
+from fedmeta.experiment import ATTACKER_OUTPUT, RANDOM_OUTPUT, USERS_TAG, Experiment, flat, scenarios_of
 from fedmeta.splits import FederatedData
-
-ATTACKER, RANDOM = "attacker_output", "random_output"  # where the target sits in the measured episodes
 
 
 def positions(params: Config) -> dict[str, int | None]:
     """The target's output in each measurement: the attacker's (N − 1, when attack.target_output is fixed) and a
     random one per episode (None)."""
-    attacker = {ATTACKER: params.reptile.n_way - 1} if params.attack.target_output == "fixed" else {}
-    return {**attacker, RANDOM: None}
+    attacker = {ATTACKER_OUTPUT: params.reptile.n_way - 1} if params.attack.target_output == "fixed" else {}
+    return {**attacker, RANDOM_OUTPUT: None}
 
 
 def main(variant: str) -> None:

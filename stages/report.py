@@ -9,7 +9,7 @@ from typing import Any
 
 from fedmeta import figures, report, runtime
 from fedmeta.atomic import write_text
-from fedmeta.experiment import SCENARIOS, VARIANTS
+from fedmeta.experiment import ATTACKER_OUTPUT, RANDOM_OUTPUT, SCENARIOS, VARIANTS
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
         heads = {s: h for variant in VARIANTS for s, h in json.loads((m / f"heads_{variant}.json").read_text()).items()}
         ablation = runtime.read_csv(m / "ablation.csv")
         at_attackers = attacker_output is not None and params.evaluation.target_output == "last"
-        ablation_at = "attacker_output" if at_attackers else "random_output"  # where the ablation put the target
+        ablation_at = ATTACKER_OUTPUT if at_attackers else RANDOM_OUTPUT  # where the ablation put the target
         by_scenario = {
             stage: {s: [r for (sc, _), r in sorted(g.items()) if sc == s] for s in SCENARIOS}
             for stage, g in grids.items()
@@ -71,7 +71,7 @@ def main() -> None:
                 f"{report.pct(1 / params.evaluation.n_way)} %). Price: meta-test change against the shared head, in "
                 "points. The matching head has no weights of its own per output, so its rows stand for both "
                 "positions.",
-                report.defenses_table(heads, ablation, ablation_at),
+                report.defenses_table(heads, ablation, (ATTACKER_OUTPUT, RANDOM_OUTPUT), ablation_at),
             ]
         )
         write_text(m / "report.md", text + "\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 
@@ -116,6 +118,7 @@ def test_a_bad_head_is_refused_in_one_line_naming_evaluation_head() -> None:
 
 def test_the_defenses_table_sets_each_defense_beside_the_shared_head() -> None:
     from fedmeta import report
+    from fedmeta.experiment import ATTACKER_OUTPUT, RANDOM_OUTPUT
 
     def point(backdoor: float) -> dict[str, float]:
         return {"main": 0.9, "attack_train": backdoor, "attack_val": backdoor}
@@ -126,21 +129,43 @@ def test_the_defenses_table_sets_each_defense_beside_the_shared_head() -> None:
                 "steps": 50,
                 "meta_test": meta,
                 "meta_test_ci95": 0.02,
-                "attacker_output": point(b),
-                "random_output": point(0.1),
+                ATTACKER_OUTPUT: point(b),
+                RANDOM_OUTPUT: point(0.1),
             }
-            for rule, meta, b in (("shared", 0.95, 0.97), ("zero", 0.93, 0.2), ("prototype", 0.96, 0.3))
+            for rule, meta, b in (("prototype", 0.96, 0.3), ("shared", 0.95, 0.97), ("zero", 0.93, 0.2))
         }
     }
     ablation = [
         {"removed": removed, "scenario": "a", "steps": 50, "meta_test": 0.90, "meta_test_ci95": 0.03, **point(0.35)}
         for removed in ("none", "attention", "defense")
     ]
-    lines = report.defenses_table(heads, ablation, "attacker_output").splitlines()
+    lines = report.defenses_table(heads, ablation, (ATTACKER_OUTPUT, RANDOM_OUTPUT), ATTACKER_OUTPUT).splitlines()
     assert len(lines) == 2 + 5  # header; three heads, the matching network and one ablation row ("defense" is shared)
+    first = [line.split(" | ")[0].removeprefix("| ") for line in lines[2:5]]
+    assert first == ["none: the shared head (Exp. 2)", "zero head", "prototype head"]  # whatever the files' key order
     zero = next(line for line in lines if line.startswith("| zero head"))
     assert "| 20.0 / 20.0 | 10.0 / 10.0 | 90.0 | 93.0 ± 2.0 | -2.0 | 50 |" in zero
     full = next(line for line in lines if "full defense" in line)
     assert "| 35.0 / 35.0 | 35.0 / 35.0 |" in full and "| -5.0 |" in full  # the matching head is position-free
     softmax = next(line for line in lines if "softmax head" in line)
     assert "| 35.0 / 35.0 | — |" in softmax  # part of the shared head: measured only at the attacker's output
+
+
+@pytest.mark.pipeline
+def test_the_heads_stage_measures_every_rule_and_repeats_experiment_2_for_the_shared_head(tiny_repo) -> None:
+    """The shared head at the attacker's output is Experiment 2's final point for benign user 2, the ablation's
+    "no defense" row: the same episodes and batches, so the same numbers, to the last digit."""
+    import json
+
+    ablation = json.loads((tiny_repo / "metrics/ablation.json").read_text())
+    for variant, scenarios in (("exclude", "a"), ("include", "bc")):
+        heads = json.loads((tiny_repo / f"metrics/heads_{variant}.json").read_text())
+        assert sorted(heads) == list(scenarios)
+        for s in scenarios:
+            assert sorted(heads[s]) == sorted(get_args(config.Head))
+            assert all(set(r) >= {"steps", "meta_test", "attacker_output", "random_output"} for r in heads[s].values())
+            shared, none = heads[s]["shared"], ablation[f"defense.{s}"]
+            assert shared["steps"] == none["steps"] and shared["meta_test"] == none["meta_test"]
+            assert all(shared["attacker_output"][k] == none[k] for k in ("main", "attack_train", "attack_val"))
+    report = (tiny_repo / "metrics/report.md").read_text()
+    assert "## User-side defenses" in report and "| prototype head | c |" in report
