@@ -87,6 +87,12 @@ def positions(variant: VariantArg) -> None:
 
 
 @app.command()
+def heads(variant: VariantArg) -> None:
+    """The user's own classifier head (evaluation.head: shared, zero, prototype) as a defense."""
+    _stage("heads", variant.value)
+
+
+@app.command()
 def ablation() -> None:
     """The defense with each element removed in turn."""
     _stage("ablation")

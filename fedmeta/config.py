@@ -144,6 +144,7 @@ class FlowerEngine(Strict):
 
 
 Aggregator = Literal["mean", "norm_clip", "median", "trimmed_mean", "multi_krum", "flame"]
+Head = Literal["shared", "zero", "prototype"]  # how a user's fine-tuning starts its classifier (fedmeta.head)
 AGGREGATORS: tuple[str, ...] = get_args(Aggregator)
 NEEDS_EACH_UPDATE = ("median", "trimmed_mean", "multi_krum", "flame")  # what secure aggregation hides from the server
 NonNegFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
@@ -249,6 +250,7 @@ class Evaluation(Strict):
     lr: LearningRate = 0.001  # η of test-time fine-tuning (paper: 0.001)
     bn_mode: Literal["support", "transductive", "support_plus_query"] = "support"
     target_output: Literal["last", "random"] = "last"  # where the target sits in attack-evaluation episodes
+    head: Head = "shared"  # the classifier a user's fine-tuning starts from: θ's, zero, or support prototypes
 
 
 class Defense(Strict):

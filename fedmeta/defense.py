@@ -24,7 +24,7 @@ from fedmeta.adam import AdamConfig, AdamState, adam_update
 from fedmeta.backend import REFERENCE, Backend
 from fedmeta.config import Config, Defense
 from fedmeta.errors import FedmetaError
-from fedmeta.evaluation import FineTune
+from fedmeta.evaluation import FineTune, Support
 from fedmeta.model import Theta
 
 INIT_SCALE = 10.0  # β at the start: cosines in [−1, 1] alone give a nearly uniform softmax
@@ -179,9 +179,12 @@ class MatchingDefense:
     def _softmax(self) -> FineTune:
         return FineTune(self._adam, "support", self.backend)
 
-    def start(self, theta: Theta, n_episodes: int, g: torch.Generator) -> MatchingState | tuple[Theta, AdamState]:
+    def start(
+        self, theta: Theta, n_episodes: int, g: torch.Generator, support: Support | None = None
+    ) -> MatchingState | tuple[Theta, AdamState]:
         """θ' per episode (its own θ_g each); the whole model is re-initialised in both modes, so the
-        ablations share their draws, then the matching network drops the unused classifier."""
+        ablations share their draws, then the matching network drops the unused classifier. The head starts the
+        same for every episode: `support` is not needed."""
         if self.reinit:
             drawn = [noisy_reinit(theta, self.cfg.delta, g) for _ in range(n_episodes)]
             params = {k: torch.stack([d[k] for d in drawn]) for k in theta}

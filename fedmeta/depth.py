@@ -22,7 +22,7 @@ import yaml
 from fedmeta import figures, report, runtime, seeds
 from fedmeta.atomic import write_text
 from fedmeta.errors import FedmetaError
-from fedmeta.experiment import SCENARIOS
+from fedmeta.scenarios import SCENARIOS
 
 PREFIX = "depth-"  # the DVC experiments scripts/depth.sh queues: depth-<run>[-<part>]
 PARTS = ("-attack", "-exp1")  # experiments that ran a run's first stages only, the least complete first

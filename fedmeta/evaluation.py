@@ -16,15 +16,16 @@ from typing import Protocol
 import torch
 from torch.func import vmap
 
-from fedmeta import model, reptile
+from fedmeta import head, model, reptile
 from fedmeta.adam import AdamConfig, AdamState
 from fedmeta.backend import REFERENCE, Backend
-from fedmeta.config import Evaluation
+from fedmeta.config import Evaluation, Head
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.errors import Diverged
 from fedmeta.model import Theta
 
 Z95 = 1.959963984540054
+Support = tuple[torch.Tensor, torch.Tensor]  # each episode's support set: images [E, k, ...], labels [E, k]
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -34,7 +35,10 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 class Learner(Protocol):
     """How a user adapts the shared model to an episode and classifies with it."""
 
-    def start(self, theta: Theta, n_episodes: int, g: torch.Generator) -> object: ...
+    def start(self, theta: Theta, n_episodes: int, g: torch.Generator, support: Support | None = None) -> object:
+        """The state before the first step of `n_episodes` episodes; `support`: their support sets, for a learner
+        whose starting point depends on them."""
+        ...
 
     def train(self, state: object, x: torch.Tensor, y: torch.Tensor, batches: torch.Tensor) -> object: ...
 
@@ -72,18 +76,26 @@ def predict_logits(
 
 @dataclass
 class FineTune:
-    """The paper's test-time learner: Adam on the softmax classifier, from the shared θ."""
+    """The paper's test-time learner: Adam on the softmax classifier, from the shared θ, its classifier as `head`
+    sets it per episode (`fedmeta.head`; `shared`: the paper's)."""
 
     adam: AdamConfig
     bn_mode: str
     backend: Backend = REFERENCE
+    head: Head = "shared"
 
     @property
     def queries_independent(self) -> bool:
         return self.bn_mode != "transductive"
 
-    def start(self, theta: Theta, n_episodes: int, g: torch.Generator) -> tuple[Theta, AdamState]:
+    def start(
+        self, theta: Theta, n_episodes: int, g: torch.Generator, support: Support | None = None
+    ) -> tuple[Theta, AdamState]:
         params = reptile.expand(theta, n_episodes)
+        if self.head != "shared":
+            if support is None:
+                raise ValueError(f"FineTune: head {self.head!r} is set from the episodes' support sets; none given")
+            params = head.initial(params, self.head, *support, self.backend)
         return params, AdamState.zeros_like(params)
 
     def train(
@@ -143,7 +155,7 @@ def run(
     probe_x = {k: to_float(images[v]).unsqueeze(0).expand(n_ep, *images[v].shape) for k, v in probes.items()}
     batches = inner_batches(sx.shape[1], max(record_at), cfg.batch, n_ep, g)
     predict = set_predictor(learner, sx, sy, ({"main": qx} if qx is not None else {}) | probe_x)
-    state = learner.start(theta, n_ep, g)
+    state = learner.start(theta, n_ep, g, (sx, sy))
     done, results = 0, []
     for step in sorted(record_at):
         if step > done:

@@ -160,8 +160,11 @@ class Experiment:
             self.flower = None
 
     def finetuner(self) -> evaluation.FineTune:
+        """The paper's benign user: Adam from the shared θ, its classifier as `evaluation.head` sets it."""
         e = self.params.evaluation
-        return evaluation.FineTune(AdamConfig(lr=e.lr, beta2=self.params.reptile.beta2), e.bn_mode, self.backend)
+        return evaluation.FineTune(
+            AdamConfig(lr=e.lr, beta2=self.params.reptile.beta2), e.bn_mode, self.backend, e.head
+        )
 
     def meta_test(
         self, theta: Theta, learner: Learner, record_at: list[int], tag: str, count: int | None = None

@@ -326,3 +326,54 @@ def positions_table(positions: Positions, paper: PaperNumbers, n_way: int, attac
                     f"| **{ci(points['random'], key)}** |"
                 )
     return "\n".join(lines)
+
+
+# --- User-side defenses: the user's own head beside the matching network ----------------------------
+
+HEAD_LABELS = {"shared": "none: the shared head (Exp. 2)", "zero": "zero head", "prototype": "prototype head"}
+POSITION_FREE = ("none", "reinit", "finetune", "attack")  # ablation rows with the matching head: no output-own weights
+
+
+def _backdoor(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "—"
+    return f"{pct(float(row['attack_train']))} / {pct(float(row['attack_val']))}"
+
+
+def defenses_table(
+    heads: dict[str, dict[str, dict[str, Any]]],
+    ablation: list[dict[str, Any]],
+    positions: tuple[str, str],
+    ablation_at: str,
+) -> str:
+    """Every user-side defense per scenario, on benign user 2's episodes after the same fine-tuning steps: the head
+    rules of `evaluation.head` (stage heads, measured with the target at the attacker's output and at a random one,
+    `positions` naming the two measurements) and the matching network with its ablation rows (stage ablation,
+    measured at `ablation_at`, one of them). The matching head has no weights of its own per output, so its rows
+    stand for both positions; the softmax-head ablation keeps part of the shared head and is shown only where it was
+    measured. Price: meta-test change against the shared head, in points, on the same meta-test episodes."""
+    lines = [
+        "| user-side defense | scenario | backdoor at the attacker's output (train / val) "
+        "| backdoor at a random output (train / val) | main task | meta-test | price (points) | steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in sorted(heads):
+        base = float(heads[s]["shared"]["meta_test"])
+        rows: list[tuple[str, dict[str, dict[str, Any] | None], dict[str, Any]]] = []
+        for rule in sorted(heads[s], key=list(HEAD_LABELS).index):
+            row = heads[s][rule]
+            rows.append((HEAD_LABELS[rule], {p: row.get(p) for p in positions}, row))
+        for r in ablation:
+            if r["scenario"] != s or r["removed"] == "defense":  # "no defense" is the shared head's row
+                continue
+            at = {p: (r if p == ablation_at or r["removed"] in POSITION_FREE else None) for p in positions}
+            rows.append((f"matching network: {ABLATION_LABELS.get(r['removed'], r['removed'])}", at, r))
+        for label, at, row in rows:
+            main = next((at[p] for p in positions if at[p] is not None), None)
+            meta = float(row["meta_test"])
+            lines.append(
+                f"| {label} | {s} | {_backdoor(at[positions[0]])} | {_backdoor(at[positions[1]])} "
+                f"| {pct(float(main['main'])) if main is not None else '—'} "
+                f"| {pct(meta)} ± {pct(float(row['meta_test_ci95']))} | {100 * (meta - base):+.1f} | {row['steps']} |"
+            )
+    return "\n".join(lines)

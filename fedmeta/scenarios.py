@@ -30,6 +30,9 @@ def scenarios_of(variant: str) -> list[Scenario]:
     return [s for s in SCENARIOS.values() if s.variant == variant]
 
 
+# A measurement with the target at the attacker's output and at a random one: its keys (stage heads, the report).
+ATTACKER_OUTPUT, RANDOM_OUTPUT = "attacker_output", "random_output"
+
 # The episode-draw tags: measurements with the same tag draw the same episodes, so they compare paired.
 EXP1_TAG = "exp1"  # Experiment 1 and positions; Experiment 4's mean rule on M = 4 repeats Experiment 1 exactly
 USERS_TAG = "users"  # Experiments 2, 3, the ablation and meta-test curves: one set of episodes per user

@@ -8,7 +8,7 @@ from typing import Any
 
 from fedmeta import figures, report, runtime
 from fedmeta.atomic import write_text
-from fedmeta.scenarios import SCENARIOS, VARIANTS
+from fedmeta.scenarios import ATTACKER_OUTPUT, RANDOM_OUTPUT, SCENARIOS, VARIANTS
 
 
 def main() -> None:
@@ -53,6 +53,10 @@ def main() -> None:
             s: sc for variant in VARIANTS for s, sc in runtime.read_json(m / f"positions_{variant}.json").items()
         }
         attacker_output = params.reptile.n_way - 1 if params.attack.target_output == "fixed" else None
+        heads = {s: h for variant in VARIANTS for s, h in runtime.read_json(m / f"heads_{variant}.json").items()}
+        ablation = runtime.read_csv(m / "ablation.csv")
+        at_attackers = attacker_output is not None and params.evaluation.target_output == "last"
+        ablation_at = ATTACKER_OUTPUT if at_attackers else RANDOM_OUTPUT  # where the ablation put the target
         by_scenario = {
             stage: {s: [r for (sc, _), r in sorted(g.items()) if sc == s] for s in SCENARIOS}
             for stage, g in grids.items()
@@ -87,7 +91,16 @@ def main() -> None:
                 "## Experiments 2 and 3: long benign fine-tuning, without and with the defense",
                 report.users_table(by_scenario["finetune"], by_scenario["defend"], paper, users),
                 "## Ablation of the defense",
-                report.ablation_table(runtime.read_csv(m / "ablation.csv"), users[0]),
+                report.ablation_table(ablation, users[0]),
+                "## User-side defenses: the user's own head beside the matching network",
+                f"Benign user {users[0]}'s episodes of Experiments 2-3 after the same fine-tuning, the shared model "
+                "attacked: the user fine-tunes from the shared head, a zeroed head or its support set's prototypes "
+                "(`evaluation.head`, stage `heads`), or runs the matching network (Experiment 3) and its ablation "
+                "(%; chance at a random output: "
+                f"{report.pct(1 / params.evaluation.n_way)} %). Price: meta-test change against the shared head, in "
+                "points. The matching head has no weights of its own per output, so its rows stand for both "
+                "positions.",
+                report.defenses_table(heads, ablation, (ATTACKER_OUTPUT, RANDOM_OUTPUT), ablation_at),
             ]
         )
         write_text(m / "report.md", text + "\n")

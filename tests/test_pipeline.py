@@ -35,6 +35,8 @@ def test_repro_produces_every_output_and_logs_to_mlflow(repo: Path) -> None:
         "metrics/ablation.csv",
         "metrics/positions_exclude.json",
         "metrics/positions_include.json",
+        "metrics/heads_exclude.json",
+        "metrics/heads_include.json",
     ):
         assert (repo / rel).is_file(), rel
     with (repo / "metrics/exp1_exclude/a.csv").open() as f:
@@ -44,7 +46,18 @@ def test_repro_produces_every_output_and_logs_to_mlflow(repo: Path) -> None:
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["fedmeta"])
-    stages = {"prepare", "pretrain", "attack", "positions", "continue", "finetune", "defend", "ablation", "report"}
+    stages = {
+        "prepare",
+        "pretrain",
+        "attack",
+        "positions",
+        "continue",
+        "finetune",
+        "defend",
+        "ablation",
+        "heads",
+        "report",
+    }
     assert stages <= set(runs["tags.stage"])
     assert (runs["tags.profile"] == "tiny").all()
     assert runs["metrics.a.attack_train"].notna().any()

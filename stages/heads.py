@@ -1,0 +1,48 @@
+"""Stage heads: the user's own classifier head (`evaluation.head`) as a defense against the attacked model.
+
+The one-shot backdoor is stored in the classifier row where the attacker trains its target, so a user that drops the
+shared head before fine-tuning (zeroed, or set from its support set's prototypes: `fedmeta.head`) may lose it. Every
+head rule fine-tunes on the episodes the ablation of the matching-network defense uses (benign user 2's episodes of
+Experiments 2-3, the profile's finetune_steps), so its rows stand beside the ablation's, paired. Backdoor accuracy is
+measured with the target at the attacker's output, where the backdoor is stored (when the attacker trains one), and
+at a random output, what a user with a label order of its own sees. `shared` at the attacker's output is Experiment
+2's final point for that user, measured again on the same episodes so that all head rules come from one stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import get_args
+
+from fedmeta import checkpoint, runtime
+from fedmeta.config import Config, Head
+from fedmeta.experiment import Experiment, flat
+from fedmeta.scenarios import ATTACKER_OUTPUT, RANDOM_OUTPUT, USERS_TAG, scenarios_of
+from fedmeta.splits import FederatedData
+
+
+def positions(params: Config) -> dict[str, int | None]:
+    """The target's output in each measurement: the attacker's (N − 1, when attack.target_output is fixed) and a
+    random one per episode (None)."""
+    attacker = {ATTACKER_OUTPUT: params.reptile.n_way - 1} if params.attack.target_output == "fixed" else {}
+    return {**attacker, RANDOM_OUTPUT: None}
+
+
+def main(variant: str) -> None:
+    with runtime.stage("heads", variant=variant) as (params, run):
+        exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+        theta = checkpoint.load_theta(runtime.CHECKPOINTS / f"attacked_{variant}.pt", exp.device, exp.theta_spec())
+        user, steps = exp.benign[0], params.budget.finetune_steps
+        result: dict[str, dict[str, dict]] = {}
+        for rule in runtime.progress(get_args(Head), "heads"):
+            learner = replace(exp.finetuner(), head=rule)
+            meta = flat(exp.meta_test(theta, learner, [steps], USERS_TAG)[0])
+            for scenario in scenarios_of(variant):
+                row: dict = {"steps": steps, **meta}
+                for key, at in positions(params).items():
+                    point = exp.attack_eval(theta, learner, scenario, [steps], USERS_TAG, user, target_at=at)[0]
+                    row[key] = flat(point)
+                    run.metrics({f"{scenario.name}.{rule}.{key}.{k}": v for k, v in row[key].items()})
+                run.metrics({f"{scenario.name}.{rule}.{k}": v for k, v in meta.items()})
+                result.setdefault(scenario.name, {})[rule] = row
+        runtime.write_json(runtime.METRICS / f"heads_{variant}.json", result)
