@@ -7,7 +7,7 @@ from typing import get_args
 import pytest
 import torch
 
-from fedmeta import config, evaluation, head, model, reptile
+from fedmeta import config, evaluation, fast, head, model, reptile
 from fedmeta.errors import FedmetaError
 
 N_WAY, K_SHOT, QUERIES = 5, 3, 7
@@ -24,15 +24,14 @@ def episodes(n_ep: int = 2) -> tuple[model.Theta, torch.Tensor, torch.Tensor, to
     return theta, sx, sy, qx
 
 
-def learner(rule: config.Head) -> evaluation.FineTune:
-    return evaluation.FineTune(reptile.AdamConfig(), "support", head=rule)
+def learner(rule: config.Head, impl: str = "vmap") -> evaluation.FineTune:
+    return evaluation.FineTune(reptile.AdamConfig(), "support", fast.backend(torch.device("cpu"), impl), rule)
 
 
 @pytest.mark.parametrize("impl", ["lanes", "vmap"])
-def test_zero_head_gives_every_output_the_same_logit_before_the_first_step(monkeypatch, impl: str) -> None:
-    monkeypatch.setenv("FEDMETA_ADAPT", impl)
+def test_zero_head_gives_every_output_the_same_logit_before_the_first_step(impl: str) -> None:
     theta, sx, sy, qx = episodes()
-    params, _ = learner("zero").start(theta, 2, torch.Generator(), (sx, sy))
+    params, _ = learner("zero", impl).start(theta, 2, torch.Generator(), (sx, sy))
     logits = evaluation.predict_logits(params, sx, qx, "support")
     assert logits.shape == (2, QUERIES, N_WAY)
     assert torch.equal(logits, torch.zeros_like(logits))
@@ -40,11 +39,10 @@ def test_zero_head_gives_every_output_the_same_logit_before_the_first_step(monke
 
 
 @pytest.mark.parametrize("impl", ["lanes", "vmap"])
-def test_prototype_head_is_the_nearest_prototype_classifier_before_the_first_step(monkeypatch, impl: str) -> None:
+def test_prototype_head_is_the_nearest_prototype_classifier_before_the_first_step(impl: str) -> None:
     """Each implementation's embedding (the hand-written one on lanes, autograd's under vmap) sets the head."""
-    monkeypatch.setenv("FEDMETA_ADAPT", impl)
     theta, sx, sy, qx = episodes()
-    params, _ = learner("prototype").start(theta, 2, torch.Generator(), (sx, sy))
+    params, _ = learner("prototype", impl).start(theta, 2, torch.Generator(), (sx, sy))
     with torch.no_grad():
         logits = evaluation.predict_logits(params, sx, qx, "support")
     for e in range(2):
@@ -81,9 +79,9 @@ def test_shared_head_is_byte_identical_to_fine_tuning_without_the_head_rule(tiny
     same with FineTune's start as it was before the head rule."""
     from fedmeta.scenarios import SCENARIOS
 
-    assert tiny_exp.p.evaluation.head == "shared" and tiny_exp.finetuner().head == "shared"
+    assert tiny_exp.params.evaluation.head == "shared" and tiny_exp.finetuner().head == "shared"
     theta = model.init_conv4(1, 8, 28, 5, torch.Generator().manual_seed(0))
-    before = Unchanged(tiny_exp.finetuner().adam, tiny_exp.p.evaluation.bn_mode)
+    before = Unchanged(tiny_exp.finetuner().adam, tiny_exp.params.evaluation.bn_mode)
     for scenario in SCENARIOS.values():
         ours, theirs = (
             tiny_exp.attack_eval(theta, u, scenario, [0, 3, 6], "t") for u in (tiny_exp.finetuner(), before)
