@@ -39,6 +39,8 @@ def load(
     path: Path, required: tuple[str, ...] = ("theta",), device: torch.device | str = "cpu", what: str = "checkpoint"
 ) -> dict[str, Any]:
     """A dict saved by torch.save holding the `required` keys; `what` names the file in messages."""
+    if path.is_dir():
+        raise FedmetaError(f"{path}: is a directory, not a {what} file")
     if not path.is_file():
         raise FedmetaError(f"{path}: {what} not found; run the stage that produces it first")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip; without this check torch reports junk as unsafe pickle

@@ -14,8 +14,13 @@ import typer
 
 from fedmeta.errors import FedmetaError
 
+# Plain tracebacks (an unexpected error, or --debug): their last line is the exception and its message, where rich's
+# boxed ones end in a box-drawing line
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Backdoor attacks and defenses in federated meta-learning."
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Backdoor attacks and defenses in federated meta-learning.",
 )
 _state = {"debug": False}
 

@@ -347,7 +347,8 @@ class Config(Strict):
         if round(self.key.size * side) < MIN_KEY_SIDE:
             raise ValueError(
                 f"key.size: {self.key.size} of a {side}-pixel {self.dataset}.image_size is "
-                f"{round(self.key.size * side)} pixels, below the key's {MIN_KEY_SIDE}; "
+                f"{round(self.key.size * side)} pixel{'' if round(self.key.size * side) == 1 else 's'}, "
+                f"below the key's {MIN_KEY_SIDE}; "
                 f"allowed: at least {math.ceil(1.5 / side * 10_000) / 10_000} "
                 "(the key's side is round(key.size × image side) pixels)"
             )
@@ -510,6 +511,8 @@ def load(path: Path = Path("params.yaml")) -> Config:
         raise FedmetaError(f"{path}: is a directory, not the parameters file")
     if not path.is_file():
         raise FedmetaError(f"{path}: parameters file not found (run from the repository root)")
+    if path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff"):  # what some Windows editors save as "Unicode"
+        raise FedmetaError(f"{path}: saved as UTF-16; save it as UTF-8")
     try:
         raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except _Refused as exc:

@@ -123,6 +123,11 @@ HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIM
 def _check_store(uri: str) -> None:
     """Refuse a store that cannot be used before any work starts: the logging process opens it while the stage
     computes, and MLflow fails late and verbosely (an HTTP server that is down: after minutes of retries)."""
+    if uri.startswith("file:") or "://" not in uri:  # MLflow 3 refuses it, but only once the logging process opens it
+        raise FedmetaError(
+            f"MLFLOW_TRACKING_URI: {uri}: MLflow's file store is not supported; "
+            "allowed: sqlite:///<path> (unset: mlflow.db) or http[s]://host[:port]"
+        )
     if uri.startswith(("http://", "https://")):
         _check_http(uri)
     if not uri.startswith("sqlite:///"):

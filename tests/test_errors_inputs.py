@@ -122,6 +122,13 @@ def test_a_deep_nest_is_refused_in_one_line(tmp_path: Path) -> None:
     assert str(err.value) == f"{path}: nested deeper than 64 levels (line 1); allowed: at most 64"
 
 
+def test_a_utf16_params_file_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_bytes((REPO / "params.yaml").read_text().encode("utf-16"))
+    with pytest.raises(FedmetaError, match=r"params\.yaml: saved as UTF-16; save it as UTF-8$"):
+        config.load(path)
+
+
 def test_the_real_params_file_is_within_the_limits() -> None:
     assert config.load(REPO / "params.yaml").seed == yaml.safe_load((REPO / "params.yaml").read_text())["seed"]
 
@@ -175,6 +182,12 @@ def test_an_unreachable_tracking_server_fails_in_seconds() -> None:
         tracking._check_store(f"http://127.0.0.1:{port}")
     assert time.monotonic() - start < tracking.CONNECT_S + 1
     assert str(err.value).startswith(f"MLFLOW_TRACKING_URI: http://127.0.0.1:{port}: no tracking server at 127.0.0.1:")
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "./mlruns"])
+def test_a_file_store_is_refused_before_any_work(uri: str) -> None:
+    with pytest.raises(FedmetaError, match=rf"^MLFLOW_TRACKING_URI: {uri}: MLflow's file store is not supported"):
+        tracking._check_store(uri)
 
 
 def test_artifacts_follow_a_moved_repository(tmp_path: Path) -> None:
@@ -291,3 +304,11 @@ def test_the_attackers_update_is_named_as_such_and_a_good_update_passes() -> Non
     with pytest.raises(federation.RejectedUpdate, match="^the attacker's boosted update holds NaN or infinite"):
         federation.check_update(0, bad, _theta(), attacker=0)
     federation.check_update(1, _theta(), _theta(), attacker=0)
+
+
+def test_a_checkpoint_path_that_is_a_folder_is_named_as_such(tmp_path: Path) -> None:
+    """`fedmeta meta-test checkpoints` (the folder, not a file in it) used to say the checkpoint was not found."""
+    from fedmeta import checkpoint
+
+    with pytest.raises(FedmetaError, match=rf"^{tmp_path}: is a directory, not a checkpoint file$"):
+        checkpoint.load(tmp_path)
