@@ -149,12 +149,14 @@ def ablation_table(rows: list[dict[str, Any]], user: int) -> str:
     return "\n".join(lines)
 
 
-# The claims `dvc exp show` compares across experiments (metrics/summary.json), in % (price: points), one decimal.
+# The claims `dvc exp show` compares across experiments (metrics/summary.json), in % (price: points), one decimal,
+# per scenario. No name is a section of params.yaml, so that `--keep '^(success|persist|...)\.'` picks these columns
+# alone, and all fit `dvc metrics show` in 200 columns: hence the price per model, "bc" for the one (b) and (c) share.
 SUMMARY_CLAIMS = {
-    "attack": "backdoor accuracy (attack training) right after the attack round",
+    "success": "backdoor accuracy (attack training) right after the attack round",
     "persist": "the same after Experiment 1's benign rounds",
-    "defended": "the same after Experiment 3's defended fine-tuning, mean over benign users",
-    "price": "meta-test points the defense costs against Experiment 2's fine-tuning, mean over benign users",
+    "defend": "the same after Experiment 3's defended fine-tuning, mean over benign users",
+    "price": "meta-test points the defense costs against Experiment 2's fine-tuning, mean over benign users, per model",
     "random": "backdoor accuracy with the target at a random output of the user's episodes, after the attack",
 }
 
@@ -164,9 +166,11 @@ def summary(
     exp2: dict[str, list[list[dict[str, Any]]]],
     exp3: dict[str, list[list[dict[str, Any]]]],
     positions: Positions,
+    models: dict[str, str],
 ) -> dict[str, dict[str, float]]:
-    """The paper's claims per scenario as one small metrics file (SUMMARY_CLAIMS), so that the default
-    `dvc exp show` and `dvc metrics show` compare runs on them in a terminal's width."""
+    """The paper's claims per scenario as one small metrics file (SUMMARY_CLAIMS), so that `dvc exp show` and
+    `dvc metrics show` compare runs on them in a terminal's width. `models`: the model each scenario starts from;
+    meta-test accuracy is the model's, whatever the scenario, so the price is given once per model."""
 
     def final(curves: list[list[dict[str, Any]]], key: str) -> float:
         return _mean([rows[-1] for rows in curves], key)
@@ -174,20 +178,22 @@ def summary(
     def r(x: float) -> float:
         return round(100 * x, 1)
 
+    shared = {"".join(s for s in sorted(exp3) if models[s] == m): m for m in sorted({models[s] for s in exp3})}
     return {
-        "attack": {s: r(next(p for p in c if p["round"] == 1)["attack_train"]) for s, c in sorted(exp1.items())},
+        "success": {s: r(next(p for p in c if p["round"] == 1)["attack_train"]) for s, c in sorted(exp1.items())},
         "persist": {s: r(c[-1]["attack_train"]) for s, c in sorted(exp1.items())},
-        "defended": {s: r(final(exp3[s], "attack_train")) for s in sorted(exp3)},
-        "price": {s: r(final(exp2[s], "meta_test") - final(exp3[s], "meta_test")) for s in sorted(exp3)},
+        "defend": {s: r(final(exp3[s], "attack_train")) for s in sorted(exp3)},
+        "price": {k: r(final(exp2[k[0]], "meta_test") - final(exp3[k[0]], "meta_test")) for k in sorted(shared)},
         "random": {s: r(positions[s]["attacked"]["random"]["attack_train"]) for s in sorted(positions)},
     }
 
 
 def summary_table(claims: dict[str, dict[str, float]]) -> str:
-    scen = sorted({s for per in claims.values() for s in per})
+    """The claims by scenario; a value given for several scenarios (the price of the model they share) in each."""
+    scen = sorted({s for per in claims.values() for key in per for s in key})
     lines = [f"| claim (`metrics/summary.json`) | what it is | {' | '.join(scen)} |", "|---|---|" + "---|" * len(scen)]
     for key, per in claims.items():
-        cells = " | ".join(f"{per[s]:.1f}" if s in per else "—" for s in scen)
+        cells = " | ".join(next((f"{v:.1f}" for k, v in per.items() if s in k), "—") for s in scen)
         lines.append(f"| `{key}` | {SUMMARY_CLAIMS[key]} | {cells} |")
     return "\n".join(lines)
 

@@ -62,7 +62,8 @@ def main() -> None:
             for stage, g in grids.items()
         }
         users = sorted({u + 1 for _, u in grids["finetune"]})  # the benign users; the ablation runs on the first
-        claims = report.summary(exp1, by_scenario["finetune"], by_scenario["defend"], positions)
+        models = {s: sc.variant for s, sc in SCENARIOS.items()}
+        claims = report.summary(exp1, by_scenario["finetune"], by_scenario["defend"], positions, models)
         n = params.budget.eval_episodes
         text = "\n\n".join(
             [

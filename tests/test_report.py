@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedmeta import figures, report
 
@@ -36,6 +38,7 @@ def test_tables_quote_the_papers_numbers_for_the_dataset() -> None:
     assert "≈ 0 % (meta-test > 96)" in report.users_table(users, users, omni, [2, 3, 4])
 
 
+CLAIM_COLUMNS = r"[a-z]+\.b?[abc]"  # the README's `dvc exp show --keep '^[a-z]+\.b?[abc]$'`
 PAPER_TEXT = Path(__file__).resolve().parents[2] / "shared/paper/backdoor-attacks-on-federated-meta-learning.md"
 
 
@@ -53,12 +56,24 @@ def test_summary_holds_each_claim_per_scenario_in_percent() -> None:
     exp2 = {s: [[_point(0.9, step=0), _point(0.8, step=4)], [_point(0.9, step=0), _point(0.6, step=4)]] for s in "abc"}
     exp3 = {s: [[_point(0.9, step=0), _point(0.1, step=4)], [_point(0.9, step=0), _point(0.2, step=4)]] for s in "abc"}
     positions = {s: {"attacked": {"random": _point(0.25)}} for s in "abc"}
-    claims = report.summary(exp1, exp2, exp3, positions)
+    claims = report.summary(exp1, exp2, exp3, positions, {"a": "exclude", "b": "include", "c": "include"})
     assert set(claims) == set(report.SUMMARY_CLAIMS)
-    assert claims["attack"] == {"a": 70.0, "b": 70.0, "c": 70.0}
-    assert claims["persist"]["b"] == 60.0 and claims["defended"]["c"] == 15.0 and claims["random"]["a"] == 25.0
-    assert claims["price"]["a"] == 55.0  # meta-test: mean 0.7 fine-tuned, 0.15 defended
-    assert "| `persist` |" in report.summary_table(claims)
+    assert claims["success"] == {"a": 70.0, "b": 70.0, "c": 70.0}
+    assert claims["persist"]["b"] == 60.0 and claims["defend"]["c"] == 15.0 and claims["random"]["a"] == 25.0
+    assert claims["price"] == {"a": 55.0, "bc": 55.0}  # meta-test: mean 0.7 fine-tuned, 0.15 defended; per model
+    assert "| `price` | meta-test points" in report.summary_table(claims)
+    assert report.summary_table(claims).endswith("| 25.0 | 25.0 | 25.0 |")
+    assert all(re.fullmatch(CLAIM_COLUMNS, f"{c}.{s}") for c, per in claims.items() for s in per)
+
+
+def keys(d: dict, prefix: str = "") -> list[str]:
+    return [k for key, v in d.items() for k in (keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])]
+
+
+def test_no_parameter_is_named_like_a_claim() -> None:
+    """The README's `dvc exp show --keep` pattern picks the claims' columns and no parameter's."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    assert not [k for k in keys(params) if re.fullmatch(CLAIM_COLUMNS, k)]
 
 
 def test_positions_table_marks_the_attackers_output_and_the_random_headline() -> None:
