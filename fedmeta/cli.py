@@ -151,12 +151,13 @@ def seeds(
     """The paper's claims across seeds: copy runs that differ only in `seed` into OUT/seed_<seed>/ (replacing
     those seeds, keeping the others), then write OUT/report.md, summary.json and Figs. 3, 5, 7 with bands over
     every seed there. With --no-workspace and no --exp, only redraws."""
+    from fedmeta import seed_runs
     from fedmeta import seeds as stage
 
     sources = [("the workspace", None)] if workspace else []
-    sources += [(f"--exp {name}", stage.experiment_ref(Path.cwd(), name)) for name in exp or []]
+    sources += [(f"--exp {name}", seed_runs.experiment_ref(Path.cwd(), name)) for name in exp or []]
     if sources:
-        stage.collect(Path.cwd(), sources, out)
+        seed_runs.collect(Path.cwd(), sources, out)
     for path in stage.write(out):
         print(path)
 
@@ -226,7 +227,7 @@ def bench(
     memory: Annotated[bool, typer.Option(help="Measure peak RSS, one fresh process per phase.")] = True,
 ) -> None:
     """Benchmark: meta-training and evaluation throughput against the naive per-episode loop."""
-    from fedmeta import bench as stage
+    from fedmeta.tools import bench as stage
 
     settings = stage.Settings(
         **stage.DATASETS[dataset.value],

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from fedmeta import figures, report, runtime, seeds
+from fedmeta import figures, report, runtime, seed_runs, seeds
 from fedmeta.atomic import write_text
 from fedmeta.errors import FedmetaError
 from fedmeta.scenarios import SCENARIOS
@@ -35,7 +35,7 @@ Rows = list[dict[str, Any]]
 def experiments(repo: Path) -> dict[str, str]:
     """Every depth experiment's run label → the git ref of its most complete part (each part's stages include
     the previous part's, which it reuses from DVC's run cache)."""
-    refs = seeds._git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").split()
+    refs = seed_runs._git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").split()
     best: dict[str, tuple[int, str]] = {}
     for ref in refs:
         name = ref.rsplit("/", 1)[-1]
@@ -62,7 +62,7 @@ def collect(repo: Path, out: Path, names: list[str] | None = None) -> list[str]:
             f"found: {', '.join(sorted(found)) or 'none'} (see `dvc exp list`)"
         )
     for label in wanted:
-        files = seeds.snapshot(repo, found[label])
+        files = seed_runs.snapshot(repo, found[label])
         if "params.yaml" not in files or not any(rel.startswith("metrics/attack_") for rel in files):
             raise FedmetaError(f"depth-{label}: no params.yaml and attack metrics there; did it finish?")
         tmp = out / f".{label}.tmp"

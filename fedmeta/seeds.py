@@ -2,16 +2,13 @@
 
 A run's 95 % intervals cover the episodes it drew, not the run: the users' classes, the attacker's episodes and
 float32 round-off all move with the seed. So each claim is stated per seed, then as the mean over seeds with a
-Student-t interval and the range, and marked where it does not hold in every seed. Runs come from the workspace
-and from DVC experiments (`dvc exp run --queue -S seed=1`); their metric files are copied into one folder per
-seed, so the summary can be redrawn from git without the experiments.
+Student-t interval and the range, and marked where it does not hold in every seed. `fedmeta.seed_runs` collects
+the runs, one folder per seed.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,108 +22,6 @@ from fedmeta.atomic import write_text
 from fedmeta.errors import FedmetaError
 from fedmeta.scenarios import SCENARIOS, VARIANTS
 
-# What a seed's folder holds, relative to metrics/: the paper's stages' results (positions only where it ran).
-PER_VARIANT = ("attack_{v}.json", "positions_{v}.json", "exp1_{v}/", "finetune_{v}/", "defend_{v}/")
-
-
-# --- collecting runs ----------------------------------------------------------------------------------------
-
-
-def experiment_ref(repo: Path, name: str) -> str:
-    """The git ref DVC keeps experiment `name` under (refs/exps/<baseline>/<name>)."""
-    out = _git(repo, "for-each-ref", "--format=%(refname)", "refs/exps")
-    refs = [r for r in out.split() if r.rsplit("/", 1)[-1] == name and not r.startswith("refs/exps/exec/")]
-    if not refs:
-        raise FedmetaError(f"--exp {name}: no DVC experiment has that name (see `dvc exp list --all-commits`)")
-    if len(refs) > 1:
-        raise FedmetaError(f"--exp {name}: {len(refs)} DVC experiments have that name; `dvc exp remove` the others")
-    return refs[0]
-
-
-def _git(repo: Path, *args: str) -> str:
-    return _git_bytes(repo, *args).decode()
-
-
-def _git_bytes(repo: Path, *args: str) -> bytes:
-    """git's output; its failure (outside a repository, an unknown ref) in one line."""
-    done = subprocess.run(["git", *args], cwd=repo, capture_output=True)
-    if done.returncode != 0:
-        why = done.stderr.decode(errors="replace").strip().splitlines() or [f"exit code {done.returncode}"]
-        if "not a git repository" in why[0]:
-            raise FedmetaError(f"{repo}: not a git repository; --exp reads DVC experiments from git (run from one)")
-        raise FedmetaError(f"git {args[0]} in {repo}: {why[0]}")
-    return done.stdout
-
-
-def _wanted(rel: str) -> bool:
-    if rel == "params.yaml":
-        return True
-    names = [p.format(v=v) for p in PER_VARIANT for v in VARIANTS]
-    inside = rel.removeprefix("metrics/")
-    return rel.startswith("metrics/") and any(inside == n or (n.endswith("/") and inside.startswith(n)) for n in names)
-
-
-def snapshot(repo: Path, ref: str | None) -> dict[str, bytes]:
-    """params.yaml and the paper's stages' metric files of the workspace (ref None) or of a git ref."""
-    if ref is None:
-        paths = [str(p.relative_to(repo)) for p in [repo / "params.yaml", *(repo / "metrics").rglob("*")]]
-        return {rel: (repo / rel).read_bytes() for rel in paths if (repo / rel).is_file() and _wanted(rel)}
-    listed = _git(repo, "ls-tree", "-r", "--name-only", ref, "--", "params.yaml", "metrics").split()
-    return {rel: _git_bytes(repo, "show", f"{ref}:{rel}") for rel in listed if _wanted(rel)}
-
-
-def _differs(a: Any, b: Any, path: str = "") -> str | None:
-    """The first dotted key where two parameter trees differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            found = _differs(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-            if found:
-                return found
-        return None
-    return None if a == b else path
-
-
-def collect(repo: Path, sources: list[tuple[str, str | None]], out: Path) -> None:
-    """Copy each source's (label, git ref or None for the workspace) metrics into `out`/seed_<seed>/, replacing
-    that seed's folder and keeping the others. Refused, with nothing written, unless all runs differ in their
-    seed only and each source brings a seed of its own."""
-    runs: dict[int, dict[str, bytes]] = {}
-    labels: dict[int, str] = {}
-    for label, ref in sources:
-        files = snapshot(repo, ref)
-        if "params.yaml" not in files or not any(r.startswith("metrics/attack_") for r in files):
-            raise FedmetaError(f"{label}: no params.yaml and attack metrics there; run the pipeline first")
-        seed = yaml.safe_load(files["params.yaml"]).get("seed")
-        if not isinstance(seed, int):
-            raise FedmetaError(f"{label}: params.yaml seed must be an integer, found {seed!r}")
-        if seed in runs:
-            raise FedmetaError(f"{label}: seed {seed} is already collected from {labels[seed]}; each seed once")
-        runs[seed], labels[seed] = files, label
-    kept = {
-        int(d.name.removeprefix("seed_")): d
-        for d in (out.glob("seed_*") if out.is_dir() else [])
-        if d.name.removeprefix("seed_").isdigit() and int(d.name.removeprefix("seed_")) not in runs
-    }
-    every = [(labels[k], yaml.safe_load(f["params.yaml"])) for k, f in runs.items()]
-    every += [(str(d), yaml.safe_load((d / "params.yaml").read_text())) for d in kept.values()]
-    first_label, first = every[0][0], {k: v for k, v in every[0][1].items() if k != "seed"}
-    for label, params in every[1:]:
-        if key := _differs(first, {k: v for k, v in params.items() if k != "seed"}):
-            raise FedmetaError(f"{label}: parameter {key} differs from {first_label}'s; runs may differ in seed only")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for seed, folder in kept.items():
-        shutil.copytree(folder, tmp / f"seed_{seed}")
-    for seed, files in runs.items():
-        for rel, data in files.items():
-            dst = tmp / f"seed_{seed}" / rel.removeprefix("metrics/")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(data)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-
-
 # --- one seed's results -------------------------------------------------------------------------------------
 
 
@@ -134,7 +29,7 @@ Rows = list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
-class Run:
+class SeedRun:
     """One seed's results, as the paper's stages wrote them."""
 
     seed: int
@@ -150,7 +45,7 @@ class Run:
         return 1 / self.params["evaluation"]["n_way"]
 
 
-def load(folder: Path) -> Run:
+def load(folder: Path) -> SeedRun:
     def users(stage: str, s: str) -> list[Rows]:
         paths = sorted((folder / f"{stage}_{SCENARIOS[s].variant}").glob(f"{s}_user*.csv"))
         return [runtime.read_csv(p) for p in paths]
@@ -163,7 +58,7 @@ def load(folder: Path) -> Run:
         return merged
 
     params = yaml.safe_load((folder / "params.yaml").read_text())
-    return Run(
+    return SeedRun(
         seed=params["seed"],
         params=params,
         attack=scenario_json("attack"),
@@ -174,7 +69,7 @@ def load(folder: Path) -> Run:
     )
 
 
-def load_all(out: Path) -> list[Run]:
+def load_all(out: Path) -> list[SeedRun]:
     runs = sorted((load(d) for d in out.glob("seed_*") if d.is_dir()), key=lambda r: r.seed)
     if not runs:
         raise FedmetaError(f"{out}: no seed_<n>/ folders; collect runs first (fedmeta seeds --exp NAME)")
@@ -196,8 +91,8 @@ class Claim:
 
     text: str
     scenario: str
-    measure: Callable[[Run], tuple[float, float]]
-    holds: Callable[[Run], bool]
+    measure: Callable[[SeedRun], tuple[float, float]]
+    holds: Callable[[SeedRun], bool]
     unit: str = "%"
 
 
@@ -210,12 +105,12 @@ def _point(row: dict[str, float], key: str = "attack_train") -> tuple[float, flo
     return row[key], row[f"{key}_ci95"]
 
 
-def _kept(run: Run, s: str) -> float:
+def _kept(run: SeedRun, s: str) -> float:
     """Experiment 1: the share of its after-attack backdoor accuracy a scenario keeps after the last round."""
     return run.exp1[s][-1]["attack_train"] / max(run.attack[s]["after"]["attack_train"], 1e-9)
 
 
-def _cost(run: Run, s: str) -> float:
+def _cost(run: SeedRun, s: str) -> float:
     """The defense's price: meta-test accuracy of plain fine-tuning minus the defense's, at the last step."""
     return user_mean(run.exp2[s])[-1]["meta_test"] - user_mean(run.exp3[s])[-1]["meta_test"]
 
@@ -301,7 +196,7 @@ def _fmt(x: float) -> str:
     return "—" if math.isnan(x) else f"{100 * x:.1f}"
 
 
-def summarize(runs: list[Run]) -> tuple[list[dict[str, Any]], str]:
+def summarize(runs: list[SeedRun]) -> tuple[list[dict[str, Any]], str]:
     """Per claim: the per-seed values, the across-seed statistics, and in how many seeds it holds; and the
     markdown table of them."""
     rows, n = [], len(runs)
@@ -341,7 +236,7 @@ def summarize(runs: list[Run]) -> tuple[list[dict[str, Any]], str]:
     return rows, "\n".join(lines)
 
 
-def horizons(runs: list[Run], paper: report.PaperNumbers) -> str:
+def horizons(runs: list[SeedRun], paper: report.PaperNumbers) -> str:
     """The paper's statements at its horizons (50 rounds, 500 steps) beside this profile's last points, mean over
     seeds: Experiment 1's final backdoor accuracy; Experiment 2 from the evaluation's own step count on (its step
     0 is the model before any fine-tuning); the first step at which the defense is within its interval of
@@ -350,7 +245,7 @@ def horizons(runs: list[Run], paper: report.PaperNumbers) -> str:
     def mean(values: list[float]) -> str:
         return report.pct(sum(values) / len(values))
 
-    def first_chance(r: Run, s: str) -> float:
+    def first_chance(r: SeedRun, s: str) -> float:
         curve = user_mean(r.exp3[s])
         hit = [p["step"] for p in curve if p["attack_train"] - p["attack_train_ci95"] <= r.chance]
         return hit[0] if hit else math.nan

@@ -38,7 +38,7 @@ BENIGN_VARIANT = "exclude"  # a rule's price needs one pretrained model
 
 
 @dataclass(frozen=True)
-class Run:
+class RuleRun:
     attacker: str  # naive, adaptive or benign (nobody)
     aggregator: str
     secure: bool = False
@@ -55,16 +55,16 @@ class Run:
         }
 
 
-def runs(variant: str, federation: str, aggregators: list[str]) -> list[Run]:
-    out = [Run("naive", a) for a in aggregators] + [Run("adaptive", ADAPTIVE_RULE)]
+def runs(variant: str, federation: str, aggregators: list[str]) -> list[RuleRun]:
+    out = [RuleRun("naive", a) for a in aggregators] + [RuleRun("adaptive", ADAPTIVE_RULE)]
     if variant == BENIGN_VARIANT:
-        out += [Run("benign", a) for a in aggregators]
+        out += [RuleRun("benign", a) for a in aggregators]
     if federation == SECURE_FEDERATION:
-        out += [Run("naive", a, secure=True) for a in SECURE_RULES]
+        out += [RuleRun("naive", a, secure=True) for a in SECURE_RULES]
     return out
 
 
-def run_params(base: Config, federation: str, run: Run) -> Config:
+def run_params(base: Config, federation: str, run: RuleRun) -> Config:
     attack = None
     if run.attacker == "adaptive":  # it knows the federation's clipping bound
         attack = {"norm_bound": config.with_overrides(base, federation).federation.norm_clip.clip_norm}
@@ -136,7 +136,7 @@ def _run(
     theta: Theta,
     variant: str,
     federation: str,
-    run: Run,
+    run: RuleRun,
     mlflow_run: tracking.Run,
     shared: Round1 | None,
     fingerprint: str,

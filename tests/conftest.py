@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -229,3 +230,31 @@ def background_repros(request: pytest.FixtureRequest) -> Iterator[dict[str, Repr
 def tiny_repo(background_repros: dict[str, Repro]) -> Path:
     """A git + DVC copy of the project's tracked files, on the tiny profile and synthetic archives, reproduced once."""
     return background_repros["tiny_repo"].result()
+
+
+# --- shared by the tests of bad input and of resuming ------------------------
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialised, empty MLflow store; each working dir gets a copy, as MLflow takes seconds to create one."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    code = f"import mlflow; mlflow.set_tracking_uri({f'sqlite:///{db}'!r}); mlflow.search_experiments()"
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    return db
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory, omniglot_dir: Path, store: Path) -> bytes:
+    """The bytes of data/prepared/dataset.pt, prepared once by the CLI on the tiny profile."""
+    from errors_common import run_cli, workdir
+
+    cwd = workdir(tmp_path_factory.mktemp("prepared"), tiny_raw(omniglot_dir), store)
+    done = run_cli(cwd, "prepare")
+    assert done.returncode == 0, done.stderr
+    return (cwd / "data/prepared/dataset.pt").read_bytes()

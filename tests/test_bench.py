@@ -74,7 +74,7 @@ def test_flop_count_matches_torch_flop_counter() -> None:
     """The FLOP limit's arithmetic: training one image and classifying one, as torch's counter sees the naive Conv4."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fedmeta import bench
+    from fedmeta.tools import bench
 
     s = bench.Settings(
         width=4, image_size=16, n_way=3, inner_steps=2, inner_batch=3, eval_steps=1, eval_batch=2, eval_shots=1
@@ -92,7 +92,7 @@ def test_flop_count_matches_torch_flop_counter() -> None:
 
 
 def test_memory_probe_reports_peak_and_growth_from_a_fresh_process() -> None:
-    from fedmeta import bench
+    from fedmeta.tools import bench
 
     s = bench.Settings(threads=1, width=4, inner_steps=1, meta_batches=1)
     m = bench.peak_rss(s, (("fedmeta", "meta_train"),))

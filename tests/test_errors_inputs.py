@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from fedmeta import config, federation, runtime, seeds, tracking
+from fedmeta import config, federation, runtime, seed_runs, tracking
 from fedmeta.engine import node
 from fedmeta.errors import FedmetaError
 
@@ -242,14 +242,14 @@ def test_unreadable_metric_csvs_are_named(tmp_path: Path, text: str, why: str) -
 
 def test_seeds_outside_git_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(FedmetaError) as err:
-        seeds.experiment_ref(tmp_path, "some-exp")
+        seed_runs.experiment_ref(tmp_path, "some-exp")
     assert str(err.value).startswith(f"{tmp_path}: not a git repository; --exp reads DVC experiments from git")
 
 
 def test_seeds_names_a_git_failure(tmp_path: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     with pytest.raises(FedmetaError, match=r"^git show in .*: fatal: "):
-        seeds._git(tmp_path, "show", "no-such-ref:params.yaml")
+        seed_runs._git(tmp_path, "show", "no-such-ref:params.yaml")
 
 
 # --- a node's SuperLink ------------------------------------------------------------------------------------------

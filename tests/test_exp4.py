@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from errors_common import cli_in_process
 
 from fedmeta import config, splits
 from fedmeta.data.omniglot import fetch_archives, load_omniglot
 from fedmeta.regroup import regroup
 
 from conftest import sh, tiny_raw
-from test_errors import cli_in_process
 
 
 def test_regroup_deals_the_classes_as_a_split_with_that_many_users(omniglot_dir: Path) -> None:

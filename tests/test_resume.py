@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from errors_common import run_cli, workdir
 
 from fedmeta import checkpoint, config, model
 from fedmeta.experiment import Experiment
 
 from conftest import cli_env, tiny_raw
-from test_errors import prepared, run_cli, store, workdir  # noqa: F401  (prepared, store: fixtures)
 
 OUTPUTS = ("metrics/pretrain_exclude.json", "metrics/pretrain_exclude.csv")
 

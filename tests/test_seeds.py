@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedmeta import runtime, seeds
+from fedmeta import runtime, seed_runs, seeds
 from fedmeta.errors import FedmetaError
 
 from conftest import REPO, sh
@@ -70,12 +70,12 @@ def repo(tmp_path: Path) -> Path:
 
 
 def sources(repo: Path, *names: str) -> list[tuple[str, str | None]]:
-    return [("the workspace", None)] + [(n, seeds.experiment_ref(repo, n)) for n in names]
+    return [("the workspace", None)] + [(n, seed_runs.experiment_ref(repo, n)) for n in names]
 
 
 def test_claims_are_stated_per_seed_and_marked_where_one_seed_fails(repo: Path) -> None:
     out = repo / "metrics" / "seeds"
-    seeds.collect(repo, sources(repo, "seed-1", "seed-2"), out)
+    seed_runs.collect(repo, sources(repo, "seed-1", "seed-2"), out)
     assert sorted(p.name for p in out.iterdir()) == ["seed_0", "seed_1", "seed_2"]
     assert (out / "seed_2" / "finetune_include" / "c_user3.csv").is_file()
     written = seeds.write(out)
@@ -105,11 +105,11 @@ def test_the_interval_over_seeds_is_students_t() -> None:
 
 def test_collecting_again_replaces_those_seeds_and_keeps_the_others(repo: Path) -> None:
     out = repo / "metrics" / "seeds"
-    seeds.collect(repo, sources(repo, "seed-1"), out)
-    seeds.collect(repo, [("seed-2", seeds.experiment_ref(repo, "seed-2"))], out)
+    seed_runs.collect(repo, sources(repo, "seed-1"), out)
+    seed_runs.collect(repo, [("seed-2", seed_runs.experiment_ref(repo, "seed-2"))], out)
     assert sorted(p.name for p in out.iterdir()) == ["seed_0", "seed_1", "seed_2"]
     write_run(repo, 0, 0.3)
-    seeds.collect(repo, sources(repo), out)
+    seed_runs.collect(repo, sources(repo), out)
     assert json.loads((out / "seed_0" / "attack_include.json").read_text())["c"]["after"]["attack_train"] == 0.3
     assert sorted(p.name for p in out.iterdir()) == ["seed_0", "seed_1", "seed_2"]
 
@@ -117,7 +117,7 @@ def test_collecting_again_replaces_those_seeds_and_keeps_the_others(repo: Path) 
 def test_redraws_from_the_collected_folders_alone(repo: Path) -> None:
     """Once collected, the summary needs neither the experiments nor the workspace's run: a fresh clone redraws it."""
     out = repo / "summary"
-    seeds.collect(repo, sources(repo, "seed-1"), out)
+    seed_runs.collect(repo, sources(repo, "seed-1"), out)
     seeds.write(out)
     first = (out / "report.md").read_text()
     for ref in sh(repo, "git", "for-each-ref", "--format=%(refname)", "refs/exps").split():
@@ -130,17 +130,17 @@ def test_redraws_from_the_collected_folders_alone(repo: Path) -> None:
 def test_refusals_name_the_run_and_what_is_wrong(repo: Path) -> None:
     out = repo / "out"
     with pytest.raises(FedmetaError, match=r"^--exp nope: no DVC experiment has that name"):
-        seeds.experiment_ref(repo, "nope")
-    seeds_1 = seeds.experiment_ref(repo, "seed-1")
+        seed_runs.experiment_ref(repo, "nope")
+    seeds_1 = seed_runs.experiment_ref(repo, "seed-1")
     with pytest.raises(FedmetaError, match=r"^again: seed 1 is already collected from seed-1; each seed once"):
-        seeds.collect(repo, [("seed-1", seeds_1), ("again", seeds_1)], out)
+        seed_runs.collect(repo, [("seed-1", seeds_1), ("again", seeds_1)], out)
     write_run(repo, 0, 0.65, profile="long")
     with pytest.raises(FedmetaError, match=r"^seed-1: parameter profile differs from the workspace's"):
-        seeds.collect(repo, sources(repo, "seed-1"), out)
+        seed_runs.collect(repo, sources(repo, "seed-1"), out)
     assert not out.exists()  # nothing half-written
-    seeds.collect(repo, [("seed-1", seeds_1)], out)
+    seed_runs.collect(repo, [("seed-1", seeds_1)], out)
     with pytest.raises(FedmetaError, match=r"/out/seed_1: parameter profile differs from the workspace's"):
-        seeds.collect(repo, sources(repo), out)  # the folder already there is checked too
+        seed_runs.collect(repo, sources(repo), out)  # the folder already there is checked too
     assert sorted(p.name for p in out.iterdir()) == ["seed_1"]
     with pytest.raises(FedmetaError, match=r"empty: no seed_<n>/ folders"):
         seeds.write(repo / "empty")

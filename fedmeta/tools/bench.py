@@ -62,6 +62,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fedmeta import fast, model, reptile, runtime
+from fedmeta.adam import AdamConfig
+from fedmeta.backend import Backend
 from fedmeta.config import Evaluation, Reptile
 from fedmeta.episodes import Episodes, inner_batches
 from fedmeta.evaluation import FineTune
@@ -208,6 +210,7 @@ class Setup:
     device: torch.device
     theta: Theta
     images: torch.Tensor  # uint8 [pool, C, H, W]
+    backend: Backend  # the pipeline's choice for this device (FEDMETA_ADAPT)
 
     @classmethod
     def make(cls, s: Settings) -> Setup:
@@ -220,7 +223,7 @@ class Setup:
         images = torch.where(strokes, 0, 255).to(torch.uint8)
         if strokes.shape[-1] < s.image_size:  # odd sizes
             images = F.pad(images, (0, s.image_size - images.shape[-1], 0, s.image_size - images.shape[-2]), value=255)
-        return cls(s, dev, theta, images.to(dev))
+        return cls(s, dev, theta, images.to(dev), fast.backend(dev))
 
     def sampler(self, shots: int) -> Callable[[int, torch.Generator], Episodes]:
         def sample(count: int, g: torch.Generator) -> Episodes:
@@ -263,8 +266,9 @@ class Setup:
             self.reptile_cfg(),
             self.s.inner_steps,
             self.s.outer_step,
-            reptile.AdamConfig(lr=self.s.lr),
+            AdamConfig(lr=self.s.lr),
             g,
+            backend=self.backend,
         )
         return n
 
@@ -276,7 +280,7 @@ class Setup:
     def fedmeta_evaluation(self, g: torch.Generator) -> int:
         eps = self.eval_episodes(self.s.eval_episodes, g)
         evaluate(
-            FineTune(reptile.AdamConfig(lr=self.s.lr), "support"),
+            FineTune(AdamConfig(lr=self.s.lr), "support", self.backend),
             self.theta,
             self.images,
             eps,
@@ -413,20 +417,6 @@ def conv_gflops(device: torch.device, width: int, side: int, seconds: float = 0.
     return _best_rate(device, lambda: F.conv2d(h, w, padding=1), 2 * batch * side * side * width * width * 9, seconds)
 
 
-def _adapt_with(impl: str | None, *args: Any) -> Theta:
-    """reptile.adapt with FEDMETA_ADAPT set to `impl` for the call (None: the default choice)."""
-    saved = os.environ.get("FEDMETA_ADAPT")
-    if impl is not None:
-        os.environ["FEDMETA_ADAPT"] = impl
-    try:
-        return reptile.adapt(*args)[0]
-    finally:
-        if saved is None:
-            os.environ.pop("FEDMETA_ADAPT", None)
-        else:
-            os.environ["FEDMETA_ADAPT"] = saved
-
-
 def param_diffs(setup: Setup) -> dict[str, Any]:
     """|θ_naive − θ_fedmeta| over the B episodes of one seeded meta-batch, adapted from the same θ.
 
@@ -444,7 +434,7 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
     g = torch.Generator().manual_seed(s.seed + 7)
     eps = setup.sampler(s.train_shots)(s.meta_batch, g)
     batches = inner_batches(eps.support.shape[1], s.inner_steps, s.inner_batch, s.meta_batch, g)
-    adam = reptile.AdamConfig(lr=s.lr)
+    adam = AdamConfig(lr=s.lr)
     results: dict[tuple[str, torch.dtype], list[Theta]] = {}
 
     def diffs(a: list[Theta], b: list[Theta]) -> torch.Tensor:
@@ -464,7 +454,9 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
         results[("naive", dtype)] = naive(dtype)
         theta, x = inputs(dtype)
         for impl in (None, "vmap") if dtype == torch.float32 else (None,):
-            adapted = _adapt_with(impl, reptile.expand(theta, s.meta_batch), x, eps.support_y, batches, adam)
+            backend = fast.backend(setup.device, impl)
+            params = reptile.expand(theta, s.meta_batch)
+            adapted = reptile.adapt(params, x, eps.support_y, batches, adam, None, backend)[0]
             results[(impl or "fedmeta", dtype)] = [{k: v[j] for k, v in adapted.items()} for j in range(s.meta_batch)]
 
     truth = results[("fedmeta", torch.float64)]
@@ -488,7 +480,9 @@ def param_diffs(setup: Setup) -> dict[str, Any]:
     else:  # the same float64 computation on the CPU
         theta = {k: v.to("cpu", torch.float64) for k, v in setup.theta.items()}
         x = setup.images[eps.support].to("cpu", torch.float64).div_(255)
-        adapted = reptile.adapt(reptile.expand(theta, s.meta_batch), x, eps.support_y.cpu(), batches, adam)[0]
+        cpu = fast.backend(torch.device("cpu"))
+        y = eps.support_y.cpu()
+        adapted = reptile.adapt(reptile.expand(theta, s.meta_batch), x, y, batches, adam, None, cpu)[0]
         on_cpu = [{k: v[j] for k, v in adapted.items()} for j in range(s.meta_batch)]
         extra["max_param_diff_float64_device_vs_cpu"] = float(diffs(truth, on_cpu).max())
     float32 = diffs(results[("fedmeta", torch.float32)], results[("naive", torch.float32)])
@@ -548,7 +542,7 @@ def peak_rss(s: Settings, which: tuple[tuple[str, str], ...] | None = None) -> d
     out: dict[str, float] = {}
     for side, phase in which or tuple((side, phase) for phase in PHASES for side in ("naive", "fedmeta")):
         code = (
-            "from fedmeta.bench import memory_probe; "
+            "from fedmeta.tools.bench import memory_probe; "
             f"memory_probe({json.dumps(json.dumps(asdict(s)))}, {side!r}, {phase!r})"
         )
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -1,0 +1,1 @@
+"""Tools around the research code that no pipeline stage runs: `fedmeta bench`."""
