@@ -26,6 +26,8 @@ from fedmeta.scenarios import SCENARIOS
 
 PREFIX = "depth-"  # the DVC experiments scripts/depth.sh queues: depth-<run>[-<part>]
 PARTS = ("-attack", "-exp1")  # experiments that ran a run's first stages only, the least complete first
+# What each part's stages wrote; the rest of its metrics/ is the baseline commit's, not this run's.
+WROTE = {"-attack": ("attack_", "positions_"), "-exp1": ("attack_", "positions_", "exp1_"), "": ("",)}
 Rows = list[dict[str, Any]]
 
 
@@ -50,6 +52,12 @@ def experiments(repo: Path) -> dict[str, str]:
     return {label: ref for label, (_, ref) in best.items()}
 
 
+def part_of(ref: str) -> str:
+    """The part an experiment ref ran: one of PARTS, or "" for all of a run's stages."""
+    name = ref.rsplit("/", 1)[-1]
+    return next((p for p in PARTS if name.endswith(p)), "")
+
+
 def collect(repo: Path, out: Path, names: list[str] | None = None) -> list[str]:
     """Copy the named depth experiments (default: all that exist) into `out`/<run>/, replacing those runs'
     folders and keeping the others; nothing is written unless every named experiment is found."""
@@ -62,7 +70,12 @@ def collect(repo: Path, out: Path, names: list[str] | None = None) -> list[str]:
             f"found: {', '.join(sorted(found)) or 'none'} (see `dvc exp list`)"
         )
     for label in wanted:
-        files = seed_runs.snapshot(repo, found[label])
+        wrote = WROTE[part_of(found[label])]
+        files = {
+            rel: data
+            for rel, data in seed_runs.snapshot(repo, found[label]).items()
+            if rel == "params.yaml" or rel.removeprefix("metrics/").startswith(wrote)
+        }
         if "params.yaml" not in files or not any(rel.startswith("metrics/attack_") for rel in files):
             raise FedmetaError(f"depth-{label}: no params.yaml and attack metrics there; did it finish?")
         tmp = out / f".{label}.tmp"
@@ -238,6 +251,13 @@ def defense_table(runs: list[DepthRun], paper: report.PaperNumbers) -> str:
     return "\n".join(lines)
 
 
+def _or_pending(table: str, option: str) -> str:
+    """A table, or what to run where no run here has reached its stages yet."""
+    if table.count("\n") > 1:
+        return table
+    return f"No run here has finished these stages yet: `bash scripts/depth.sh {option + ' ' if option else ''}RUN`."
+
+
 def _by_depth(runs: list[DepthRun], value: Any) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """Series for a figure: one per (target output, epochs), seed-0 runs at the continuation's own ε and η only;
     x = attacker episodes, y = value(run, scenario) where it is measured."""
@@ -313,9 +333,9 @@ def write(out: Path) -> list[Path]:
         "## After the attack: where the backdoor sits",
         after_attack_table(runs),
         "## Experiment 1: after 50 benign rounds",
-        persistence_table(runs, paper),
+        _or_pending(persistence_table(runs, paper), "--exp1"),
         "## Experiments 2 and 3: fine-tuning and the defense",
-        defense_table(runs, paper),
+        _or_pending(defense_table(runs, paper), ""),
     ]
     if len(deepest) > 1:
         folders = [out / r.label for r in deepest]

@@ -3,7 +3,6 @@ its attack-only one, each run's attacker read from its params, and the refusals.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,12 +23,9 @@ def commit_as_experiment(repo: Path, name: str, seed: int, episodes: int, epochs
     params["profiles"]["long"].update(attack_episodes=episodes, attack_inner_epochs=epochs)
     params["attack"]["target_output"] = target
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    if name.endswith("-attack"):  # the attack and positions stages only
-        for folder in (repo / "metrics").glob("*_*clude"):
-            if folder.is_dir():
-                shutil.rmtree(folder)
     sh(repo, "git", "add", "-A")
-    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", name)
+    # a part's commit holds the baseline's files of the stages it did not run, as DVC's do
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--allow-empty", "-qm", name)
     sh(repo, "git", "update-ref", f"refs/exps/ab/cdef/{name}", sh(repo, "git", "rev-parse", "HEAD").strip())
 
 
@@ -38,7 +34,7 @@ def repo(tmp_path: Path) -> Path:
     sh(tmp_path, "git", "init", "-q")
     commit_as_experiment(tmp_path, "depth-50000x2", 0, 50000, 2, "fixed")
     commit_as_experiment(tmp_path, "depth-50000x2-attack", 0, 50000, 2, "fixed")
-    commit_as_experiment(tmp_path, "depth-1000x50-random", 0, 1000, 50, "random")
+    commit_as_experiment(tmp_path, "depth-1000x50-random-attack", 0, 1000, 50, "random")
     commit_as_experiment(tmp_path, "seed-1", 1, 50, 2, "fixed")  # not a depth run
     return tmp_path
 
@@ -48,6 +44,7 @@ def test_runs_are_collected_by_name_and_the_full_run_wins(repo: Path) -> None:
     assert depth.collect(repo, out) == ["1000x50-random", "50000x2"]
     assert sorted(p.name for p in out.iterdir()) == ["1000x50-random", "50000x2"]
     runs = {r.label: r for r in depth.load_all(out)}
+    assert not (out / "1000x50-random" / "exp1_exclude").exists()  # an attack-only part's baseline files stay out
     assert runs["50000x2"].attacker == depth.Attacker(50000, 2, "fixed", 0, (1.0, 0.003))
     assert runs["1000x50-random"].attacker.target_output == "random"
     assert set(runs["50000x2"].exp2) == {"a", "b", "c"}
