@@ -100,8 +100,12 @@ def test_invalid_params_are_named(edit: Callable[[dict], None], culprit: str) ->
 
 @pytest.mark.parametrize(
     ("text", "culprit"),
-    [(b"\xff\xfe\x00binary", "not valid YAML"), (b"- a\n- list\n", "expected a mapping")],
-    ids=["binary", "list"],
+    [
+        (b"\x00\x01binary\xfe", "not valid YAML"),
+        (b"\xff\xfe\x00binary", "saved as UTF-16; save it as UTF-8"),
+        (b"- a\n- list\n", "expected a mapping"),
+    ],
+    ids=["binary", "utf16", "list"],
 )
 def test_unreadable_params_file(tmp_path: Path, text: bytes, culprit: str) -> None:
     (tmp_path / "params.yaml").write_bytes(text)

@@ -115,7 +115,9 @@ def test_prepared_dataset_carrying_code_is_refused(tmp_path: Path) -> None:
 def test_cli_unwritable_output_folder(tmp_path: Path, omniglot_dir: Path, store: Path) -> None:
     """`data` is a file, so data/prepared/ cannot be made: an OSError, reported like any bad input."""
     cwd = workdir(tmp_path, tiny_raw(omniglot_dir), store, {"data": b"a file, not a folder"})
-    refused(cwd, "prepare", culprit=("error: data/prepared: Not a directory",))
+    refused(
+        cwd, "prepare", culprit=("error: data/prepared/dataset.pt: cannot write this checkpoint (Not a directory)",)
+    )
 
 
 # --- checkpoints checked against the configured model ---------------------------

@@ -71,7 +71,7 @@ def test_experiment4_stages_reproduce_on_the_tiny_profile(tiny_repo: Path) -> No
     runs = mlflow.search_runs(experiment_names=["fedmeta"], filter_string="tags.stage = 'exp4'")
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
     assert sorted(parents["tags.variant"]) == ["exclude", "include"]  # one run per stage, one child per rule's run
-    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    children = runs[runs["tags.mlflow.parentRunId"].isin(parents["run_id"])]  # below them: each run's curves
     assert len(children) == len(names) and set(children["tags.mlflow.parentRunId"]) == set(parents["run_id"])
     adaptive = children[children["tags.attacker"] == "adaptive"]
     assert set(adaptive["params.attack.norm_bound"]) == {adaptive["params.federation.norm_clip.clip_norm"].iloc[0]}

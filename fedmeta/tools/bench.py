@@ -337,7 +337,7 @@ def _timed(setup: Setup, fn: Callable[[torch.Generator], int], seed: int) -> tup
 def time_phase(setup: Setup, phase: str) -> dict[str, Any]:
     """Alternate naive and project runs (ABBA), after one warm-up of each; medians and their ratio."""
     naive, ours = getattr(setup, f"naive_{phase}"), getattr(setup, f"fedmeta_{phase}")
-    warm = Setup(_warmup_settings(setup.s), setup.device, setup.theta, setup.images)
+    warm = Setup(_warmup_settings(setup.s), setup.device, setup.theta, setup.images, setup.backend)
     getattr(warm, f"naive_{phase}")(torch.Generator().manual_seed(1))
     getattr(warm, f"fedmeta_{phase}")(torch.Generator().manual_seed(1))
     runs: dict[str, list[float]] = {"naive": [], "fedmeta": []}
@@ -521,7 +521,7 @@ def memory_probe(settings_json: str, side: str, phase: str) -> None:
     s = Settings(**json.loads(settings_json))
     _configure(s)
     setup = Setup.make(s)
-    getattr(Setup(_warmup_settings(s), setup.device, setup.theta, setup.images), f"{side}_{phase}")(
+    getattr(Setup(_warmup_settings(s), setup.device, setup.theta, setup.images, setup.backend), f"{side}_{phase}")(
         torch.Generator().manual_seed(1)
     )
     before = _maxrss_mb()
