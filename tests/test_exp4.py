@@ -117,12 +117,16 @@ def test_an_interrupted_stage_resumes_after_its_last_finished_run(
     tiny_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Killed in its third run, the stage keeps the two finished runs and their round-1 work in its state; run
-    again, it computes only the rest, and writes the uninterrupted pipeline's files byte for byte."""
+    again, it computes only the rest, and writes an uninterrupted run's files byte for byte. The uninterrupted run
+    is made in this process too, so that both share whatever kernels earlier tests bound in it."""
     from stages import exp4
 
-    for rel in ("params.yaml", "data/prepared/dataset.pt", "checkpoints/pretrain_exclude.pt"):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(tiny_repo / rel, tmp_path / rel)
+    whole, tmp_path = tmp_path / "whole", tmp_path / "killed"
+    for root in (whole, tmp_path):
+        for rel in ("params.yaml", "data/prepared/dataset.pt", "checkpoints/pretrain_exclude.pt"):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(tiny_repo / rel, root / rel)
+    assert cli_in_process(whole, "exp4", "exclude", "m4").returncode == 0
     names = [r.name for r in exp4.runs("exclude", "m4", ["mean"])]
     calls: list[str] = []
     real = exp4._run
@@ -144,7 +148,7 @@ def test_an_interrupted_stage_resumes_after_its_last_finished_run(
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming an interrupted run (2 done)" in resumed.stderr and calls == names[2:]
     for folder in ("summary", "curves"):
-        ours, theirs = (root / "metrics/exp4" / folder / "exclude-m4" for root in (tmp_path, tiny_repo))
+        ours, theirs = (root / "metrics/exp4" / folder / "exclude-m4" for root in (tmp_path, whole))
         files = sorted(p.relative_to(theirs) for p in theirs.rglob("*.*"))
         assert files and files == sorted(p.relative_to(ours) for p in ours.rglob("*.*"))
         assert all((ours / f).read_bytes() == (theirs / f).read_bytes() for f in files)
