@@ -63,6 +63,8 @@ for run in "${runs[@]}"; do
     dvc exp remove "$name" >/dev/null 2>&1 || true
     dvc exp run --queue -n "$name" "${flags[@]}" "${targets[@]}"
 done
-# One worker: a second would run another experiment beside the first, on the same cores.
-pgrep -f "dvc exp queue-worker" >/dev/null || dvc queue start -j 1 >/dev/null
+# One worker: a second would run another experiment beside the first, on the same cores. PYTHONPATH=. makes each stage
+# import the code of its own experiment folder (.dvc/tmp/exps/...), not this checkout's editable install, so that
+# editing the checkout while a sweep runs cannot enter a queued run.
+pgrep -f "dvc exp queue-worker" >/dev/null || PYTHONPATH=. dvc queue start -j 1 >/dev/null
 echo "depth: queued ${#runs[@]} run(s); follow with 'dvc queue status', collect with 'fedmeta depth'"
