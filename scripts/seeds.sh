@@ -28,7 +28,7 @@ for seed in "$@"; do
     dvc exp run --queue -n "$name" -S "profile=$profile" -S "seed=$seed" "${stages[@]}"
     names+=("$name")
 done
-dvc queue start -j 1 >/dev/null
+PYTHONPATH=. dvc queue start -j 1 >/dev/null  # each stage imports its own experiment folder's code (docs/depth.md)
 state() { dvc queue status | awk -v n="$1" '$2 == n {s = $NF} END {print s}'; }
 for name in "${names[@]}"; do
     while [[ $(state "$name") =~ ^(Queued|Running)$ ]]; do sleep 30; done
