@@ -192,7 +192,9 @@ def meta_test(
     learner: Annotated[
         LearnerName, typer.Option(help="Fine-tuning (Experiment 2) or the matching-network defense (Experiment 3).")
     ] = LearnerName.finetune,
-    episodes: Annotated[int, typer.Option(min=1, help="Meta-test episodes; the pipeline's 40 come first.")] = 400,
+    episodes: Annotated[
+        int, typer.Option(min=2, help="Meta-test episodes (2 at least, for an interval); the pipeline's 40 come first.")
+    ] = 400,
     out: Annotated[Path | None, typer.Option(help="Also write the curve as JSON here.")] = None,
 ) -> None:
     """Meta-test accuracy of one checkpoint over many episodes: the pipeline's estimate with a tighter interval."""

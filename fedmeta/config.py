@@ -34,7 +34,10 @@ MIN_KEY_SIDE = 2  # pixels: a smaller key is no pattern (key.key_pattern)
 MAX_EVAL_EPISODES = 10_000  # paper: 40; also the most `fedmeta meta-test --episodes` takes
 MAX_META_BATCH = 1_000  # paper: 5
 MAX_STEPS = 100_000  # inner or fine-tuning steps of one episode (paper: 10 and 500)
-EvalEpisodes = Annotated[int, Field(gt=0, le=MAX_EVAL_EPISODES)]
+# At least 2: every accuracy is reported with its 95% interval over episodes, and one episode has none (its
+# half-width would print as 0, a certainty it does not have).
+MIN_EVAL_EPISODES = 2
+EvalEpisodes = Annotated[int, Field(ge=MIN_EVAL_EPISODES, le=MAX_EVAL_EPISODES)]
 Steps = Annotated[int, Field(gt=0, le=MAX_STEPS)]
 
 

@@ -76,9 +76,11 @@ def test_the_largest_batches_that_fit_are_accepted() -> None:
     ("key", "value", "bound"),
     [
         ("eval_episodes", 10**9, "profiles.tiny.eval_episodes: Input should be less than or equal to 10000"),
+        ("eval_episodes", 1, "profiles.tiny.eval_episodes: Input should be greater than or equal to 2 (got 1)"),
         ("finetune_steps", 10**9, "profiles.tiny.finetune_steps: Input should be less than or equal to 100000"),
         ("attack_inner_epochs", 10**9, "profiles.tiny.attack_inner_epochs: Input should be less than or equal to"),
     ],
+    ids=["eval_episodes-huge", "eval_episodes-1", "finetune_steps-huge", "attack_inner_epochs-huge"],
 )
 def test_budget_counts_held_at_once_are_bounded(key: str, value: int, bound: str) -> None:
     raw = tiny_raw()
