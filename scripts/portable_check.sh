@@ -16,7 +16,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(ablation continue@exclude continue@include positions@exclude positions@include)
+[ ${#stages[@]} -gt 0 ] || stages=(ablation continue@exclude continue@include positions@exclude positions@include heads@exclude heads@include)
 bash scripts/setup.sh
 export DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true FEDMETA_KERNELS=portable PATH="$PWD/.venv/bin:$PATH"
 [ -n "$(ls data/raw/omniglot/*.zip 2>/dev/null)" ] || { echo "portable_check: no archives in data/raw/omniglot/ (run fedmeta prepare once, or link them there)" >&2; exit 1; }
