@@ -2,7 +2,7 @@
 
 On the CPU, autograd's bookkeeping and the general-purpose kernels it calls dominate a step of Conv4's small
 episodes. This is the same function computed more directly: channels-last activations, the convolutions of blocks
-1–3 and block 0's fused forward and backward from `kernels` (whichever implementation `kernels.select` chose),
+1–3 and block 0's fused forward and backward from `kernels` (whichever implementation `kernels.choose` picked),
 native batch-norm and max-pool kernels, and block 0 (one input channel, nine-tap patches: a poor convolution) with
 batch-norm statistics and weight gradient in closed form from the Gram matrix of the image patches, so that its
 full-size activations are never written to memory.
@@ -266,13 +266,13 @@ def script(fn: Callable[..., T]) -> Callable[..., T]:
         return torch.jit.script(fn)
 
 
-# The four operations `kernels.select` chose for this CPU. Choosing may build and time the C++ kernels, so they are
+# The four operations `kernels.choose` picked for this CPU. Choosing may build and time the C++ kernels, so they are
 # bound on first use (`bind`), never on import: each name below stands for its operation until then.
 OPS = ("_block0_forward", "_block0_backward", "_conv3x3_forward", "_conv3x3_backward")
 
 
 def bind() -> None:
-    """Bind the operations `kernels.select` chooses (once per process) in place of the placeholders below."""
+    """Bind the operations `kernels.choose` picks (once per process) in place of the placeholders below."""
     globals().update(zip(OPS, kernels.ops()))
 
 
