@@ -17,7 +17,7 @@ well. So FEDMETA_KERNELS chooses:
 - `compiled` / `reference`: both families one way, unmeasured;
 - `portable`: both families compiled for x86-64-v3 (AVX2 + FMA) whatever the CPU, ATen's own kernels held to AVX2
   and MKL to the one code path it takes on every x86-64 CPU (`PORTABLE_ENV`, set by `fedmeta/__init__.py` before
-  torch is imported), oneDNN off, and square roots correctly rounded (`model.sqrt`): everything known to pick code
+  torch is imported), oneDNN off, and square roots correctly rounded (`portable.sqrt`): everything known to pick code
   by CPU is pinned, so that AVX-512 and AVX2 machines, Intel or AMD, can compute the same bytes (with the same torch
   build and C++ compiler; docs/performance.md says how far that has been shown).
 Without a C++ compiler (or when the build fails) `auto` and `compiled` run torch's versions, with one warning.
