@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedmeta import model
+from fedmeta import portable
 from fedmeta.model import Theta
 
 
@@ -55,6 +55,6 @@ def adam_update(params: Theta, grads: Theta, state: AdamState, cfg: AdamConfig) 
         g = grads[k]
         state.m[k] = g if cfg.beta1 == 0 else state.m[k].mul(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
         state.v[k] = state.v[k].mul(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
-        denom = model.sqrt(state.v[k]).div_(bc2_sqrt).add_(cfg.eps)
+        denom = portable.sqrt(state.v[k]).div_(bc2_sqrt).add_(cfg.eps)
         new[k] = p.addcdiv(state.m[k], denom, value=-cfg.lr / bc1)
     return new

@@ -12,14 +12,13 @@ all E episodes run together (`vmap`, or the backend's faster computation of the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from fedmeta import model, reptile
+from fedmeta import model, portable, reptile
 from fedmeta.adam import AdamConfig, AdamState, adam_update
 from fedmeta.backend import REFERENCE, Backend
 from fedmeta.config import Config, Defense
@@ -78,15 +77,28 @@ def scales(head: Theta) -> torch.Tensor:
     return head["log_scale"].exp()
 
 
-def _match(
-    f_s: torch.Tensor, f_q: torch.Tensor, support_y: torch.Tensor, head: Theta, n_way: int, exclude: torch.Tensor | None
+def matching_log_probs(
+    f_s: torch.Tensor,
+    f_q: torch.Tensor,
+    support_y: torch.Tensor,
+    head: Theta,
+    n_way: int,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log P(y = l | query, S) [Q, N] from the support and query embeddings (see `matching_log_probs`)."""
+    """log P(y = l | x̂_q, S) [Q, N] for one episode, from the embeddings f_s = f_θ(x_i) of its support set and
+    f_q = f_θ(x̂_q) of its queries.
+
+    score_qi = β_l · cos(α_l ⊙ f(x̂_q), f(x_i)) with l = y_i; attention is a softmax over all support
+    examples and P(l) sums the attention on class l (a mixture of one-hot labels), computed as
+    logsumexp over the class's scores minus logsumexp over all. Embedded with the support set's batch-norm
+    statistics only (as `predict` does), a query's label never depends on other queries.
+    exclude [Q, k] (bool): support examples that may not serve as a query's reference (leave-one-out).
+    """
     onehot = (support_y[:, None] == torch.arange(n_way, device=support_y.device)).to(f_s.dtype)  # [k, N]
     alpha = gates(head)
     # cos(α_l ⊙ q, s_i) = Σ_d α_ld q_d ŝ_id / ‖α_l ⊙ q‖: per-class gates without a [Q, N, D] tensor.
     num = f_q @ ((onehot @ alpha) * F.normalize(f_s, dim=-1)).T  # [Q, k]
-    gated_norm = model.sqrt((f_q.square() @ alpha.square().T).clamp_min(NORM_EPS**2))  # [Q, N]
+    gated_norm = portable.sqrt((f_q.square() @ alpha.square().T).clamp_min(NORM_EPS**2))  # [Q, N]
     scores = num / (gated_norm @ onehot.T) * (onehot @ scales(head))
     if exclude is not None:
         scores = scores.masked_fill(exclude, float("-inf"))
@@ -94,35 +106,12 @@ def _match(
     return per_class - scores.logsumexp(-1, keepdim=True)
 
 
-def matching_log_probs(
-    theta: Theta,
-    head: Theta,
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    query_x: torch.Tensor,
-    n_way: int,
-    exclude: torch.Tensor | None = None,
-    embed: Callable[..., torch.Tensor] = model.embed,
-) -> torch.Tensor:
-    """log P(y = l | x̂_q, S) [Q, N] for one episode.
-
-    score_qi = β_l · cos(α_l ⊙ f(x̂_q), f(x_i)) with l = y_i; attention is a softmax over all support
-    examples and P(l) sums the attention on class l (a mixture of one-hot labels), computed as
-    logsumexp over the class's scores minus logsumexp over all. Batch norm uses the support set's
-    statistics only, so a query's label never depends on other queries.
-    exclude [Q, k] (bool): support examples that may not serve as a query's reference (leave-one-out).
-    embed: f_θ, `model.embed` or the same function computed otherwise (`Backend.per_episode`).
-    """
-    k = support_x.shape[0]
-    emb = embed(theta, torch.cat([support_x, query_x]), k)
-    return _match(emb[:k], emb[k:], support_y, head, n_way, exclude)
-
-
 def _leave_one_out_nll(f_s: torch.Tensor, head: Theta, support_y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """NLL of the support examples `idx`, each classified against the rest of the support set (its own
     copy masked), from the support set's embeddings f_s: the queries are support examples."""
     own = idx[:, None] == torch.arange(f_s.shape[0], device=idx.device)
-    return F.nll_loss(_match(f_s, f_s[idx], support_y, head, head["log_scale"].shape[-1], own), support_y[idx])
+    n_way = head["log_scale"].shape[-1]
+    return F.nll_loss(matching_log_probs(f_s, f_s[idx], support_y, head, n_way, own), support_y[idx])
 
 
 def _leave_one_out_loss(
@@ -251,13 +240,14 @@ class MatchingDefense:
         """Labels [E, Q]: the most probable class under attention over the whole support set."""
         if not isinstance(state, MatchingState):
             return self._softmax.predict(state, support_x, support_y, x)
-        with torch.no_grad():
-            log_probs = self.backend.per_episode(
-                lambda embed, t, h, sx, sy, q: matching_log_probs(t, h, sx, sy, q, self.n_way, embed=embed),
+        k = support_x.shape[1]
+        with torch.no_grad():  # the support set and the queries embedded together, on the support set's statistics
+            log_probs = self.backend.on_features(
+                lambda t, f, h, sy: matching_log_probs(f[:k], f[k:], sy, h, self.n_way),
                 state.theta,
+                (support_x, x),
+                k,
                 state.head,
-                support_x,
                 support_y,
-                x,
             )
         return log_probs.argmax(-1)

@@ -62,16 +62,16 @@ def predict_logits(
     support_plus_query: one batch per query made of the support set plus that query (the reference's alternative).
     """
     n_sup = support_x.shape[1]
+    if bn_mode == "support":
+        return backend.on_features(lambda p, f: model.classifier(p, f)[n_sup:], theta, (support_x, x), n_sup)
+    if bn_mode == "transductive":
+        return backend.on_features(model.classifier, theta, (x,), None)
 
-    def one_episode(embed: Callable[..., torch.Tensor], p: Theta, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        if bn_mode == "support":
-            return model.classifier(p, embed(p, torch.cat([s, q]), n_sup))[n_sup:]
-        if bn_mode == "transductive":
-            return model.classifier(p, embed(p, q))
+    def support_plus_query(p: Theta, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         batches = torch.cat([s.unsqueeze(0).expand(q.shape[0], *s.shape), q.unsqueeze(1)], dim=1)
         return vmap(lambda b: model.logits(p, b)[-1])(batches)
 
-    return backend.per_episode(one_episode, theta, support_x, x)
+    return backend.per_episode(support_plus_query, theta, support_x, x)
 
 
 @dataclass

@@ -7,11 +7,12 @@ and poisoned rounds, and measures a model the way every experiment reports it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 
-from fedmeta import attack, episodes, evaluation, fast, federation, reptile, seeding
+from fedmeta import attack, checkpoint, episodes, evaluation, fast, federation, reptile, runtime, seeding
 from fedmeta.adam import AdamConfig
 from fedmeta.backend import Backend
 from fedmeta.checkpoint import Resume, ThetaSpec
@@ -38,8 +39,8 @@ class Experiment:
     server's rounds (benign, or the attack round with the attacker's boosted update) and the two
     measurements every figure reports (meta-test accuracy; main-task and backdoor accuracy per scenario).
 
-    Each pipeline stage builds one from params.yaml and the prepared data; Experiments 1-4 differ only in
-    which rounds they run and which learner (`finetuner` or the matching defense) they measure with."""
+    Each pipeline stage builds one from params.yaml and the prepared data (`from_prepared`); Experiments 1-4 differ
+    only in which rounds they run and which learner (`finetuner` or the matching defense) they measure with."""
 
     def __init__(self, params: Config, data: FederatedData, device: torch.device) -> None:
         self.params, self.data, self.device = params, data, device
@@ -51,6 +52,17 @@ class Experiment:
         # how episodes are computed (FEDMETA_ADAPT), chosen once here and passed to every computation
         self.backend: Backend = fast.backend(device)
         self.flower: FlowerDeployment | None = None  # started at the first round when federation.engine is flower
+
+    @classmethod
+    def from_prepared(cls, params: Config) -> Experiment:
+        """What a stage runs on: `params` over the prepared dataset (checked to be prepared for them), on the
+        configured device."""
+        return cls(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+
+    def load_theta(self, path: Path) -> Theta:
+        """The model of checkpoint `path` on this experiment's device, refused unless it is the configured Conv4
+        (`theta_spec`)."""
+        return checkpoint.load_theta(path, self.device, self.theta_spec())
 
     def theta_spec(self) -> ThetaSpec:
         """The model every checkpoint this experiment reads must be: the profile's width, the prepared images,

@@ -38,7 +38,7 @@ def initial(
     if rule == "zero":
         return {**params, "fc.weight": torch.zeros_like(weight), "fc.bias": torch.zeros_like(bias)}
     with torch.no_grad():
-        features = backend.per_episode(lambda embed, p, s: embed(p, s, s.shape[0]), params, support_x)  # [E, k, D]
+        features = backend.on_features(lambda p, f: f, params, (support_x,), support_x.shape[1])  # [E, k, D]
         onehot = (support_y[..., None] == torch.arange(weight.shape[1], device=support_y.device)).to(features.dtype)
         prototypes = onehot.transpose(1, 2) @ features / onehot.sum(1)[..., None]  # [E, N, D]
     return {**params, "fc.weight": 2 * prototypes, "fc.bias": -prototypes.square().sum(-1)}

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedmeta import checkpoint, runtime
+from fedmeta import runtime
 from fedmeta.atomic import write_text
 from fedmeta.config import MAX_EVAL_EPISODES, load
 from fedmeta.defense import MatchingDefense
@@ -22,7 +22,6 @@ from fedmeta.errors import FedmetaError
 from fedmeta.evaluation import Learner
 from fedmeta.experiment import Experiment, flat, record_points
 from fedmeta.scenarios import USERS_TAG
-from fedmeta.splits import FederatedData
 
 # Experiment 2's and Experiment 3's learners, as the pipeline builds them, by name
 LEARNERS: dict[str, Callable[[Experiment], Learner]] = {
@@ -41,8 +40,8 @@ def main(
         )
     params = load(params_path)
     runtime.configure(params)
-    exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
-    theta = checkpoint.load_theta(ckpt, exp.device, exp.theta_spec())
+    exp = Experiment.from_prepared(params)
+    theta = exp.load_theta(ckpt)
     chosen = LEARNERS[learner](exp)
     steps = record_points(params.budget.finetune_steps, params.budget.record_every)
     points = exp.meta_test(theta, chosen, steps, USERS_TAG, episodes)

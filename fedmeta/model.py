@@ -15,8 +15,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fedmeta import PORTABLE
-
 Theta = dict[str, torch.Tensor]
 
 BN_EPS = 1e-5
@@ -25,17 +23,6 @@ EMBEDDING_KEYS = frozenset(
     [f"conv{i}.weight" for i in range(BLOCKS)] + [f"bn{i}.{n}" for i in range(BLOCKS) for n in ("weight", "bias")]
 )
 CONV4_KEYS = EMBEDDING_KEYS | {"fc.weight", "fc.bias"}
-
-
-def sqrt(t: torch.Tensor, portable: bool = PORTABLE) -> torch.Tensor:
-    """√t, in portable mode (FEDMETA_KERNELS=portable) the same bits on every CPU.
-
-    Torch's float32 root goes to MKL's vector math, which is not correctly rounded and rounds differently on AMD
-    and Intel CPUs whatever MKL_CBWR says. Portable mode takes the root in float64 and rounds it once: a float64
-    root within an ulp of the exact one rounds to the correctly rounded float32 root (the exact root of a float32
-    never lies that close to a midpoint of two float32 values), which is one value on any CPU.
-    """
-    return t.double().sqrt().to(t.dtype) if portable else t.sqrt()
 
 
 def feature_size(image_size: int) -> int:
@@ -73,7 +60,7 @@ def init_conv4(channels: int, width: int, image_size: int, n_way: int, generator
     return theta
 
 
-def _batch_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_ref: int | None) -> torch.Tensor:
+def batch_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_ref: int | None) -> torch.Tensor:
     """Training-mode BN; with `n_ref`, statistics come from the first `n_ref` samples only.
 
     Their variance is taken in two passes (mean, then mean squared deviation): torch.var_mean over
@@ -88,30 +75,13 @@ def _batch_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_ref
     return torch.addcmul(bias[:, None, None] - mean * scale, h, scale)  # one full-size result, not four
 
 
-def _relu_max_pool(h: torch.Tensor) -> torch.Tensor:
-    """ReLU then 2×2 max-pool. Without autograd (predictions), the maximum of row pairs, then of column
-    pairs, clamped after (max commutes with ReLU): the same values as F.max_pool2d(F.relu(h), 2), which
-    is slow on NCHW tensors on the CPU. With autograd, max_pool2d's own backward, whose
-    ties go to the first maximum as in `fast.conv4.features_backward`."""
-    if torch.is_grad_enabled():
-        return F.max_pool2d(F.relu(h), 2)
-    return relu_max_pool_values(h)
-
-
-def relu_max_pool_values(h: torch.Tensor) -> torch.Tensor:
-    """`_relu_max_pool` without autograd, for h [b, C, H, W] in any memory layout."""
-    rows, cols = h.shape[2] // 2 * 2, h.shape[3] // 2 * 2
-    r = torch.maximum(h[:, :, 0:rows:2, :cols], h[:, :, 1:rows:2, :cols])
-    return torch.maximum(r[:, :, :, 0::2], r[:, :, :, 1::2]).clamp_min_(0)
-
-
 def embed(theta: Theta, x: torch.Tensor, n_ref: int | None = None) -> torch.Tensor:
     """f_θ(x): the flattened output of the four conv blocks (the network without its classifier)."""
     h = x
     for i in range(BLOCKS):
         h = F.conv2d(h, theta[f"conv{i}.weight"], padding=1)
-        h = _batch_norm(h, theta[f"bn{i}.weight"], theta[f"bn{i}.bias"], n_ref)
-        h = _relu_max_pool(h)
+        h = batch_norm(h, theta[f"bn{i}.weight"], theta[f"bn{i}.bias"], n_ref)
+        h = F.max_pool2d(F.relu(h), 2)
     return h.flatten(1)
 
 

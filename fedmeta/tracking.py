@@ -36,7 +36,7 @@ EXPERIMENT = "fedmeta"
 # global switch (top left) says "Model training" (remembered by the browser, or ?workflowType=machine_learning in
 # the URL); on the default "GenAI" it opens experiments on the traces overview whatever this tag says.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-# Tags every run of this process gets, set by the code that knows them: `fast.kernels.select` records which CPU kernels
+# Tags every run of this process gets, set by the code that knows them: `fast.kernels.choose` records which CPU kernels
 # it chose and why (here rather than asked for, so that stages which never run Conv4 do not depend on the kernels).
 PROCESS_TAGS: dict[str, str] = {}
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from fedmeta import checkpoint, runtime
+from fedmeta import runtime
 from fedmeta.defense import MatchingDefense
 from fedmeta.experiment import Experiment, flat
 from fedmeta.scenarios import SCENARIOS, USERS_TAG, VARIANTS
-from fedmeta.splits import FederatedData
 
 # cosine attention, noisy re-initialisation, fine-tuning, the attack
 COMPUTED = ("attention", "reinit", "finetune", "attack")
@@ -34,7 +33,7 @@ KEPT = {
 
 def main() -> None:
     with runtime.stage("ablation") as (params, run):
-        exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+        exp = Experiment.from_prepared(params)
         user, steps = exp.benign[0], params.budget.finetune_steps
         full = MatchingDefense.from_params(params, exp.backend)
         learners = {
@@ -44,7 +43,7 @@ def main() -> None:
             "attack": (full, steps),
         }
         models = {
-            (v, m): checkpoint.load_theta(runtime.CHECKPOINTS / f"{m}_{v}.pt", exp.device, exp.theta_spec())
+            (v, m): exp.load_theta(runtime.CHECKPOINTS / f"{m}_{v}.pt")
             for v in VARIANTS
             for m in ("attacked", "pretrain")
         }

@@ -7,15 +7,14 @@ import time
 from fedmeta import checkpoint, runtime
 from fedmeta.experiment import Experiment
 from fedmeta.scenarios import EXP1_TAG
-from fedmeta.splits import FederatedData
 from stages.common import log_rounds, record_round
 
 
 def main(variant: str) -> None:
     with runtime.stage("attack", variant=variant) as (params, run):
-        exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+        exp = Experiment.from_prepared(params)
         pretrained = runtime.CHECKPOINTS / f"pretrain_{variant}.pt"
-        theta0 = checkpoint.load_theta(pretrained, exp.device, exp.theta_spec())
+        theta0 = exp.load_theta(pretrained)
         # The attacker's training is the long part: saved every checkpoint_every meta-batches (of B episodes),
         # and at most 100 times, since a deep attacker's saves would otherwise cost more than what they protect.
         every = params.budget.checkpoint_every * params.reptile.meta_batch

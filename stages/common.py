@@ -6,18 +6,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from fedmeta import checkpoint, runtime, tracking
+from fedmeta import runtime, tracking
 from fedmeta.evaluation import Learner
 from fedmeta.experiment import Experiment, user_curves
-from fedmeta.splits import FederatedData
 
 EXPERIMENTS = {"finetune": "exp2", "defend": "exp3"}  # the paper's experiment each stage runs, as MLflow tags it
 
 
 def user_curves_stage(stage: str, variant: str, make_learner: Callable[[Experiment], Learner]) -> None:
     with runtime.stage(stage, variant=variant) as (params, run):
-        exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
-        theta = checkpoint.load_theta(runtime.CHECKPOINTS / f"attacked_{variant}.pt", exp.device, exp.theta_spec())
+        exp = Experiment.from_prepared(params)
+        theta = exp.load_theta(runtime.CHECKPOINTS / f"attacked_{variant}.pt")
         curves = user_curves(exp, theta, make_learner(exp), variant)
         out = runtime.METRICS / f"{stage}_{variant}"
         final = {}

@@ -7,16 +7,15 @@ import json
 from fedmeta import checkpoint, runtime
 from fedmeta.experiment import Experiment
 from fedmeta.scenarios import EXP1_TAG
-from fedmeta.splits import FederatedData
 from stages.common import log_rounds, record_round
 
 
 def main(variant: str) -> None:
     with runtime.stage("continue", variant=variant) as (params, run):
-        exp = Experiment(params.continuation(), FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+        exp = Experiment.from_prepared(params.continuation())
         b, include = params.budget, variant == "include"
         attacked = runtime.CHECKPOINTS / f"attacked_{variant}.pt"
-        theta = checkpoint.load_theta(attacked, exp.device, exp.theta_spec())
+        theta = exp.load_theta(attacked)
         attack_rows = json.loads((runtime.METRICS / f"attack_{variant}.json").read_text())
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED, attacked)
         resume = checkpoint.Resume(runtime.STATE / f"continue_{variant}.pt", b.checkpoint_every, fingerprint)

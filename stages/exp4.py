@@ -113,7 +113,7 @@ def main(variant: str, federation: str) -> None:
                 continue
             params = run_params(base, federation, run)
             exp = Experiment(params, data, device)
-            theta = checkpoint.load_theta(pretrained, exp.device, exp.theta_spec())
+            theta = exp.load_theta(pretrained)
             if shared is None and params.federation.engine == "local":
                 shared = Round1(exp, theta, variant == "include", progress, state)
             try:

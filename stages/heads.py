@@ -14,11 +14,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import get_args
 
-from fedmeta import checkpoint, runtime
+from fedmeta import runtime
 from fedmeta.config import Config, Head
 from fedmeta.experiment import Experiment, flat
 from fedmeta.scenarios import ATTACKER_OUTPUT, RANDOM_OUTPUT, USERS_TAG, scenarios_of
-from fedmeta.splits import FederatedData
 
 
 def positions(params: Config) -> dict[str, int | None]:
@@ -30,8 +29,8 @@ def positions(params: Config) -> dict[str, int | None]:
 
 def main(variant: str) -> None:
     with runtime.stage("heads", variant=variant) as (params, run):
-        exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
-        theta = checkpoint.load_theta(runtime.CHECKPOINTS / f"attacked_{variant}.pt", exp.device, exp.theta_spec())
+        exp = Experiment.from_prepared(params)
+        theta = exp.load_theta(runtime.CHECKPOINTS / f"attacked_{variant}.pt")
         user, steps = exp.benign[0], params.budget.finetune_steps
         result: dict[str, dict[str, dict]] = {}
         for rule in runtime.progress(get_args(Head), "heads"):

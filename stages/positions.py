@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import json
 
-from fedmeta import checkpoint, runtime
+from fedmeta import runtime
 from fedmeta.experiment import Experiment, flat
 from fedmeta.scenarios import EXP1_TAG, scenarios_of
-from fedmeta.splits import FederatedData
 
 MODELS = {"pretrained": "pretrain_{}.pt", "attacked": "attacked_{}.pt"}  # before and after the attack round
 ATTACK_POINTS = {"pretrained": "before", "attacked": "after"}  # the same models in metrics/attack_<variant>.json
@@ -28,7 +27,7 @@ def position_key(k: int) -> str:
 
 def main(variant: str) -> None:
     with runtime.stage("positions", variant=variant) as (params, run):
-        exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+        exp = Experiment.from_prepared(params)
         learner, steps = exp.finetuner(), params.evaluation.steps
         every: dict[str, int | None] = {position_key(k): k for k in range(params.evaluation.n_way)}
         every[RANDOM] = None
@@ -37,7 +36,7 @@ def main(variant: str) -> None:
         attack = json.loads((runtime.METRICS / f"attack_{variant}.json").read_text())
         summary: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
         for model, name in MODELS.items():
-            theta = checkpoint.load_theta(runtime.CHECKPOINTS / name.format(variant), exp.device, exp.theta_spec())
+            theta = exp.load_theta(runtime.CHECKPOINTS / name.format(variant))
             positions = every if model == MEASURED_AT_EVERY_OUTPUT else {k: every[k] for k in (measured, RANDOM)}
             for scenario in scenarios_of(variant):
                 points = summary.setdefault(scenario.name, {}).setdefault(model, {})

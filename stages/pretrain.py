@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from fedmeta import checkpoint, figures, model, runtime, tracking
 from fedmeta.experiment import Experiment, flat
-from fedmeta.splits import FederatedData
 
 
 def main(variant: str) -> None:
     with runtime.stage("pretrain", variant=variant) as (params, run):
-        exp = Experiment(params, FederatedData.load(runtime.PREPARED, params), runtime.device_of(params))
+        exp = Experiment.from_prepared(params)
         b, include = params.budget, variant == "include"
         fingerprint = checkpoint.fingerprint(params.model_dump_json(), runtime.PREPARED)
         resume = checkpoint.Resume(runtime.STATE / f"pretrain_{variant}.pt", b.checkpoint_every, fingerprint)

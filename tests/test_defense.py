@@ -109,13 +109,18 @@ def test_start_draws_one_glorot_init_per_episode(theta: model.Theta) -> None:
     assert all(torch.equal(kept.theta[k][1], theta[k]) for k in kept.theta)
 
 
+def embedded(theta: model.Theta, sx: torch.Tensor, qx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(x_i) and f(x̂_q), embedded together on the support set's batch-norm statistics, as `predict` does."""
+    emb = model.embed(theta, torch.cat([sx, qx]), n_ref=len(sx))
+    return emb[: len(sx)], emb[len(sx) :]
+
+
 def reference_log_probs(
     theta: model.Theta, head: model.Theta, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, skip: int | None = None
 ) -> torch.Tensor:
     """The paper's formula written out literally: softmax over β_l·cos(α_l ⊙ f(x̂), f(x_i)), summed per class;
     support example `skip` is no reference (its batch-norm statistics still count)."""
-    emb = model.embed(theta, torch.cat([sx, qx]), n_ref=len(sx))
-    f_s, f_q = emb[: len(sx)], emb[len(sx) :]
+    f_s, f_q = embedded(theta, sx, qx)
     alpha, beta = gates(head), scales(head)
     refs = [i for i in range(len(sx)) if i != skip]
     scores = torch.stack(
@@ -132,7 +137,7 @@ def test_attention_is_a_distribution_over_support_labels(theta: model.Theta) -> 
     head = first(init_head(N_WAY, DIM, 1, torch.device("cpu")))
     head["gate"] = torch.randn(N_WAY, DIM, generator=gen(3))
     head["log_scale"] = torch.randn(N_WAY, generator=gen(4))
-    log_probs = matching_log_probs(theta, head, sx, sy, qx, N_WAY)
+    log_probs = matching_log_probs(*embedded(theta, sx, qx), sy, head, N_WAY)
     probs = log_probs.exp()
     assert probs.shape == (len(qx), N_WAY)
     assert torch.all(probs >= 0)
@@ -145,7 +150,7 @@ def test_exclusion_masks_a_query_own_copy(theta: model.Theta) -> None:
     head = first(init_head(N_WAY, DIM, 1, torch.device("cpu")))
     idx = torch.tensor([0, 3])
     own = idx[:, None] == torch.arange(len(sx))
-    masked = matching_log_probs(theta, head, sx, sy, sx[idx], N_WAY, own)
+    masked = matching_log_probs(*embedded(theta, sx, sx[idx]), sy, head, N_WAY, own)
     for row, i in enumerate(idx.tolist()):
         torch.testing.assert_close(masked[row], reference_log_probs(theta, head, sx, sy, sx[i : i + 1], skip=i)[0])
     torch.testing.assert_close(masked.exp().sum(-1), torch.ones(2))

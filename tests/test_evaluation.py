@@ -84,19 +84,6 @@ def test_episodes_move_to_a_device_whole() -> None:
     assert eps.to(torch.device("cpu")).support.equal(eps.support)
 
 
-def test_inference_pooling_gives_max_pool2d_values_exactly() -> None:
-    """Predictions pool without autograd by pairwise maxima; the values must be max_pool2d's, bit for bit,
-    on even and odd sides (7 → 3 and 3 → 1 drop the last row and column) and with ties and zeros as in binary images."""
-    g = torch.Generator().manual_seed(3)
-    for side in (28, 14, 7, 3):
-        h = torch.randn(3, 4, side, side, generator=g)
-        h[h.abs() < 0.5] = 0.0  # ties at zero, and negative maxima that ReLU clamps
-        h[:, :, 1::2] = h[:, :, 0 : side // 2 * 2 : 2]  # rows tied within each window
-        with torch.no_grad():
-            fast = model._relu_max_pool(h)
-        assert torch.equal(fast, torch.nn.functional.max_pool2d(torch.relu(h), 2))
-
-
 def test_lanes_run_under_the_callers_grad_mode(monkeypatch) -> None:
     """Grad mode is per thread: predictions made under no_grad must not build graphs in the lane threads."""
     from fedmeta.fast import lanes

@@ -9,7 +9,7 @@ from torch.func import grad
 
 from fedmeta import fast, model, reptile
 from fedmeta.adam import AdamConfig, AdamState
-from fedmeta.fast import conv4
+from fedmeta.fast import conv4, stacked
 
 
 @pytest.mark.parametrize("width", [6, 16])  # torch's convolutions, and the compiled Winograd ones (`kernels`)
@@ -30,6 +30,32 @@ def test_hand_written_gradient_equals_autograd(size: int, channels: int, width: 
         assert set(got) == set(ref)
         for k in ref:
             assert torch.allclose(got[k], ref[k], atol=1e-11, rtol=0), k
+
+
+def test_inference_pooling_gives_max_pool2d_values_exactly() -> None:
+    """Predictions (`conv4.embed`, `stacked.embed`) pool without autograd by pairwise maxima; the values must be
+    max_pool2d's, bit for bit, on even and odd sides (7 → 3 and 3 → 1 drop the last row and column) and with ties
+    and zeros as in binary images."""
+    g = torch.Generator().manual_seed(3)
+    for side in (28, 14, 7, 3):
+        h = torch.randn(3, 4, side, side, generator=g)
+        h[h.abs() < 0.5] = 0.0  # ties at zero, and negative maxima that ReLU clamps
+        h[:, :, 1::2] = h[:, :, 0 : side // 2 * 2 : 2]  # rows tied within each window
+        with torch.no_grad():
+            pooled = conv4.relu_max_pool_values(h)
+        assert torch.equal(pooled, torch.nn.functional.max_pool2d(torch.relu(h), 2))
+
+
+@pytest.mark.parametrize("n_ref", [None, 4])
+def test_stacked_predictions_embed_as_the_model_does(n_ref: int | None) -> None:
+    """The stacked backend's embedding for predictions is `model.embed`'s, bit for bit: only the pooling differs,
+    and it gives max_pool2d's values."""
+    g = torch.Generator().manual_seed(5)
+    params = model.init_conv4(1, 8, 30, 5, g)
+    x = torch.rand(6, 1, 30, 30, generator=g)
+    x[:, :, :12, :12] = 1.0  # max-pool ties
+    with torch.no_grad():
+        assert torch.equal(stacked.embed(params, x, n_ref), model.embed(params, x, n_ref))
 
 
 @pytest.mark.parametrize(("size", "channels"), [(28, 1), (30, 1), (36, 3)])

@@ -29,15 +29,15 @@ def compiled() -> None:
     """torch.ops.fedmeta.* loaded (the build this process selected, else the native one), or the test skipped."""
     if not _buildable():
         pytest.skip("no C++ compiler or ninja here: only torch's versions exist")
-    kernels.load_library(kernels.select().build or "native")
+    kernels.load_library(kernels.choose().build or "native")
 
 
 def test_a_compiler_gives_a_measured_choice_and_its_reason() -> None:
     if not _buildable():
         pytest.skip("no C++ compiler or ninja here: torch's versions run (tested below)")
-    chosen = kernels.select()
-    if chosen.choice != "auto":
-        pytest.skip(f"FEDMETA_KERNELS={chosen.choice} is set")
+    chosen = kernels.choose()
+    if chosen.setting != "auto":
+        pytest.skip(f"FEDMETA_KERNELS={chosen.setting} is set")
     assert chosen.build == "native" and set(chosen.families) == set(kernels.FAMILIES)
     assert set(chosen.families.values()) <= {"compiled", "reference"} and "ms compiled against" in chosen.reason
 
@@ -192,7 +192,7 @@ params = {{k: v.double() for k, v in model.init_conv4(1, 4, 16, 3, g).items()}}
 x, y = torch.rand(6, 1, 16, 16, generator=g, dtype=torch.float64), torch.arange(3).repeat(2)
 ref, got = grad(model.loss)(params, x, y), conv4.loss_grad(params, x, y)
 assert all(torch.allclose(got[k], ref[k], atol=1e-11, rtol=0) for k in ref)
-print(kernels.select().backend)
+print(kernels.choose().kind)
 """
 
 
@@ -220,7 +220,7 @@ FIRST_USE = "import torch, fedmeta.fast; fedmeta.fast.backend(torch.device('cpu'
 
 
 def test_importing_the_fast_code_chooses_no_kernels() -> None:
-    out = _run("import fedmeta.fast, fedmeta.experiment; from fedmeta.fast import kernels; print(kernels._selection)")
+    out = _run("import fedmeta.fast, fedmeta.experiment; from fedmeta.fast import kernels; print(kernels._chosen)")
     assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr
 
 
@@ -234,7 +234,7 @@ PORTABLE = """
 import torch
 from fedmeta.fast import kernels
 from fedmeta.fast.kernels import implementations as reference
-assert kernels.select().build == "portable" and torch.backends.cpu.get_cpu_capability() == "AVX2"
+assert kernels.choose().build == "portable" and torch.backends.cpu.get_cpu_capability() == "AVX2"
 g = torch.Generator().manual_seed(3)
 h = torch.randn(2, 64, 7, 7, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
 w = torch.randn(32, 64, 3, 3, generator=g, dtype=torch.float64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
-from fedmeta import fast, model, reptile
+from fedmeta import fast, model, portable, reptile
 from fedmeta.adam import AdamConfig, AdamState, adam_update
 from fedmeta.errors import FedmetaError
 from fedmeta.fast import stacked
@@ -51,7 +51,7 @@ def test_portable_sqrt_is_the_correctly_rounded_root() -> None:
     x = np.concatenate(
         [np.arange(0x3F800000, 0x40800000, 7, dtype=np.uint32).view(np.float32), [0.0, 1e-45, 1.2e-38, 3.4e38]]
     ).astype(np.float32)
-    got = model.sqrt(torch.from_numpy(x), portable=True)
+    got = portable.sqrt(torch.from_numpy(x), portable=True)
     assert got.dtype == torch.float32
     assert np.array_equal(got.numpy().view(np.uint32), np.sqrt(x).view(np.uint32))
 
@@ -60,7 +60,7 @@ def test_portable_adam_on_lanes_is_reptiles_portable_adam(monkeypatch: pytest.Mo
     """The lanes' in-place Adam and `adam_update` take the same portable root, so they stay bit for bit."""
     from fedmeta.fast import conv4
 
-    monkeypatch.setattr(model, "sqrt", functools.partial(model.sqrt, portable=True))
+    monkeypatch.setattr(portable, "sqrt", functools.partial(portable.sqrt, portable=True))
     g = torch.Generator().manual_seed(3)
     p0, v0 = torch.randn(64, 9, generator=g), torch.rand(64, 9, generator=g) * 1e-4
     grads = [torch.randn(64, 9, generator=g) for _ in range(3)]

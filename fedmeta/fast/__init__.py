@@ -21,7 +21,7 @@ import torch
 
 from fedmeta import model
 from fedmeta.adam import AdamConfig, AdamState
-from fedmeta.backend import REFERENCE, Backend, HeadLoss
+from fedmeta.backend import REFERENCE, Backend, HeadLoss, features_then
 from fedmeta.errors import FedmetaError
 from fedmeta.fast import conv4, cpu, lanes, stacked
 from fedmeta.model import Theta
@@ -62,11 +62,18 @@ class Fast:
         return (cpu if self.name == "lanes" else stacked).adapt(theta, x, y, batches, cfg, state)
 
     def per_episode(self, fn: Callable[..., Any], theta: Theta, *args: Any) -> Any:
-        """Under "lanes" the episodes run one by one on the lanes, never under vmap, with `embed` the hand-written
-        forward pass (`conv4.embed`): no autograd through it. Otherwise the reference's vmap."""
+        """Under "lanes" the episodes run one by one on the lanes, never under vmap. Otherwise the reference's vmap."""
         if self.name != "lanes":
             return REFERENCE.per_episode(fn, theta, *args)
-        return lanes.per_episode(lambda *a: fn(conv4.embed, *a), next(iter(theta.values())).shape[0], theta, *args)
+        return lanes.per_episode(fn, next(iter(theta.values())).shape[0], theta, *args)
+
+    def on_features(
+        self, fn: Callable[..., Any], theta: Theta, images: tuple[torch.Tensor, ...], n_ref: int | None, *args: Any
+    ) -> Any:
+        """f_θ by the hand-written forward pass (`conv4.embed`) on the lanes under "lanes", else by `stacked.embed`
+        under vmap: no autograd through either."""
+        embed = conv4.embed if self.name == "lanes" else stacked.embed
+        return self.per_episode(features_then(fn, embed, n_ref), theta, images, *args)
 
     def matching_steps(
         self,

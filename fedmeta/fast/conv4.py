@@ -2,7 +2,7 @@
 
 On the CPU, autograd's bookkeeping and the general-purpose kernels it calls dominate a step of Conv4's small
 episodes. This is the same function computed more directly: channels-last activations, the convolutions of blocks
-1–3 and block 0's fused forward and backward from `kernels` (whichever implementation `kernels.select` chose),
+1–3 and block 0's fused forward and backward from `kernels` (whichever implementation `kernels.choose` picked),
 native batch-norm and max-pool kernels, and block 0 (one input channel, nine-tap patches: a poor convolution) with
 batch-norm statistics and weight gradient in closed form from the Gram matrix of the image patches, so that its
 full-size activations are never written to memory.
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from fedmeta import PORTABLE
 from fedmeta.fast import kernels
 from fedmeta.fast.kernels.implementations import block0_patches
-from fedmeta.model import BLOCKS, BN_EPS, Theta, relu_max_pool_values, sqrt
+from fedmeta.model import BLOCKS, BN_EPS, Theta
+from fedmeta.portable import sqrt
 
 T = TypeVar("T")
 Moments = tuple[torch.Tensor, torch.Tensor]  # Σ patch patchᵀ [9C, 9C] and Σ patch [9C], float64
@@ -40,6 +41,15 @@ def patch_moments(x: torch.Tensor) -> Moments:
         grams.append(torch.bmm(cols, cols.transpose(1, 2)))
         sums.append(cols.sum(-1))
     return torch.cat(grams), torch.cat(sums)
+
+
+def relu_max_pool_values(h: torch.Tensor) -> torch.Tensor:
+    """F.max_pool2d(F.relu(h), 2)'s values, bit for bit, without autograd, for h [b, C, H, W] in any memory layout:
+    the maximum of row pairs, then of column pairs, clamped after (max commutes with ReLU). max_pool2d is slow on
+    the CPU for NCHW tensors, and a prediction needs no pooling indices."""
+    rows, cols = h.shape[2] // 2 * 2, h.shape[3] // 2 * 2
+    r = torch.maximum(h[:, :, 0:rows:2, :cols], h[:, :, 1:rows:2, :cols])
+    return torch.maximum(r[:, :, :, 0::2], r[:, :, :, 1::2]).clamp_min_(0)
 
 
 def _pool(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,13 +276,13 @@ def script(fn: Callable[..., T]) -> Callable[..., T]:
         return torch.jit.script(fn)
 
 
-# The four operations `kernels.select` chose for this CPU. Choosing may build and time the C++ kernels, so they are
+# The four operations `kernels.choose` picked for this CPU. Choosing may build and time the C++ kernels, so they are
 # bound on first use (`bind`), never on import: each name below stands for its operation until then.
 OPS = ("_block0_forward", "_block0_backward", "_conv3x3_forward", "_conv3x3_backward")
 
 
 def bind() -> None:
-    """Bind the operations `kernels.select` chooses (once per process) in place of the placeholders below."""
+    """Bind the operations `kernels.choose` picks (once per process) in place of the placeholders below."""
     globals().update(zip(OPS, kernels.ops()))
 
 

@@ -5,6 +5,7 @@ per-group loops, which bound small episodes. `stacked_loss` lays the episodes' a
 that each layer is a few large kernels (batched matrix products, one batch norm over E·C channels), and one
 autograd pass gives every episode its own gradient; the price is the patch matrices (9× a layer's input) kept for
 the backward pass.
+Predictions (`embed`) stay one episode at a time under `vmap`, pooling without the indices autograd would need.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fedmeta import model
 from fedmeta.adam import AdamConfig, AdamState
-from fedmeta.fast.conv4 import adam_
+from fedmeta.fast.conv4 import adam_, relu_max_pool_values
 from fedmeta.model import BLOCKS, BN_EPS, Theta
 
 
@@ -76,3 +78,13 @@ def adapt(
     state.m, state.v = dict(zip(keys, m)), dict(zip(keys, v))
     state.step += steps
     return dict(zip(keys, p)), state
+
+
+def embed(theta: Theta, x: torch.Tensor, n_ref: int | None = None) -> torch.Tensor:
+    """`model.embed` without autograd, for predictions under `vmap`: the same convolutions and batch norm, then
+    ReLU and max-pool as `conv4.relu_max_pool_values` (max_pool2d's values), which keeps no pooling indices."""
+    h = x
+    for i in range(BLOCKS):
+        h = F.conv2d(h, theta[f"conv{i}.weight"], padding=1)
+        h = relu_max_pool_values(model.batch_norm(h, theta[f"bn{i}.weight"], theta[f"bn{i}.bias"], n_ref))
+    return h.flatten(1)

@@ -627,7 +627,7 @@ def run(s: Settings) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "implementation": fast.implementation(setup.device),
         "lanes": lanes.count(s.meta_batch),
-        "kernels": kernels.select().tags(),
+        "kernels": kernels.choose().tags(),
         "onednn": onednn_isa(),
         "settings": asdict(s),
     }

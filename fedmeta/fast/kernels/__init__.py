@@ -17,7 +17,7 @@ well. So FEDMETA_KERNELS chooses:
 - `compiled` / `reference`: both families one way, unmeasured;
 - `portable`: both families compiled for x86-64-v3 (AVX2 + FMA) whatever the CPU, ATen's own kernels held to AVX2
   and MKL to the one code path it takes on every x86-64 CPU (`PORTABLE_ENV`, set by `fedmeta/__init__.py` before
-  torch is imported), oneDNN off, and square roots correctly rounded (`model.sqrt`): everything known to pick code
+  torch is imported), oneDNN off, and square roots correctly rounded (`portable.sqrt`): everything known to pick code
   by CPU is pinned, so that AVX-512 and AVX2 machines, Intel or AMD, can compute the same bytes (with the same torch
   build and C++ compiler; docs/performance.md says how far that has been shown).
 Without a C++ compiler (or when the build fails) `auto` and `compiled` run torch's versions, with one warning.
@@ -61,14 +61,16 @@ class Ops(NamedTuple):
     conv3x3_backward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-class Selection(NamedTuple):
-    choice: str  # FEDMETA_KERNELS
+class KernelChoice(NamedTuple):
+    """Which implementation of each family this process runs, and why (decided once: `choose`)."""
+
+    setting: str  # FEDMETA_KERNELS
     families: dict[str, str]  # family → "compiled" or "reference"
     build: str  # the compiled library's build ("native", "portable"), "" when none is loaded
     reason: str
 
     @property
-    def backend(self) -> str:
+    def kind(self) -> str:
         """ "compiled", "reference", or "mixed" (one family each way)."""
         kinds = set(self.families.values())
         return kinds.pop() if len(kinds) == 1 else "mixed"
@@ -88,7 +90,7 @@ class Selection(NamedTuple):
         """What a run records of it (MLflow tags, the bench's JSON)."""
         return {
             "kernels": " ".join(f"{f}={k}" for f, k in self.families.items()),
-            "kernels_choice": self.choice,
+            "kernels_choice": self.setting,
             "kernels_build": self.build or "none",
             "kernels_reason": self.reason,
             "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -96,7 +98,7 @@ class Selection(NamedTuple):
         }
 
 
-_selection: Selection | None = None
+_chosen: KernelChoice | None = None
 _loaded: str = ""  # the build whose library this process loaded: two builds register the same op names
 
 
@@ -218,13 +220,13 @@ def measure(rounds: int = 7, calls: int = 5) -> dict[str, dict[str, float]]:
         torch.set_num_threads(threads)
 
 
-def _verdict(build: str) -> Selection:
+def _verdict(build: str) -> KernelChoice:
     """The cached verdict for this CPU and build, or a new measurement (printed once, then cached)."""
     pins = " ".join(f"{k}={os.environ.get(k, '')}" for k in PORTABLE_ENV)
     path = cache_dir() / "kernels" / f"verdict-{_digest(library_name(build), pins, cpu())}.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        return Selection("auto", saved["families"], build, saved["reason"])
+        return KernelChoice("auto", saved["families"], build, saved["reason"])
     times = measure()
     families = {f: "compiled" if t["compiled"] <= MARGIN * t["reference"] else "reference" for f, t in times.items()}
     shown = ", ".join(
@@ -234,7 +236,7 @@ def _verdict(build: str) -> Selection:
     reason = f"measured on this CPU ({build} build, one thread, a Conv4-64 step of batch 10): {shown}"
     write_text(path, json.dumps({"families": families, "reason": reason, "ms": times}, indent=2) + "\n")
     print(f"fedmeta: CPU kernels {reason}; cached in {path.parent}", file=sys.stderr)
-    return Selection("auto", families, build, reason)
+    return KernelChoice("auto", families, build, reason)
 
 
 def _check_portable() -> None:
@@ -250,25 +252,25 @@ def _check_portable() -> None:
         raise FedmetaError("FEDMETA_KERNELS=portable: this CPU lacks AVX2 or FMA, which the x86-64-v3 build needs")
 
 
-def select() -> Selection:
+def choose() -> KernelChoice:
     """The kernels this process runs (decided once per process; see the module docstring), also recorded as
     tags of the process's MLflow runs."""
-    global _selection
-    if _selection is None:
-        _selection = _decide()
-        tracking.PROCESS_TAGS.update(_selection.tags())
+    global _chosen
+    if _chosen is None:
+        _chosen = _decide()
+        tracking.PROCESS_TAGS.update(_chosen.tags())
         run = tracking.current()  # a run started before the first use of the kernels gets the tags too
         if run is not None:
-            for key, value in _selection.tags().items():
+            for key, value in _chosen.tags().items():
                 run.tag(key, value)
-    return _selection
+    return _chosen
 
 
-def _decide() -> Selection:
+def _decide() -> KernelChoice:
     choice = os.environ.get("FEDMETA_KERNELS", "auto")
     if choice not in CHOICES:
         raise FedmetaError(f"FEDMETA_KERNELS: expected one of {', '.join(CHOICES)}, got {choice!r}")
-    reference = Selection(choice, dict.fromkeys(FAMILIES, "reference"), "", "FEDMETA_KERNELS=reference")
+    reference = KernelChoice(choice, dict.fromkeys(FAMILIES, "reference"), "", "FEDMETA_KERNELS=reference")
     if choice == "reference":
         return reference
     if choice == "portable":
@@ -277,7 +279,7 @@ def _decide() -> Selection:
         # oneDNN blocks its convolutions by the CPU's cache sizes, so their sums run in another order on another
         # CPU of the same ISA; ATen's own convolution (patches times an MKL product, which MKL_CBWR pins) does not
         torch.backends.mkldnn.enabled = False
-        return Selection(choice, dict.fromkeys(FAMILIES, "compiled"), "portable", "FEDMETA_KERNELS=portable")
+        return KernelChoice(choice, dict.fromkeys(FAMILIES, "compiled"), "portable", "FEDMETA_KERNELS=portable")
     try:
         load_library("native")
     except Exception as e:  # no compiler, no ninja, a failed build: torch's versions give the same results
@@ -290,10 +292,10 @@ def _decide() -> Selection:
         )
         return reference._replace(reason=f"the compiled kernels could not be built: {reason}")
     if choice == "compiled":
-        return Selection(choice, dict.fromkeys(FAMILIES, "compiled"), "native", "FEDMETA_KERNELS=compiled")
+        return KernelChoice(choice, dict.fromkeys(FAMILIES, "compiled"), "native", "FEDMETA_KERNELS=compiled")
     return _verdict("native")
 
 
 def ops() -> Ops:
     """The chosen implementation of each operation."""
-    return select().ops()
+    return choose().ops()

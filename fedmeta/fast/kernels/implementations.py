@@ -3,7 +3,7 @@
 (`*_reference`).
 
 Both are written in the TorchScript subset of Python (no `from __future__ import annotations`), so that `conv4.script`
-compiles whichever `kernels.select` chose into the scripted step: the reference then runs in the JIT's interpreter
+compiles whichever `kernels.choose` picked into the scripted step: the reference then runs in the JIT's interpreter
 too, without the GIL, and lanes in threads do not queue for it as they would for a Python-registered op.
 """
 
