@@ -351,24 +351,28 @@ def defenses_table(
     ablation: list[dict[str, Any]],
     positions: tuple[str, str],
     ablation_at: str,
+    baseline: str,
 ) -> str:
     """Every user-side defense per scenario, on benign user 2's episodes after the same fine-tuning steps: the head
     rules of `evaluation.head` (stage heads, measured with the target at the attacker's output and at a random one,
     `positions` naming the two measurements) and the matching network with its ablation rows (stage ablation,
     measured at `ablation_at`, one of them). The matching head has no weights of its own per output, so its rows
     stand for both positions; the softmax-head ablation keeps part of the shared head and is shown only where it was
-    measured. Price: meta-test change against the shared head, in points, on the same meta-test episodes."""
+    measured. A head rule's base rate, the same measurement on the pretrained model (`baseline`, a random output),
+    sits beside it: only the excess is the attack's. Price: meta-test change against the shared head, in points, on
+    the same meta-test episodes."""
     lines = [
         "| user-side defense | scenario | backdoor at the attacker's output (train / val) "
-        "| backdoor at a random output (train / val) | main task | meta-test | price (points) | steps |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backdoor at a random output (train / val) | the same, pretrained model | main task | meta-test "
+        "| price (points) | steps |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in sorted(heads):
         base = float(heads[s]["shared"]["meta_test"])
         rows: list[tuple[str, dict[str, dict[str, Any] | None], dict[str, Any]]] = []
         for rule in sorted(heads[s], key=list(HEAD_LABELS).index):
             row = heads[s][rule]
-            rows.append((HEAD_LABELS[rule], {p: row.get(p) for p in positions}, row))
+            rows.append((HEAD_LABELS[rule], {p: row.get(p) for p in (*positions, baseline)}, row))
         for r in ablation:
             if r["scenario"] != s or r["removed"] == "defense":  # "no defense" is the shared head's row
                 continue
@@ -379,7 +383,7 @@ def defenses_table(
             meta = float(row["meta_test"])
             lines.append(
                 f"| {label} | {s} | {_backdoor(at[positions[0]])} | {_backdoor(at[positions[1]])} "
-                f"| {pct(float(main['main'])) if main is not None else '—'} "
+                f"| {_backdoor(at.get(baseline))} | {pct(float(main['main'])) if main is not None else '—'} "
                 f"| {pct(meta)} ± {pct(float(row['meta_test_ci95']))} | {100 * (meta - base):+.1f} | {row['steps']} |"
             )
     return "\n".join(lines)

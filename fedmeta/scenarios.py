@@ -32,6 +32,7 @@ def scenarios_of(variant: str) -> list[Scenario]:
 
 # A measurement with the target at the attacker's output and at a random one: its keys (stage heads, the report).
 ATTACKER_OUTPUT, RANDOM_OUTPUT = "attacker_output", "random_output"
+PRETRAINED = "pretrained"  # the same measurement on the model before the attack, a random output: its base rate
 
 # The episode-draw tags: measurements with the same tag draw the same episodes, so they compare paired.
 EXP1_TAG = "exp1"  # Experiment 1 and positions; Experiment 4's mean rule on M = 4 repeats Experiment 1 exactly

@@ -116,7 +116,7 @@ def test_a_bad_head_is_refused_in_one_line_naming_evaluation_head() -> None:
 
 def test_the_defenses_table_sets_each_defense_beside_the_shared_head() -> None:
     from fedmeta import report
-    from fedmeta.scenarios import ATTACKER_OUTPUT, RANDOM_OUTPUT
+    from fedmeta.scenarios import ATTACKER_OUTPUT, PRETRAINED, RANDOM_OUTPUT
 
     def point(backdoor: float) -> dict[str, float]:
         return {"main": 0.9, "attack_train": backdoor, "attack_val": backdoor}
@@ -129,6 +129,7 @@ def test_the_defenses_table_sets_each_defense_beside_the_shared_head() -> None:
                 "meta_test_ci95": 0.02,
                 ATTACKER_OUTPUT: point(b),
                 RANDOM_OUTPUT: point(0.1),
+                PRETRAINED: point(0.05),
             }
             for rule, meta, b in (("prototype", 0.96, 0.3), ("shared", 0.95, 0.97), ("zero", 0.93, 0.2))
         }
@@ -137,16 +138,18 @@ def test_the_defenses_table_sets_each_defense_beside_the_shared_head() -> None:
         {"removed": removed, "scenario": "a", "steps": 50, "meta_test": 0.90, "meta_test_ci95": 0.03, **point(0.35)}
         for removed in ("none", "attention", "defense")
     ]
-    lines = report.defenses_table(heads, ablation, (ATTACKER_OUTPUT, RANDOM_OUTPUT), ATTACKER_OUTPUT).splitlines()
+    lines = report.defenses_table(
+        heads, ablation, (ATTACKER_OUTPUT, RANDOM_OUTPUT), ATTACKER_OUTPUT, PRETRAINED
+    ).splitlines()
     assert len(lines) == 2 + 5  # header; three heads, the matching network and one ablation row ("defense" is shared)
     first = [line.split(" | ")[0].removeprefix("| ") for line in lines[2:5]]
     assert first == ["none: the shared head (Exp. 2)", "zero head", "prototype head"]  # whatever the files' key order
     zero = next(line for line in lines if line.startswith("| zero head"))
-    assert "| 20.0 / 20.0 | 10.0 / 10.0 | 90.0 | 93.0 ± 2.0 | -2.0 | 50 |" in zero
+    assert "| 20.0 / 20.0 | 10.0 / 10.0 | 5.0 / 5.0 | 90.0 | 93.0 ± 2.0 | -2.0 | 50 |" in zero
     full = next(line for line in lines if "full defense" in line)
-    assert "| 35.0 / 35.0 | 35.0 / 35.0 |" in full and "| -5.0 |" in full  # the matching head is position-free
+    assert "| 35.0 / 35.0 | 35.0 / 35.0 | — |" in full and "| -5.0 |" in full  # the matching head is position-free
     softmax = next(line for line in lines if "softmax head" in line)
-    assert "| 35.0 / 35.0 | — |" in softmax  # part of the shared head: measured only at the attacker's output
+    assert "| 35.0 / 35.0 | — | — |" in softmax  # part of the shared head: measured only at the attacker's output
 
 
 @pytest.mark.pipeline
@@ -161,7 +164,10 @@ def test_the_heads_stage_measures_every_rule_and_repeats_experiment_2_for_the_sh
         assert sorted(heads) == list(scenarios)
         for s in scenarios:
             assert sorted(heads[s]) == sorted(get_args(config.Head))
-            assert all(set(r) >= {"steps", "meta_test", "attacker_output", "random_output"} for r in heads[s].values())
+            assert all(
+                set(r) >= {"steps", "meta_test", "attacker_output", "random_output", "pretrained"}
+                for r in heads[s].values()
+            )
             shared, none = heads[s]["shared"], ablation[f"defense.{s}"]
             assert shared["steps"] == none["steps"] and shared["meta_test"] == none["meta_test"]
             assert all(shared["attacker_output"][k] == none[k] for k in ("main", "attack_train", "attack_val"))
