@@ -141,7 +141,7 @@ class Supervisor:
                 pass
         if mark is not None:
             known = {p.pid for p in family}
-            family += [p for p in _marked(mark) if p.pid not in known]
+            family += [p for p in marked(mark) if p.pid not in known]
         for p in family:
             try:
                 p.send_signal(sig)
@@ -158,7 +158,7 @@ class Supervisor:
             proc.wait()
 
 
-def _marked(mark: str) -> list[psutil.Process]:
+def marked(mark: str) -> list[psutil.Process]:
     """The processes that carry `mark` in their environment (this user's; others' cannot be read)."""
     found = []
     for p in psutil.process_iter():
