@@ -117,10 +117,14 @@ def federation(params: config.Config, data: FederatedData) -> Iterator[Experimen
         yield exp
     finally:
         with alarm(TEST_LIMIT_S):
+            sup = exp.flower.sup if exp.flower is not None else None
             pids = exp.flower.pids() if exp.flower is not None else []
+            # and those a dead SuperNode left to init, found as `stop_all` finds them: by the mark they inherit
+            orphans = [p.pid for p in processes.marked(sup.mark) if p.pid not in pids] if sup is not None else []
             if exp.flower is not None:
                 exp.flower.close()
         assert processes.pids_alive(pids) == [], "a Flower process outlived its federation"
+        assert processes.pids_alive(orphans) == [], "an orphaned Flower process outlived its federation"
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +186,24 @@ def test_a_round_past_its_timeout_is_a_clear_error_and_the_federation_serves_on(
     assert exp.flower.sup is not None and exp.flower.sup.procs["run"].poll() is None
 
 
+def test_a_nan_update_sent_over_flower_is_rejected_on_receipt_naming_its_user(plain) -> None:
+    """A δ with NaN travels through Flower's messages like any other and is refused on receipt by the same
+    `federation.check_update` as on the local engine, with its message, naming the user; the federation serves on.
+    One NaN in θ makes every user's δ NaN, so real SuperNodes send it without any hook in their workers."""
+    exp, theta, _ = plain
+    assert exp.flower is not None and exp.flower.sup is not None
+    bad = {k: v.clone() for k, v in theta.items()}
+    next(iter(bad.values())).view(-1)[0] = float("nan")
+    with pytest.raises(
+        FedmetaError,
+        match=r"^round 2 diverged: user \d+'s update holds NaN or infinite weights; "
+        r"likely cause: profiles\.tiny\.inner_lr",
+    ) as err:
+        exp.round(bad, 2, False)
+    assert "\n" not in str(err.value)
+    assert exp.flower.sup.procs["run"].poll() is None
+
+
 def test_a_bound_port_is_one_line_naming_it(omniglot_dir, tiny_data) -> None:
     params = flower_params(omniglot_dir)
     port = params.federation.flower.port
@@ -212,19 +234,24 @@ def test_a_port_in_time_wait_from_a_stopped_federation_is_free(omniglot_dir) -> 
     processes.check_port(port, "SuperLink")
 
 
-def kill_when_training(sup: processes.Supervisor, name: str, limit: float) -> None:
-    """Stop SuperNode `name` (SIGTERM, SIGKILL after the grace) once its ClientApp process runs: mid-round."""
+def kill_when_training(sup: processes.Supervisor, name: str, limit: float, orphans: list[int]) -> None:
+    """SIGKILL SuperNode `name` alone once its ClientApp process runs, mid-round, as a crash would: its ClientApp
+    is left to init, and its pid goes to `orphans`."""
     proc, deadline = sup.procs[name], time.monotonic() + limit
     while time.monotonic() < deadline:
         try:
-            if any(
-                "flwr-clientapp" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)
-            ):
+            apps = [
+                c.pid
+                for c in psutil.Process(proc.pid).children(recursive=True)
+                if "flwr-clientapp" in " ".join(c.cmdline())
+            ]
+            if apps:
+                orphans += apps
                 break
         except psutil.Error:
             pass
         time.sleep(0.02)
-    sup.stop(name)
+    proc.kill()
 
 
 def test_a_supernode_killed_mid_round_leaves_the_next_users_in_order(plain) -> None:
@@ -234,7 +261,8 @@ def test_a_supernode_killed_mid_round_leaves_the_next_users_in_order(plain) -> N
     selection = select(exp.params, "1", False)
     victim = selection.order[0]
     assert exp.flower is not None and exp.flower.sup is not None
-    killer = threading.Thread(target=kill_when_training, args=(exp.flower.sup, f"supernode{victim}", 60.0))
+    orphans: list[int] = []
+    killer = threading.Thread(target=kill_when_training, args=(exp.flower.sup, f"supernode{victim}", 60.0, orphans))
     killer.start()
     started = time.monotonic()
     got = exp.round(theta, 1, False)
@@ -248,6 +276,10 @@ def test_a_supernode_killed_mid_round_leaves_the_next_users_in_order(plain) -> N
     work = LocalWork("1", applied, [local.local_model(theta, u, 1, "1", False) for u in applied])
     want = local.round(theta, 1, False, work=work)
     assert all(torch.equal(got[k], want[k]) for k in want)
+    assert orphans, "the SuperNode was killed before its ClientApp ran"
+    # an orphan still running carries the federation's mark, by which `stop_all` (and the fixture's check) find it
+    marked = {p.pid for p in processes.marked(exp.flower.sup.mark)}
+    assert set(processes.pids_alive(orphans)) <= marked
 
 
 def test_secagg_plus_equals_the_plain_mean_within_quantization_and_lets_the_boosted_update_through(secagg) -> None:
