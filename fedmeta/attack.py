@@ -11,6 +11,10 @@
    attack's own Adam rate, resumable because it is by far the longest piece of work in the pipeline.
 4. Boosting (`boosted_update`): δ = λ(θ_local − θ_G), so the one poisoned update survives averaging;
    an adaptive attacker then scales it to just under the server's clipping bound.
+
+`attack.kind` picks when and where the attacker writes (docs/attacks.md): the paper's one shot in round 1
+(`oneshot`); the same shot confined to the coordinates benign users change least (`neurotoxin`, `keep_mask`);
+or the paper's shot again every `attack.every` rounds (`repeated`, `takes_part`).
 """
 
 from __future__ import annotations
@@ -72,8 +76,11 @@ def train(
     resume: Resume | None = None,
     *,
     backend: Backend,
+    keep: Theta | None = None,
 ) -> Theta:
-    """The attacker's long local training from the global model `theta`, drawing from `g`, computed by `backend`.
+    """The attacker's long local training from the global model `theta`, drawing from `g`, computed by `backend`;
+    with Neurotoxin's `keep` (`keep_mask`) every step moves only the kept coordinates, so its update is zero on
+    the others.
 
     `resume` saves it after meta-batches (with the generator's and Adam's state, so a restart replays the
     rest exactly) and restarts it from the last save; a diverged state is never saved over a good one."""
@@ -104,8 +111,43 @@ def train(
             resume.save(done, {"theta": now, "adam": adam_state, "rng": g.get_state()})
 
     return reptile.meta_train(
-        local, images, sample, b.attack_episodes, r, steps, b.outer_step, adam, g, start, state, save, backend=backend
+        local,
+        images,
+        sample,
+        b.attack_episodes,
+        r,
+        steps,
+        b.outer_step,
+        adam,
+        g,
+        start,
+        state,
+        save,
+        backend=backend,
+        keep=keep,
     )
+
+
+def takes_part(p: Config, rnd: int) -> bool:
+    """Whether the attacker is among the users of round `rnd` after pretraining: round 1, the paper's attack round,
+    for every kind; with attack.kind repeated also every attack.every rounds after it (rounds 1, 1 + every, …),
+    an attacker that keeps coming back instead of hoping its one shot lasts."""
+    return rnd == 1 or (p.attack.kind == "repeated" and (rnd - 1) % p.attack.every == 0)
+
+
+def keep_mask(benign: Theta, topk: float) -> Theta:
+    """Neurotoxin's mask (Zhang et al. 2022): False on the `topk` % coordinates of the benign update `benign` that
+    are largest in magnitude, ranked over the whole model at once as the authors' code does by default, True on the
+    rest (at least one coordinate is masked). Benign users change those coordinates most; a backdoor written only
+    in the others is overwritten least by the rounds that follow."""
+    flat = torch.cat([v.detach().flatten().abs() for v in benign.values()])
+    masked = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    masked[torch.topk(flat, max(1, round(flat.numel() * topk / 100))).indices] = True
+    keep, at = {}, 0
+    for k, v in benign.items():
+        keep[k] = ~masked[at : at + v.numel()].view_as(v)
+        at += v.numel()
+    return keep
 
 
 def boosted_update(local: Theta, theta: Theta, p: Config) -> Theta:

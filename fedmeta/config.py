@@ -223,11 +223,20 @@ def aggregation_problem(fed: Federation) -> str | None:
     return None
 
 
+AttackKind = Literal["oneshot", "neurotoxin", "repeated"]  # docs/attacks.md: each one's source and mechanics
+
+
 class Attack(Strict):
+    # oneshot: the paper's, round 1 only; neurotoxin: the same round, its steps off the benign update's largest
+    # coordinates (Zhang et al. 2022); repeated: also every `every` rounds after it (multi-shot, fixed frequency)
+    kind: AttackKind = "oneshot"
     boost: Annotated[float, Field(gt=0.0, le=MAX_BOOST, allow_inf_nan=False)] = 3.0  # λ
     lr: LearningRate = 0.001
     norm_bound: PosFloat | None = None  # adaptive attacker: its update rescaled to just under this L2 norm; null: naive
     target_output: Literal["fixed", "random"] = "fixed"  # the target's output in its episodes: N - 1, or random
+    every: PosInt = 3  # repeated: the attacker takes part in rounds 1, 1 + every, 1 + 2·every, …
+    # neurotoxin: % of coordinates masked, the largest in magnitude of the benign update (the paper's code: 1)
+    neurotoxin_topk: Annotated[float, Field(gt=0.0, lt=100.0, allow_inf_nan=False)] = 1.0
 
 
 class Override(Strict):

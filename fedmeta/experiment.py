@@ -52,6 +52,8 @@ class Experiment:
         # how episodes are computed (FEDMETA_ADAPT), chosen once here and passed to every computation
         self.backend: Backend = fast.backend(device)
         self.flower: FlowerDeployment | None = None  # started at the first round when federation.engine is flower
+        # by round: whom a filtering rule (multi_krum, flame) kept and rejected, for Experiment 4's detection rates
+        self.screenings: dict[int, federation.Screening] = {}
 
     @classmethod
     def from_prepared(cls, params: Config) -> Experiment:
@@ -84,8 +86,11 @@ class Experiment:
         return sum(len(self.data.train_idx[c]) for c in self.classes(user, include_backdoor))
 
     def _benign_local(self, theta: Theta, user: int, rnd: str, include_backdoor: bool) -> Theta:
-        classes, r = self.classes(user, include_backdoor), self.params.reptile
-        shots = self.params.spec.train_shots
+        return self._reptile(theta, self.classes(user, include_backdoor), self.gen("local", rnd, user))
+
+    def _reptile(self, theta: Theta, classes: list[int], g: torch.Generator) -> Theta:
+        """A benign user's local training from θ_G = `theta`: Reptile on episodes of `classes`, drawn from `g`."""
+        r, shots = self.params.reptile, self.params.spec.train_shots
 
         def sample(count: int, g: torch.Generator) -> episodes.Episodes:
             return episodes.training(self.data, classes, r.n_way, shots, count, g)
@@ -99,7 +104,7 @@ class Experiment:
             r.inner_steps,
             self.params.budget.outer_step,
             self.adam,
-            self.gen("local", rnd, user),
+            g,
             backend=self.backend,
         )
 
@@ -110,8 +115,19 @@ class Experiment:
         Reptile on its own episodes, or the attacker's poisoned training (`resume`: resumable)."""
         if user == self.attacker:
             g = self.gen("attack", rnd)
-            return attack.train(self.params, self.data, self.images, theta, rnd, g, resume, backend=self.backend)
+            keep = self.neurotoxin_keep(theta, rnd) if self.params.attack.kind == "neurotoxin" else None
+            return attack.train(
+                self.params, self.data, self.images, theta, rnd, g, resume, backend=self.backend, keep=keep
+            )
         return self._benign_local(theta, user, key, include_backdoor)
+
+    def neurotoxin_keep(self, theta: Theta, rnd: int) -> Theta:
+        """Neurotoxin's mask for the attack in round `rnd` (`attack.keep_mask`, docs/attacks.md). Its benign update
+        is the one the attacker makes itself from θ_G = `theta`, as a benign user, on its own clean classes: no
+        aggregate reaches it before round 1 (it is never selected in pretraining, and fedmeta keeps only the
+        pretrained model), and the benign users of this round start from the same θ_G."""
+        benign = self._reptile(theta, self.classes(self.attacker, False), self.gen("neurotoxin", rnd))
+        return attack.keep_mask(federation.update(benign, theta), self.params.attack.neurotoxin_topk)
 
     def upload(self, theta: Theta, user: int, local: Theta) -> Theta:
         """What user `user` sends the server after training `local` from `theta`: δ = θ_local − θ_G, the attacker's
@@ -151,7 +167,7 @@ class Experiment:
         if self.params.federation.engine == "flower":  # the same round, the users in their own processes
             if self.flower is None:
                 self.flower = FlowerDeployment(self.params, self.data)
-            return self.flower.round(theta, rnd, key, include_backdoor, with_attacker, resume)
+            return self._served(rnd, self.flower.round(theta, rnd, key, include_backdoor, with_attacker, resume))
 
         def train(user: int) -> Theta:
             return self.local_model(theta, user, rnd, key, include_backdoor, resume)
@@ -162,7 +178,12 @@ class Experiment:
             uploads = [self.upload(theta, u, m) for u, m in zip(users, local)]
             return federation.Uploads(users, uploads, [self.dataset_size(u, include_backdoor) for u in users])
 
-        return federation.server_round(self.params, theta, key, with_attacker, clients)
+        return self._served(rnd, federation.server_round(self.params, theta, key, with_attacker, clients))
+
+    def _served(self, rnd: int, served: federation.Served) -> Theta:
+        if served.screening is not None:
+            self.screenings[rnd] = served.screening
+        return served.theta
 
     def close(self) -> None:
         """Stop this experiment's Flower federation, if it started one (a stage that runs several experiments

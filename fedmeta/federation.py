@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fedmeta import secure, seeding
-from fedmeta.config import Config, Federation
+from fedmeta.config import Config, Federation, MultiKrum
 from fedmeta.errors import Diverged, FedmetaError
 from fedmeta.model import Theta
 
@@ -53,6 +53,27 @@ class Uploads(NamedTuple):
     sizes: list[int]
 
 
+@dataclass(frozen=True)
+class Screening:
+    """What a filtering rule (multi_krum, flame) did with a round's uploads: of the applied `users`, those whose
+    update it `kept`; it rejected the rest. Experiment 4's detection rates are read off it (`fedmeta.detection`)."""
+
+    users: list[int]
+    kept: list[int]
+
+    @property
+    def rejected(self) -> list[int]:
+        return [u for u in self.users if u not in self.kept]
+
+
+class Served(NamedTuple):
+    """A round's outcome on the server: the new θ_G, and the filtering rule's screening (None: every update
+    counted, as under mean, norm_clip, median, trimmed_mean and secure aggregation)."""
+
+    theta: Theta
+    screening: Screening | None
+
+
 PRETRAINING = "pretrain-"
 
 
@@ -80,10 +101,11 @@ def select(params: Config, key: str, with_attacker: bool) -> Selection:
 
 def server_round(
     params: Config, theta: Theta, key: str, with_attacker: bool, clients: Callable[[Selection], Uploads]
-) -> Theta:
+) -> Served:
     """One round of the server, θ_G ← θ_G + aggregate(δ_1, …, δ_n): select the users, hand the selection to
     the engine's `clients` (which trains them, here or on their SuperNodes, and returns what was uploaded),
-    weight the uploads α_i, mask them under secure aggregation, apply this round's rule, and check the result."""
+    weight the uploads α_i, mask them under secure aggregation, apply this round's rule, and check the result;
+    a filtering rule's screening comes with it."""
     fed = params.federation
     got = clients(select(params, key, with_attacker))
     for u, d in zip(got.users, got.deltas):  # on receipt, before any rule reads them
@@ -98,9 +120,9 @@ def server_round(
     if fed.secure_aggregation:
         users = got.users
         sent = secure.mask(sent, alphas, lambda i, j: seeding.generator(params.seed, "secagg", key, users[i], users[j]))
-    new = aggregate(theta, sent, alphas, fed, seeding.generator(params.seed, "aggregate", key))
+    new, kept = aggregate_kept(theta, sent, alphas, fed, seeding.generator(params.seed, "aggregate", key))
     check(params, key, new, masked=False)
-    return new
+    return Served(new, None if kept is None else Screening(got.users, [got.users[i] for i in kept]))
 
 
 def _cause(params: Config, user: int) -> str:
@@ -194,13 +216,15 @@ def _weighted(deltas: list[Theta], alphas: list[float]) -> Theta:
     return {k: sum(a * d[k] for a, d in zip(alphas, deltas)) for k in deltas[0]}
 
 
-# --- the rules: each returns the step Σ and the std of the Gaussian noise added to it --------------
+# --- the rules: each returns the step Σ, the std of the Gaussian noise added to it, and the updates it kept ----
+
+Step = tuple[Theta, float, list[int] | None]  # the step, its noise's std, the indices kept (None: all of them)
 
 
-def _norm_clip(deltas: list[Theta], alphas: list[float], rule: Federation) -> tuple[Theta, float]:
+def _norm_clip(deltas: list[Theta], alphas: list[float], rule: Federation) -> Step:
     """Sun et al. 2019: every δ_i clipped to L2 norm clip_norm, the weighted mean, optional noise (weak DP)."""
     c = rule.norm_clip
-    return _weighted([clip(d, c.clip_norm) for d in deltas], alphas), c.noise
+    return _weighted([clip(d, c.clip_norm) for d in deltas], alphas), c.noise, None
 
 
 def _arrays(deltas: list[Theta], alphas: list[float]) -> list[tuple[list[np.ndarray], float]]:
@@ -213,27 +237,39 @@ def _tensors(arrays: list[np.ndarray], like: Theta) -> Theta:
     return {k: torch.from_numpy(np.asarray(a)).to(like[k]) for k, a in zip(like, arrays)}
 
 
-def _median(deltas: list[Theta], alphas: list[float], rule: Federation) -> tuple[Theta, float]:
+def _median(deltas: list[Theta], alphas: list[float], rule: Federation) -> Step:
     """Yin et al. 2018: the coordinate-wise median (weights ignored)."""
     from flwr.server.strategy.aggregate import aggregate_median
 
-    return _tensors(aggregate_median(_arrays(deltas, alphas)), deltas[0]), 0.0
+    return _tensors(aggregate_median(_arrays(deltas, alphas)), deltas[0]), 0.0, None
 
 
-def _trimmed_mean(deltas: list[Theta], alphas: list[float], rule: Federation) -> tuple[Theta, float]:
+def _trimmed_mean(deltas: list[Theta], alphas: list[float], rule: Federation) -> Step:
     """Yin et al. 2018: per coordinate, drop the ⌊βn⌋ largest and smallest values and average the rest."""
     from flwr.server.strategy.aggregate import aggregate_trimmed_avg
 
-    return _tensors(aggregate_trimmed_avg(_arrays(deltas, alphas), rule.trimmed_mean.beta), deltas[0]), 0.0
+    return _tensors(aggregate_trimmed_avg(_arrays(deltas, alphas), rule.trimmed_mean.beta), deltas[0]), 0.0, None
 
 
-def _multi_krum(deltas: list[Theta], alphas: list[float], rule: Federation) -> tuple[Theta, float]:
-    """Blanchard et al. 2017: score each δ_i by the squared distances to its n − f − 2 nearest others,
-    keep the m best and take their α-weighted mean (m = 1: Krum)."""
-    from flwr.server.strategy.aggregate import aggregate_krum
+def krum_kept(deltas: list[Theta], rule: MultiKrum) -> list[int]:
+    """Multi-Krum's filter (Blanchard et al. 2017): score each δ_i by the sum of its squared distances to its
+    n − f − 2 nearest others and keep the m lowest scores, in the order Flower's `aggregate_krum` averages them.
+    Flower's helper returns only the average; fedmeta needs to know whom it kept (`Screening`), so the selection
+    is stated here, on Flower's own distance matrix, and Flower's `aggregate` averages what it keeps."""
+    from flwr.server.strategy.aggregate import _compute_distances
 
-    k = rule.multi_krum
-    return _tensors(aggregate_krum(_arrays(deltas, alphas), k.f, k.m), deltas[0]), 0.0
+    dist = _compute_distances([[v.detach().cpu().numpy() for v in d.values()] for d in deltas])
+    closest = max(1, len(deltas) - rule.f - 2)
+    scores = [np.sum(dist[i, np.argsort(dist[i])[1 : closest + 1].tolist()]) for i in range(len(deltas))]
+    return [int(i) for i in np.argsort(scores)[::-1][len(scores) - rule.m :]]
+
+
+def _multi_krum(deltas: list[Theta], alphas: list[float], rule: Federation) -> Step:
+    """Blanchard et al. 2017: the m updates `krum_kept` keeps, their α-weighted mean (m = 1: Krum)."""
+    from flwr.server.strategy.aggregate import aggregate
+
+    kept, results = krum_kept(deltas, rule.multi_krum), _arrays(deltas, alphas)
+    return _tensors(aggregate([results[i] for i in kept]), deltas[0]), 0.0, kept
 
 
 def flame_admitted(deltas: list[Theta]) -> list[int]:
@@ -260,21 +296,23 @@ def flame_admitted(deltas: list[Theta]) -> list[int]:
     return [i for i, label in enumerate(labels) if label != -1]
 
 
-def _flame(deltas: list[Theta], alphas: list[float], rule: Federation) -> tuple[Theta, float]:
+def _flame(deltas: list[Theta], alphas: list[float], rule: Federation) -> Step:
     """Nguyen et al. 2022: the majority cluster's updates (flame_admitted), each clipped at S, the median norm
     of all updates, their α-weighted mean (α renormalised over them), and Gaussian noise of std λS.
     No cluster at all rejects every update: the step is the noise alone."""
     admitted = flame_admitted(deltas)
     s = float(np.median([norm(d) for d in deltas]))
     if not admitted:
-        return {k: torch.zeros_like(v) for k, v in deltas[0].items()}, rule.flame.noise * s
+        return {k: torch.zeros_like(v) for k, v in deltas[0].items()}, rule.flame.noise * s, admitted
     total = sum(alphas[i] for i in admitted)
-    return _weighted(
-        [clip(deltas[i], s) for i in admitted], [alphas[i] / total for i in admitted]
-    ), rule.flame.noise * s
+    return (
+        _weighted([clip(deltas[i], s) for i in admitted], [alphas[i] / total for i in admitted]),
+        rule.flame.noise * s,
+        admitted,
+    )
 
 
-RULES: dict[str, Callable[[list[Theta], list[float], Federation], tuple[Theta, float]]] = {
+RULES: dict[str, Callable[[list[Theta], list[float], Federation], Step]] = {
     "norm_clip": _norm_clip,
     "median": _median,
     "trimmed_mean": _trimmed_mean,
@@ -296,16 +334,29 @@ def aggregate(
     rule: Federation = Federation(),
     g: torch.Generator | None = None,
 ) -> Theta:
-    """θ_G + the rule's step. `rule` is the `federation` configuration (aggregator and its hyperparameters);
-    `g` draws the rule's noise, if any, on the CPU. Under secure aggregation `deltas` are the masked
-    uploads of `secure.mask` (each client's α_i δ_i, α_i being public): the server can only add them up."""
+    """θ_G + the rule's step (`aggregate_kept`, without the record of whom a filtering rule kept)."""
+    return aggregate_kept(theta, deltas, alphas, rule, g)[0]
+
+
+def aggregate_kept(
+    theta: Theta,
+    deltas: list[Theta],
+    alphas: list[float],
+    rule: Federation = Federation(),
+    g: torch.Generator | None = None,
+) -> tuple[Theta, list[int] | None]:
+    """θ_G + the rule's step, and the indices of the updates a filtering rule kept (None: it used them all).
+    `rule` is the `federation` configuration (aggregator and its hyperparameters); `g` draws the rule's noise,
+    if any, on the CPU. Under secure aggregation `deltas` are the masked uploads of `secure.mask` (each client's
+    α_i δ_i, α_i being public): the server can only add them up."""
+    kept = None
     if rule.secure_aggregation:
         step, std = secure.unmask_sum(deltas, theta), rule.norm_clip.noise if rule.aggregator == "norm_clip" else 0.0
     elif rule.aggregator == "mean":
-        return {k: theta[k] + sum(a * d[k] for a, d in zip(alphas, deltas)) for k in theta}
+        return {k: theta[k] + sum(a * d[k] for a, d in zip(alphas, deltas)) for k in theta}, None
     else:
-        step, std = RULES[rule.aggregator](deltas, alphas, rule)
+        step, std, kept = RULES[rule.aggregator](deltas, alphas, rule)
     if std > 0:
         noise = _noise(theta, std, g)
         step = {k: step[k] + noise[k] for k in theta}
-    return {k: theta[k] + step[k] for k in theta}
+    return {k: theta[k] + step[k] for k in theta}, kept

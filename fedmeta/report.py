@@ -69,24 +69,40 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 
 
+def lifespan(rows: list[dict[str, Any]]) -> int | None:
+    """How long Experiment 1's backdoor lives: the first round from which its accuracy (attack training) stays
+    within the pretrained model's interval, round 0's accuracy ± its 95 % half-width, at every later measured
+    round; None while it is still outside at the last one. 1: the attack round itself left it there, so the
+    attack never lifted it measurably. A repeated attacker's later rounds count like any other."""
+    before = next(r for r in rows if r["round"] == 0)
+    low, high = (before["attack_train"] + s * before["attack_train_ci95"] for s in (-1, 1))
+    life = None
+    for r in sorted((r for r in rows if r["round"] > 0), key=lambda r: r["round"], reverse=True):
+        if not low <= r["attack_train"] <= high:
+            break
+        life = r["round"]
+    return life
+
+
 def exp1_table(curves: dict[str, list[dict[str, Any]]], paper: PaperNumbers) -> str:
+    """Experiment 1 beside the paper, with the backdoor's lifespan (`lifespan`; '> N': it outlived round N)."""
     p = paper.dataset
     lines = [
         f"| scenario | paper ({p}): after attack (train / val) | ours: after attack (train / val, meta-test) "
         f"| paper ({p}): after continuation "
-        "| ours: after continuation (round, train / val, meta-test) |",
-        "|---|---|---|---|---|",
+        "| ours: after continuation (round, train / val, meta-test) | lifespan (round) |",
+        "|---|---|---|---|---|---|",
     ]
     for s in sorted(curves):
         rows = curves[s]
-        after, last = rows[1], rows[-1]
+        after, last, life = rows[1], rows[-1], lifespan(rows)
         (pa, pv), (ca, cv) = paper.exp1[s]
         lines.append(
             f"| {s} | {pa} / {pv} (meta-test {paper.exp1_meta_test[s]}; before the attack {paper.meta_test_before}) "
             f"| {pct(after['attack_train'])} / {pct(after['attack_val'])}, {pct(after['meta_test'])} "
             f"| {ca} / {cv} ({paper.continuation_rounds} rounds) "
             f"| round {last['round']}: {pct(last['attack_train'])} / {pct(last['attack_val'])}, "
-            f"{pct(last['meta_test'])} |"
+            f"{pct(last['meta_test'])} | {life if life is not None else '> ' + str(last['round'])} |"
         )
     return "\n".join(lines)
 
@@ -297,6 +313,38 @@ def exp4_answers(curves: dict[Exp4Key, list[dict[str, Any]]], price: dict[tuple[
                 + "."
             )
     return "\n".join(out)
+
+
+DetectionKey = tuple[str, str, str, str]  # federation, variant, attacker, aggregator
+
+
+def exp4_detection_table(detection: dict[DetectionKey, dict[str, Any]]) -> str:
+    """Per filtering rule's run (stages/exp4.py's detection files): whom the rule kept and rejected in each round
+    (users numbered from 1, the attacker marked *), then its rates over the attack rounds and the benign ones
+    (`fedmeta.detection`, BackFed's convention)."""
+    lines = [
+        "| M | variant | attacker | rule | kept / rejected, by round | attack rounds: TPR | FPR | precision "
+        "| benign rounds: false alarms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def users(us: list[int], attacker: int) -> str:
+        return " ".join(f"{u}*" if u == attacker else str(u) for u in us) or "none"
+
+    def rate(part: dict[str, Any] | None, key: str) -> str:
+        return f"{pct(part[key])} ({part['rounds']} rounds)" if part else "—"
+
+    for (fed, variant, attacker, rule), d in sorted(detection.items()):
+        by_round = "; ".join(
+            f"{r['round']}: {users(r['kept'], d['attacker'])} / {users(r['rejected'], d['attacker'])}"
+            for r in d["rounds"]
+        )
+        a, b = d.get("attack_rounds"), d.get("benign_rounds")
+        lines.append(
+            f"| {fed} | {variant} | {attacker} | {rule} | {by_round} | {rate(a, 'tpr')} "
+            f"| {pct(a['fpr']) if a else '—'} | {pct(a['precision']) if a else '—'} | {rate(b, 'false_alarm')} |"
+        )
+    return "\n".join(lines)
 
 
 # --- Where the target sits -----------------------------------------------------------------------

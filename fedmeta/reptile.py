@@ -60,9 +60,12 @@ def adapt(
     return theta, state
 
 
-def outer_step(theta: Theta, adapted: Theta, epsilon: float) -> Theta:
-    """θ ← (1 − ε)θ + (ε/B) Σ_j θ_j, with the B adapted models stacked on axis 0."""
-    return {k: (1 - epsilon) * p + epsilon * adapted[k].mean(0) for k, p in theta.items()}
+def outer_step(theta: Theta, adapted: Theta, epsilon: float, keep: Theta | None = None) -> Theta:
+    """θ ← (1 − ε)θ + (ε/B) Σ_j θ_j, with the B adapted models stacked on axis 0. With `keep` (boolean, θ's shapes)
+    only the kept coordinates take the step and the others stay exactly as they were: Reptile's outer step is the
+    meta-learner's gradient step, which Neurotoxin projects onto the coordinates it may use (`attack.keep_mask`)."""
+    new = {k: (1 - epsilon) * p + epsilon * adapted[k].mean(0) for k, p in theta.items()}
+    return new if keep is None else {k: torch.where(keep[k], v, theta[k]) for k, v in new.items()}
 
 
 def meta_train(
@@ -80,6 +83,7 @@ def meta_train(
     on_meta_batch: Callable[[int, Theta, AdamState], None] | None = None,
     *,
     backend: Backend,
+    keep: Theta | None = None,
 ) -> Theta:
     """One user's local Reptile: meta-batches of B episodes from `sample` until n_episodes are done.
 
@@ -88,7 +92,8 @@ def meta_train(
     `on_meta_batch(done, theta, state)` sees the loop after each meta-batch, when `g`
     has made all of that batch's draws; calling again with theta, `start=done`,
     `state` and `g` restored to that moment replays the rest exactly (a resumed run).
-    `backend` computes each meta-batch's adaptation (`adapt`).
+    `backend` computes each meta-batch's adaptation (`adapt`); `keep` restricts every outer step to the
+    coordinates it marks (`outer_step`).
     """
     done = start
     while done < n_episodes:
@@ -98,7 +103,7 @@ def meta_train(
         batches = inner_batches(eps.support.shape[1], inner_steps, cfg.inner_batch, count, g)
         carried = state if cfg.adam_state == "carry" and state is not None and count == cfg.meta_batch else None
         adapted, state = adapt(expand(theta, count), x, eps.support_y, batches, adam, carried, backend)
-        theta = outer_step(theta, adapted, epsilon)
+        theta = outer_step(theta, adapted, epsilon, keep)
         done += count
         if on_meta_batch is not None:
             on_meta_batch(done, theta, state)

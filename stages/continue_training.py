@@ -1,10 +1,11 @@
-"""Stage continue (Experiment 1): benign federated meta-training goes on after the attack."""
+"""Stage continue (Experiment 1): federated meta-training goes on after the attack, benign but for the rounds a
+repeated attacker comes back in (`attack.takes_part`)."""
 
 from __future__ import annotations
 
 import json
 
-from fedmeta import checkpoint, runtime
+from fedmeta import attack, checkpoint, runtime
 from fedmeta.experiment import Experiment
 from fedmeta.scenarios import EXP1_TAG
 from stages.common import log_rounds, record_round
@@ -26,8 +27,14 @@ def main(variant: str) -> None:
         else:
             theta, rows, start = saved["theta"], saved["rows"], saved["done"] + 1
         learner, last = exp.finetuner(), b.continuation_rounds + 1
+        trains = runtime.STATE / f"continue_{variant}-attacker.pt"
+        every = b.checkpoint_every * params.reptile.meta_batch
         for rnd in runtime.progress(range(start, last + 1), f"continue {variant}", start=start - 2, total=last - 1):
-            theta = exp.round(theta, rnd, include)
+            comes = attack.takes_part(params, rnd)  # a returning attacker's training resumes within its round
+            within = checkpoint.Resume(trains, every, f"{fingerprint}-{rnd}") if comes else None
+            theta = exp.round(theta, rnd, include, comes, within)
+            if within is not None:
+                within.finish()  # once the stage's outputs are in place (atomic.remove)
             if (rnd - 1) % b.continuation_eval_every == 0 or rnd == last:
                 record_round(rows, rnd, exp.measure(theta, variant, learner, params.evaluation.steps, EXP1_TAG))
             resume.save(rnd, {"theta": theta, "rows": rows}, force=rnd == last)

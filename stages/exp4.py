@@ -11,6 +11,9 @@ Its runs, one MLflow run each under the stage's:
 On the local engine all runs aggregate the same round-1 local training, computed once: it depends on neither
 the rule nor masking nor how the attacker scales its update, so the rules are compared on identical updates and
 the attacker's long training is not repeated per rule. On Flower each run is a federation of its own.
+
+A filtering rule's runs (multi_krum, flame) also record whom it kept and rejected in each round and its detection
+rates (`fedmeta.detection`): in DETECTION, in their MLflow runs, and in the report.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmeta import checkpoint, config, runtime, tracking
+from fedmeta import attack, checkpoint, config, detection, runtime, tracking
 from fedmeta.atomic import write_text
 from fedmeta.config import Config
 from fedmeta.defense import MatchingDefense
@@ -31,6 +34,7 @@ from stages.common import log_rounds, record_round
 
 SUMMARY = runtime.METRICS / "exp4" / "summary"  # <variant>-<federation>/<run>.json: DVC metrics
 CURVES = runtime.METRICS / "exp4" / "curves"  # <variant>-<federation>/<run>/<scenario>.csv: DVC plots
+DETECTION = runtime.METRICS / "exp4" / "detection"  # <variant>-<federation>/<run>.json: filtering rules' screenings
 ADAPTIVE_RULE = "norm_clip"  # the rule whose bound the adaptive attacker knows
 SECURE_RULES = ("mean", "norm_clip")  # the rules that need only the sum of the updates
 SECURE_FEDERATION = "m4"  # the paper's federation
@@ -124,6 +128,8 @@ def main(variant: str, federation: str) -> None:
             finally:
                 exp.close()
             progress.save(len(state["outputs"]), state, force=True)
+        # DVC's output, there even when no listed rule filters
+        (DETECTION / f"{variant}-{federation}").mkdir(parents=True, exist_ok=True)
         for files in state["outputs"].values():
             for rel, text in files.items():
                 write_text(Path(rel), text)
@@ -153,13 +159,15 @@ def _run(
         record_round(rows, 0, exp.measure(theta, variant, learner, steps, EXP1_TAG))
     attacked = theta
     for rnd in range(1, last + 1):
-        with_attacker = rnd == 1 and attacking
+        with_attacker = attacking and attack.takes_part(params, rnd)
         if rnd == 1 and shared is not None:
             theta = exp.round(theta, rnd, include, with_attacker, work=shared.get(with_attacker))
         else:
             path = runtime.STATE / f"exp4_{variant}-{federation}-{run.name}.pt"  # the attacker's training, on Flower
             resume = (
-                checkpoint.Resume(path, attacker_every(params), f"{fingerprint}-{run.name}") if with_attacker else None
+                checkpoint.Resume(path, attacker_every(params), f"{fingerprint}-{run.name}-{rnd}")
+                if with_attacker
+                else None
             )
             theta = exp.round(theta, rnd, include, with_attacker=with_attacker, resume=resume)
             if resume is not None:
@@ -167,10 +175,11 @@ def _run(
         attacked = theta if rnd == 1 else attacked
         if attacking:
             record_round(rows, rnd, exp.measure(theta, variant, learner, steps, EXP1_TAG))
+    screened = _screened(exp, stem, mlflow_run)
     if not attacking:  # the price of the rule: the final model's meta-test accuracy, nobody attacking
         meta = flat(exp.meta_test(theta, learner, [steps], EXP1_TAG)[0])
         mlflow_run.metrics(tracking.quantities(meta), step=last)
-        return {str(SUMMARY / f"{stem}.json"): runtime.json_text({"round": last, **meta})}
+        return screened | {str(SUMMARY / f"{stem}.json"): runtime.json_text({"round": last, **meta})}
     summary = {
         s: {"attack_round": next(r for r in series if r["round"] == 1), "final": series[-1]}
         for s, series in rows.items()
@@ -187,7 +196,19 @@ def _run(
                 mlflow_run.series(tags, [point])
     log_rounds(mlflow_run, "exp4", rows)
     files = {str(CURVES / stem / f"{s}.csv"): runtime.csv_text(series) for s, series in rows.items()}
-    return files | {str(SUMMARY / f"{stem}.json"): runtime.json_text(summary)}
+    return screened | files | {str(SUMMARY / f"{stem}.json"): runtime.json_text(summary)}
+
+
+def _screened(exp: Experiment, stem: str, mlflow_run: tracking.Run) -> dict[str, str]:
+    """A filtering rule's screening of every round the run saw and its detection rates (`fedmeta.detection`):
+    per round in its MLflow run (step = round), and as DETECTION's file; nothing for the rules that keep all."""
+    if not exp.screenings:
+        return {}
+    rows = [detection.round_row(rnd, s, exp.attacker) for rnd, s in sorted(exp.screenings.items())]
+    for row in rows:
+        mlflow_run.metrics({f"detection_{k}": v for k, v in detection.rates(row).items()}, step=row["round"])
+    record = {"attacker": exp.attacker + 1, "rounds": rows, **detection.summary(rows)}  # users numbered from 1
+    return {str(DETECTION / f"{stem}.json"): runtime.json_text(record)}
 
 
 def attacker_every(params: Config) -> int:

@@ -35,6 +35,16 @@ def _read(
     return curves, price, user
 
 
+def _detection(folder: Path) -> dict[report.DetectionKey, dict[str, Any]]:
+    """The filtering rules' screenings, `detection/<variant>-<federation>/<attacker>-<rule>.json`, by federation,
+    variant, attacker and rule."""
+    out = {}
+    for path in sorted((folder / "detection").glob("*/*.json")):
+        (variant, fed), (attacker, rule) = path.parent.name.split("-"), path.stem.split("-")
+        out[(fed, variant, attacker, rule)] = runtime.read_json(path)
+    return out
+
+
 def main() -> None:
     with runtime.stage("exp4-report") as (params, run):
         curves, price, user = _read(FOLDER)
@@ -52,6 +62,12 @@ def main() -> None:
                 "the adaptive attacker rescales its update to just under norm_clip's bound.",
                 report.exp4_answers(curves, price),
                 report.exp4_table(curves),
+                "## Detection by the filtering rules",
+                "Whom multi_krum and flame kept and rejected in each round, and their rates (BackFed's convention, "
+                "a rejected update being a positive): in the rounds the attacker took part in, the true-positive "
+                "rate (the attacker rejected), the false-positive rate (benign users rejected) and precision; in "
+                "the rounds without it, false alarms (benign users rejected). Rates are % of the summed counts.",
+                report.exp4_detection_table(_detection(FOLDER)),
                 "## The price of each rule when nobody attacks",
                 report.exp4_price_table(price),
                 "## Secure aggregation: what is left to a user",

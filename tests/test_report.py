@@ -18,8 +18,9 @@ def test_figures_carry_the_papers_number_and_the_dataset(dataset: str, numbers: 
     assert all(t.endswith(f" on {figures.DATASET_NAMES[dataset]}") for t in titles)
 
 
-def _point(x: float, **extra: int) -> dict[str, float]:
-    return {**extra, **{k: x for k in ("meta_test", "main", "attack_train", "attack_val")}}
+def _point(x: float, ci95: float = 0.05, **extra: int) -> dict[str, float]:
+    keys = ("meta_test", "main", "attack_train", "attack_val")
+    return {**extra, **{k: x for k in keys}, **{f"{k}_ci95": ci95 for k in keys}}
 
 
 def test_tables_quote_the_papers_numbers_for_the_dataset() -> None:
@@ -31,6 +32,7 @@ def test_tables_quote_the_papers_numbers_for_the_dataset() -> None:
     assert "| a | 74 / 55 (meta-test ≈ 50; before the attack > 60) | 70.0 / 70.0, 70.0 | 68 / 48 (100 rounds)" in table
     assert "| c | 65 / 32 (meta-test > 50" in table and "| 55 / 25 (100 rounds)" in table
     assert "| b | 92 / 83 (meta-test > 98; before the attack > 99)" in report.exp1_table(exp1, omni)
+    assert table.splitlines()[2].endswith("| round 3: 60.0 / 60.0, 60.0 | > 3 |")  # still at 60 % by the last round
     grid = report.users_table(users, users, mini, [2])
     assert "| a | ≈ 75 / 50 % | 40.0 / 40.0, 40.0 | ≈ 20 % (meta-test ≈ 35) |" in grid
     assert "| c | ≈ 20 points below (a) and (b) |" in grid and "≈ 10 % (meta-test ≈ 35)" in grid
@@ -93,3 +95,22 @@ def test_positions_table_marks_the_attackers_output_and_the_random_headline() ->
     assert "| a | attacked | backdoor, attack train | 78 | 0.0 ± 0.0 | 10.0 ± 10.0 |" in table
     assert "| a | pretrained | backdoor, attack val | — | — | — | — | — | 40.0 ± 40.0 | **21.0 ± 21.0** |" in table
     assert "(attacker's)" not in report.positions_table(positions, report.PAPER["omniglot"], 5, None)
+
+
+@pytest.mark.parametrize(
+    ("backdoor", "life"),
+    [
+        ([0.2, 0.9, 0.8, 0.24, 0.16, 0.2], 3),  # back within 20 ± 5 % from round 3 on
+        ([0.2, 0.9, 0.22, 0.9, 0.2, 0.2], 4),  # a return above the interval (a repeated attacker) resets it
+        ([0.2, 0.9, 0.8, 0.24, 0.16, 0.3], None),  # outside at the last round: it outlived the run
+        ([0.2, 0.21, 0.2, 0.2, 0.2, 0.2], 1),  # the attack never lifted it out of the interval
+        ([0.2, 0.9, 0.8, 0.24, 0.16, 0.1], None),  # below the interval is outside it too
+    ],
+)
+def test_lifespan_is_the_first_round_from_which_the_backdoor_stays_in_the_pretrained_interval(
+    backdoor: list[float], life: int | None
+) -> None:
+    rows = [_point(x, round=r) for r, x in enumerate(backdoor)]
+    for r in rows[1:]:
+        r["attack_train_ci95"] = 0.5  # only round 0's half-width sets the interval
+    assert report.lifespan(list(reversed(rows))) == life  # rounds are read by number, in any order

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fedmeta import checkpoint, tracking
+from fedmeta import checkpoint, federation, tracking
 from fedmeta.checkpoint import Resume
 from fedmeta.config import Config
 from fedmeta.engine import processes
@@ -207,9 +207,10 @@ class FlowerDeployment:
 
     def round(
         self, theta: Theta, rnd: int, key: str, include_backdoor: bool, with_attacker: bool, resume: Resume | None
-    ) -> Theta:
-        """One job for the stage's ServerApp; θ' read back from the exchange folder, on θ's device. A ServerApp that
-        stops or stalls past the round's deadline takes the federation down with it: the next round starts afresh."""
+    ) -> federation.Served:
+        """One job for the stage's ServerApp; θ' (on θ's device) and the filtering rule's screening read back from the
+        exchange folder. A ServerApp that stops or stalls past the round's deadline takes the federation down with
+        it: the next round starts afresh."""
         if self.sup is None:
             self.start()
         assert self.dir is not None and self.sup is not None
@@ -259,7 +260,10 @@ class FlowerDeployment:
                 )
             time.sleep(POLL_S)
         self._report(result, rnd, key)
-        return checkpoint.load_theta(result, device)
+        served = checkpoint.load(result, ("theta", "users"))
+        kept = served.get("kept")
+        screening = None if kept is None else federation.Screening(list(served["users"]), list(kept))
+        return federation.Served(checkpoint.load_theta(result, device), screening)
 
     def _report(self, result: Path, rnd: int, key: str) -> None:
         """Under SecAgg+, the share of uploaded coordinates its ±clipping_range clipped: kept in `secagg`,

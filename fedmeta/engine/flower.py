@@ -186,8 +186,8 @@ def _serve(grid: Grid, job_path: Path, context: Context, known: dict[int, int]) 
         deltas = [from_record(replies[u].content["delta"]) for u in users]
         return federation.Uploads(users, deltas, [int(replies[u].content["meta"]["size"]) for u in users])
 
-    new = federation.server_round(params, theta, job["key"], bool(job["with_attacker"]), clients)
-    return {"theta": new, "users": applied}
+    new, screening = federation.server_round(params, theta, job["key"], bool(job["with_attacker"]), clients)
+    return {"theta": new, "users": applied, **({"kept": screening.kept} if screening is not None else {})}
 
 
 def _serve_secure(
