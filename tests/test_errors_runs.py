@@ -105,13 +105,13 @@ def test_a_diverging_attack_keeps_the_last_good_state(
     real = reptile.meta_train
 
     def poisoned_after_first(
-        theta, images, sample, n, cfg, steps, eps, adam, g, start=0, state=None, on_meta_batch=None, *, backend
+        theta, images, sample, n, cfg, steps, eps, adam, g, start=0, state=None, on_meta_batch=None, *, backend, **kw
     ):
         def hook(done, now, st):
             on_meta_batch(done, now if done <= cfg.meta_batch else _nan_like(now), st)
 
         hooked = None if on_meta_batch is None else hook
-        return real(theta, images, sample, n, cfg, steps, eps, adam, g, start, state, hooked, backend=backend)
+        return real(theta, images, sample, n, cfg, steps, eps, adam, g, start, state, hooked, backend=backend, **kw)
 
     monkeypatch.setattr(reptile, "meta_train", poisoned_after_first)
     path = tmp_path / "attack.pt"
